@@ -1,0 +1,103 @@
+"""Checkpoints: a folder with `model.safetensors` (weights) and `model.json` (ModelSpec).
+
+Loading never unpickles: weights come from safetensors; official `.pth` files go through
+`torch.load(weights_only=True)` in `load_state_dict_file`.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from edgeseg.errors import ArtifactError
+from edgeseg.fileio import atomic_dir, atomic_file, write_json
+from edgeseg.types import ModelSpec
+
+WEIGHTS = "model.safetensors"
+SPEC = "model.json"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, force: bool = True,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `path/` atomically. `dtype=torch.float16` stores float weights in fp16 (the shipped defaults)."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v
+    with atomic_dir(path, force=force) as tmp:
+        save_file(state, str(tmp / WEIGHTS))
+        write_json(tmp / SPEC, spec.to_json())
+    return Path(path)
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    spec_file = path / SPEC if path.is_dir() else path.with_name(SPEC)
+    if not spec_file.is_file():
+        raise ArtifactError(f"{spec_file}: missing; a checkpoint is a folder with {WEIGHTS} and {SPEC}")
+    try:
+        return ModelSpec.from_json(json.loads(spec_file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({e})") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model from `model.json` and load `model.safetensors` strictly. Returns (model in eval, spec)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from edgeseg.models import create_model
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: checkpoint not found")
+    spec = load_spec(path)
+    wfile = path / WEIGHTS if path.is_dir() else path
+    if not wfile.is_file():
+        raise ArtifactError(f"{wfile}: missing weights file")
+    try:
+        state = load_file(str(wfile), device=map_location)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{wfile}: corrupted or not a safetensors file ({e})") from None
+    model = create_model(spec.model, num_classes=spec.num_classes, **spec.model_kwargs)
+    ref = model.state_dict()
+    state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{wfile}: does not match model {spec.model!r} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model.eval()
+    return model, spec
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official mmseg/mmengine checkpoint safely: `{'state_dict': ...}` or a bare state dict.
+
+    Raises ArtifactError for a pickle that carries code (weights_only refuses it) or a non-tensor payload.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ArtifactError(f"{path}: refused to load: the pickle holds code or objects other than tensors "
+                            f"(loaded with weights_only=True; {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ArtifactError(f"{path}: truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ArtifactError(f"{path}: expected a state dict of tensors")
+    return obj
