@@ -1,14 +1,41 @@
-"""Model families. Importing this package registers every variant."""
-from edgeseg.models.registry import create_model, get_entry, list_models, register_model
+"""Model families. Importing this package registers every variant.
 
-# One import line per family module; each registers its variants.
+Must not import export/ or runtime/.
+"""
 import importlib as _importlib
 
-for _mod in ("offseg", "segnext", "afm_variants"):
+import torch.nn as _nn
+
+from edgeseg.models.registry import create_model, get_entry, list_models, register_model
+
+# One line per family module; each registers its variants on import.
+_FAMILIES = ("offseg", "segnext", "afm_variants")
+
+for _mod in _FAMILIES:
     try:
         _importlib.import_module(f"edgeseg.models.{_mod}")
-    except ModuleNotFoundError as _e:  # families land one by one during development
+    except ModuleNotFoundError as _e:  # TODO(#3): drop once every family module has landed
         if _e.name != f"edgeseg.models.{_mod}":
             raise
 
-__all__ = ["create_model", "list_models", "register_model", "get_entry"]
+
+def prepare_for_export(model: _nn.Module, input_hw: tuple[int, int]) -> _nn.Module:
+    """Freeze a model for a static input size: every submodule that defines `prepare_for_export(input_hw)`
+    bakes its size-dependent constants (attention-bias table, DFT matrices, fixed NMF bases).
+
+    The model is switched to eval; outputs must not change (tested per variant). Returns the same model.
+    """
+    h, w = int(input_hw[0]), int(input_hw[1])
+    if h % 32 or w % 32:
+        from edgeseg.errors import UsageError
+
+        raise UsageError(f"--input-size {h}x{w}: height and width must be multiples of 32")
+    model.eval()
+    for m in model.modules():
+        fn = getattr(m, "prepare_for_export", None)
+        if callable(fn) and m is not model:
+            fn((h, w))
+    return model
+
+
+__all__ = ["create_model", "list_models", "register_model", "get_entry", "prepare_for_export"]
