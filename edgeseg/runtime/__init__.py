@@ -1,0 +1,45 @@
+"""Runtimes: `open_session(path)` opens a checkpoint folder (eager PyTorch, the reference) or an artifact folder
+(checks every file's sha256 against manifest.json first, then opens the target's runtime).
+
+The runtime module of each target comes from `edgeseg.export.TARGETS[target].runtime`; each module in
+edgeseg/runtime/ sets `SESSION = <its Session subclass>`.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from edgeseg.errors import ArtifactError
+from edgeseg.runtime.base import Session
+
+
+def open_session(path: str | Path, num_threads: int | None = None, **kwargs: Any) -> Session:
+    """Open a checkpoint folder (has model.json) or an artifact folder (has manifest.json).
+
+    Args:
+        path: checkpoint or artifact folder.
+        num_threads: CPU threads for the runtime (None = its default).
+        **kwargs: runtime-specific (e.g. device="cuda" for torch).
+    Raises:
+        ArtifactError: not a checkpoint/artifact, a file missing or changed since export, unknown target.
+    """
+    from edgeseg.export import TARGETS
+    from edgeseg.export.base import MANIFEST, verify_manifest
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        manifest = verify_manifest(path)
+        if manifest.target not in TARGETS:
+            raise ArtifactError(f"{path / MANIFEST}: unknown target {manifest.target!r}; known: "
+                                f"{', '.join(sorted(TARGETS))}")
+        mod = importlib.import_module(f"edgeseg.runtime.{TARGETS[manifest.target].runtime}")
+        return mod.SESSION(path, manifest, num_threads=num_threads, **kwargs)
+    if (path / "model.json").is_file():
+        from edgeseg.runtime.torch import TorchSession
+
+        return TorchSession.from_checkpoint(path, num_threads=num_threads, **kwargs)
+    raise ArtifactError(f"{path}: neither an artifact folder ({MANIFEST}) nor a checkpoint folder (model.json)")
+
+
+__all__ = ["open_session", "Session"]
