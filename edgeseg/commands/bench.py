@@ -1,0 +1,54 @@
+"""`edgeseg bench`: latency of artifacts in their own runtimes, threads pinned."""
+from __future__ import annotations
+
+HELP = "benchmark artifacts: p50/p90 latency, throughput, peak memory, size; flags int8 not faster than fp32"
+EPILOG = """examples:
+  edgeseg bench runs/pipeline/artifacts/* --threads 2 --runs 50
+  edgeseg bench out/onnx-fp32 out/onnx-int8 --json bench.json
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact folders (with manifest.json)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="CPU threads per runtime (default: 1)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed warm-up runs (default: 3)")
+    p.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs (default: 20)")
+    p.add_argument("--json", metavar="OUT", help="write the records as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fmt(v, f="{:.2f}"):
+    return "–" if v is None else f.format(v)
+
+
+def run(args) -> int:
+    from edgeseg.eval.bench import bench
+    from edgeseg.fileio import write_json
+
+    records = bench(args.artifacts, threads=args.threads, warmup=args.warmup, runs=args.runs,
+                    progress=not args.no_progress)
+    print(f"threads: {args.threads}; warm-up {args.warmup}, timed runs {args.runs}")
+    head = ("artifact", "target", "prec", "status", "p50 ms", "p90 ms", "mean ms", "inf/s", "peak MB", "size MB",
+            "int8 x", "threads via")
+    rows = []
+    for r in records:
+        lat = r["latency_ms"]
+        speed = _fmt(r["speedup_vs_fp32"]) + (" NOT FASTER" if r["int8_not_faster"] else "") \
+            if r["speedup_vs_fp32"] is not None else "–"
+        rows.append((r["name"], str(r["target"]), str(r["precision"]),
+                     "FAILED" if r["status"] == "failed" else r["status"], _fmt(lat["p50"]), _fmt(lat["p90"]),
+                     _fmt(lat["mean"]), _fmt(r["throughput_ips"], "{:.1f}"), _fmt(r["peak_rss_mb"], "{:.0f}"),
+                     _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1e6), speed,
+                     str(r["thread_control"] or "–")))
+    w = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
+    for line in (head, ["-" * n for n in w], *rows):
+        print("  ".join(s.ljust(n) for s, n in zip(line, w)).rstrip())
+    for r in records:
+        if r["fallback_ops"]:
+            print(f"fallback ops {r['name']}: {', '.join(r['fallback_ops'])}")
+        if r["status"] != "ok":
+            print(f"{'FAILED' if r['status'] == 'failed' else 'not run'} {r['name']}: {r['error']}")
+    if args.json:
+        write_json(args.json, records)
+        print(f"wrote {args.json}")
+    return 1 if any(r["status"] == "failed" for r in records) else 0
