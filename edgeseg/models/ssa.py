@@ -1,0 +1,94 @@
+"""SSA-Seg's semantic and spatial adaptive pixel-level classifier (Ma, Ni, Chen, NeurIPS 2024) as a head option
+on SegNeXt's LightHamHead: the inference path of the official `LightHamHead_ssa`
+(github.com/xwmaxwma/SSAClassifier, models/decode_heads/ham_head_ssa.py, `forward_test`).
+
+Inference: coarse logits from the fixed classifier `conv_seg`; spatial prototype adaptation (a depthwise 3x3
+positional feature, class centre positions from spatially-softmaxed coarse masks); semantic prototype
+adaptation (class centres pooled with the class-softmaxed coarse masks, fused with the fixed prototypes); the
+final logits are 15 x cosine similarity between (feature + position) and the adapted centres.
+
+The official module names are kept so official SSA checkpoints load strictly, including the training-only
+ground-truth branches (`gt_center_content_proj`, `gt_center_pos_proj`, `gt_center_proj`) and the Mask2Former-style
+criterion buffer `ssa_loss.criterion.empty_weight`. Training here returns the same adaptive logits (the
+trainer's CE trains the whole path); the official online multi-domain distillation losses (which need OpenCV
+edge maps of the labels) are not reproduced.
+
+Must not import export/ or runtime/.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeseg.models.ham_head import LightHamHead
+
+SSA_SCALE = 15.0
+
+
+def _proj(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(c * 2, c // 2, bias=False), nn.ReLU(), nn.Linear(c // 2, c))
+
+
+def _l2n(x: torch.Tensor, dim: int) -> torch.Tensor:
+    # x / (||x|| + 1e-12) as in the official get_pred, written with sqrt(sum(x^2)) (exports everywhere)
+    return x / (torch.sqrt((x * x).sum(dim=dim, keepdim=True)) + 1e-12)
+
+
+class _SetCriterionState(nn.Module):
+    def __init__(self, num_classes: int, eos_coef: float = 0.1):
+        super().__init__()
+        w = torch.ones(num_classes + 1)
+        w[-1] = eos_coef
+        self.register_buffer("empty_weight", w)
+
+
+class _SSALossState(nn.Module):
+    """Holds only the state the official SSALoss stores (so official checkpoints load strictly)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.criterion = _SetCriterionState(num_classes)
+
+
+class LightHamHeadSSA(LightHamHead):
+    """LightHamHead whose classifier is SSA-Seg's semantic/spatial adaptive classifier."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c, k = self.channels, self.num_classes
+        self.get_feat_pos = nn.Conv2d(c, c, 3, 1, 1, bias=True, groups=c)
+        self.center_pos = nn.Embedding(k, c)
+        self.center_content_proj = _proj(c)
+        self.gt_center_content_proj = _proj(c)
+        self.center_pos_proj = _proj(c)
+        self.gt_center_pos_proj = _proj(c)
+        self.center_proj = nn.Linear(c, c, bias=False)
+        self.gt_center_proj = nn.Linear(c, c, bias=False)
+        self.feat_proj = nn.Identity()
+        self.ssa_loss = _SSALossState(k)
+
+    def classify(self, feat: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = feat.shape
+        k = self.num_classes
+        coarse = self.cls_seg(feat).reshape(b, k, h * w)  # b, k, hw
+        feat_pos = self.get_feat_pos(feat)
+        feat_flat = feat.reshape(b, c, h * w).transpose(1, 2)  # b, hw, c
+
+        # spatial prototype adaptation: class centre positions
+        attn = F.softmax(coarse, dim=-1)  # over space
+        pos_flat = feat_pos.reshape(b, c, h * w).transpose(1, 2)
+        center_pos = self.center_pos.weight.unsqueeze(0).expand(b, -1, -1)
+        center_pos = self.center_pos_proj(torch.cat([center_pos, attn @ pos_flat], dim=-1))  # b, k, c
+
+        # semantic prototype adaptation: class centres from the coarse masks
+        pred = F.softmax(coarse, dim=1)  # over classes
+        pred_proto = (pred @ feat_flat) / (pred.sum(-1, keepdim=True) + 1e-12)  # b, k, c
+        proto = self.conv_seg.weight.reshape(k, c).unsqueeze(0).expand(b, -1, -1)
+        pred_proto = self.center_content_proj(torch.cat([pred_proto, proto], dim=-1))
+
+        x = self.feat_proj(feat + feat_pos)
+        center = self.center_proj(pred_proto + center_pos)  # b, k, c
+        x = _l2n(x.reshape(b, c, h * w), dim=1)
+        center = _l2n(center, dim=-1)
+        return (center @ x).reshape(b, k, h, w) * SSA_SCALE
