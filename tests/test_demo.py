@@ -227,6 +227,38 @@ def test_embedded_default_clip_when_no_source(ckpt, tmp_path):
     assert s["frames"] == 3 and s["source"] == "embedded CamVid clip"
 
 
+def test_sigint_finalises_the_recording(ckpt, tmp_path):
+    long_video = tmp_path / "long.mp4"
+    w = cv2.VideoWriter(str(long_video), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (FRAME_W, FRAME_H))
+    frames = camvid_frames()
+    for i in range(3000):
+        w.write(frames[i % len(frames)])
+    w.release()
+    out, js = tmp_path / "rec" / "out.mp4", tmp_path / "s.json"
+    proc, _ = _cli_subprocess(["demo", "--artifact", str(ckpt), "--source", str(long_video), "--headless",
+                               "--record", str(out), "--json", str(js)], env=_env())
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.parent.is_dir() and any(out.parent.iterdir()):
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few frames into the recording
+        assert proc.poll() is None, "the demo finished before it could be interrupted"
+        assert not out.exists()  # while recording, only the temporary name exists
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    s = json.loads(js.read_text())
+    assert s["stop_reason"] == "interrupted" and 0 < s["frames"] < 3000
+    assert [p.name for p in out.parent.iterdir()] == ["out.mp4"]
+    assert len(decode(out)) == s["frames"] == s["record_frames"]
+
+
 # ------------------------------------------------------------------------------------------------ bad sources
 def test_missing_camera_is_a_clear_error(ckpt, capsys):
     index = next(i for i in range(9, 64) if not os.path.exists(f"/dev/video{i}"))
@@ -387,7 +419,17 @@ def test_window_under_xvfb_shows_overlay_and_legend(tmp_path):
     xvfb, display = _start_xvfb()
     demo = None
     try:
-        ckpt_dir = make_checkpoint(tmp_path / "ckpt")
+        ckpt_dir, palette = make_checkpoint(tmp_path / "ckpt"), PALETTE
+        if os.environ.get("EDGESEG_UPDATE_SCREENSHOT") == "1":  # docs/demo.png: the shipped model when there is one
+            from edgeseg.checkpoint import load_spec
+            from edgeseg.data.embedded import default_checkpoint
+            from edgeseg.errors import ArtifactError
+
+            try:
+                ckpt_dir = default_checkpoint()
+                palette = load_spec(ckpt_dir).palette
+            except ArtifactError:
+                pass
         js = tmp_path / "s.json"
         # no --source: the embedded CamVid clip, which loops while a window is shown; we stop it with SIGINT
         demo, _ = _cli_subprocess(["demo", "--artifact", str(ckpt_dir), "--max-frames", "100000", "--json", str(js)],
@@ -419,7 +461,7 @@ def test_window_under_xvfb_shows_overlay_and_legend(tmp_path):
         ys, xs = np.nonzero(screen.max(axis=2) > 0)
         window = screen[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
         flat = window.reshape(-1, 3)
-        for r, g, b in PALETTE:
+        for r, g, b in palette:
             assert ((flat == (b, g, r)).all(axis=1)).sum() >= 50, f"legend colour {(r, g, b)} not on screen"
         png = tmp_path / "demo.png"
         cv2.imwrite(str(png), window)
