@@ -1,0 +1,259 @@
+"""FreqFusion (TPAMI 2024) as OffSeg uses it, in plain PyTorch (no mmcv).
+
+Settings fixed to OffSeg's: scale 2 fusion via CARAFE, adaptive low-pass (5x5) and high-pass (3x3) kernels
+with the "semi-conv" + "compressed feature upsample" path, `hr_residual=True`, `feature_resample=True`
+(the local-similarity guided sampler, `direction_feat='sim'`, 4 groups), `hamming_window=False` (the
+`hamming_*` buffers still exist, holding 1.0, because official checkpoints carry them).
+Parameter names match the official module, so `decode_head.freqfusions.*` keys load strictly.
+
+CARAFE (`carafe`) follows mmcv's semantics: output pixel (oy, ox) at scale s reads the k x k neighbourhood of
+source pixel (oy // s, ox // s), taps outside the image contribute nothing (zero padding), and the mask's
+k*k channels are ordered (ky, kx). It is built from ops every export target has: nearest upsampling, zero
+padding, slicing, multiply and add.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def carafe(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
+    """Content-aware reassembly (CARAFE, one group).
+
+    x: (N, C, H, W); mask: (N, kernel*kernel, s*H, s*W), normalised reassembly weights, channel ky*kernel+kx.
+    Returns (N, C, s*H, s*W): out[n, c, oy, ox] = sum_{ky,kx} mask[n, ky*k+kx, oy, ox] *
+    x[n, c, oy//s + ky - k//2, ox//s + kx - k//2] (zero outside the image).
+
+    Formulation (no (C*k*k)-fold unfolded tensor is ever built):
+    - for scale s, x[oy//s + d] == up(x)[oy + s*d] with up = nearest upsampling by s (the zero border too),
+      so CARAFE xs is a dilation-s CARAFE x1 on the (zero-padded, then) upsampled map;
+    - the padded map is flattened per channel with row pitch P = sW + 2*s*(k//2); the tap (ky, kx) is then
+      the contiguous 1-D slice starting at s*(ky*P + kx), and the output is computed on the P-wide grid and
+      cropped (the extra columns are never read back). One zero row more at the bottom keeps the last
+      slices in range.
+    - k*k multiply-adds; in eager they accumulate in place (channel-chunked to stay in cache); while
+      tracing/exporting they are plain mul + add nodes.
+    """
+    n, c, h, w = x.shape
+    half = kernel // 2
+    xp = F.pad(x, (half, half, half, half + 1))
+    if scale != 1:
+        xp = F.interpolate(xp, scale_factor=float(scale), mode="nearest")
+    out_h, out_w = h * scale, w * scale
+    pitch = out_w + 2 * half * scale
+    length = out_h * pitch
+    flat_x = xp.reshape(n, c, -1)
+    flat_m = F.pad(mask, (0, pitch - out_w)).reshape(n, kernel * kernel, length)
+    offsets = [scale * (ky * pitch + kx) for ky in range(kernel) for kx in range(kernel)]
+
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        acc = flat_x[:, :, offsets[0]:offsets[0] + length] * flat_m[:, 0:1]
+        for tap in range(1, kernel * kernel):
+            o = offsets[tap]
+            acc = acc + flat_x[:, :, o:o + length] * flat_m[:, tap:tap + 1]
+    else:
+        acc = x.new_empty(n, c, length)
+        step = max(8, (1 << 18) // max(length, 1))  # ~1 MiB of output per chunk
+        for c0 in range(0, c, step):
+            src = flat_x[:, c0:c0 + step]
+            dst = acc[:, c0:c0 + step]
+            torch.mul(src[:, :, offsets[0]:offsets[0] + length], flat_m[:, 0:1], out=dst)
+            for tap in range(1, kernel * kernel):
+                o = offsets[tap]
+                dst.addcmul_(src[:, :, o:o + length], flat_m[:, tap:tap + 1])
+    return acc.view(n, c, out_h, pitch)[:, :, :, :out_w]
+
+
+def carafe_reference(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
+    """Slow, direct loop over output pixels (mmcv's definition); for tests only."""
+    n, c, h, w = x.shape
+    out = x.new_zeros(n, c, h * scale, w * scale)
+    half = kernel // 2
+    for oy in range(h * scale):
+        for ox in range(w * scale):
+            sy, sx = oy // scale, ox // scale
+            for ky in range(kernel):
+                for kx in range(kernel):
+                    iy, ix = sy + ky - half, sx + kx - half
+                    if 0 <= iy < h and 0 <= ix < w:
+                        out[:, :, oy, ox] += mask[:, ky * kernel + kx, oy, ox, None] * x[:, :, iy, ix]
+    return out
+
+
+def local_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:
+    """Cosine similarity of every pixel with its window x window neighbours (dilated, zero-padded; the
+    centre is left out): (N, C, H, W) -> (N, window*window - 1, H, W), neighbours in (dy, dx) order.
+
+    Same values as the official unfold + `F.cosine_similarity` (a zero-padded neighbour gives 0), computed
+    on L2-normalised features with shifted slices instead of a C*window^2-fold unfolded tensor.
+    """
+    h, w = x.shape[-2:]
+    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    r = (window // 2) * dilation
+    padded = F.pad(unit, (r, r, r, r))
+    sims = []
+    centre = (window * window) // 2
+    for idx in range(window * window):
+        if idx == centre:
+            continue
+        dy, dx = divmod(idx, window)
+        nb = padded[:, :, dy * dilation:dy * dilation + h, dx * dilation:dx * dilation + w]
+        sims.append((unit * nb).sum(dim=1, keepdim=True))
+    return torch.cat(sims, dim=1)
+
+
+class LocalSimGuidedSampler(nn.Module):
+    """FreqFusion's offset generator ('lp' style, scale 2, `direction_feat='sim'`, direct scale on).
+
+    Predicts, for every output pixel of the x2 map, a sampling offset per channel group from local cosine
+    similarities of the compressed high-res and low-res features, then resamples the already upsampled
+    low-res features with `grid_sample` (bilinear, border padding, align_corners=False).
+    """
+
+    def __init__(self, in_channels: int, scale: int = 2, groups: int = 4, kernel_size: int = 3,
+                 local_window: int = 3, norm: bool = True):
+        super().__init__()
+        if scale != 2:
+            raise ValueError("LocalSimGuidedSampler: only scale 2 is supported")
+        if in_channels % groups:
+            raise ValueError(f"LocalSimGuidedSampler: {in_channels} channels not divisible by {groups} groups")
+        self.scale = scale
+        self.groups = groups
+        self.local_window = local_window
+        sim_ch = local_window ** 2 - 1
+        pad = kernel_size // 2
+        lr_out = 2 * groups * scale ** 2
+        hr_out = 2 * groups
+        self.offset = nn.Conv2d(sim_ch, lr_out, kernel_size, padding=pad)
+        self.direct_scale = nn.Conv2d(in_channels, lr_out, kernel_size, padding=pad)
+        self.hr_offset = nn.Conv2d(sim_ch, hr_out, kernel_size, padding=pad)
+        self.hr_direct_scale = nn.Conv2d(in_channels, hr_out, kernel_size, padding=pad)
+        for conv in (self.offset, self.hr_offset):
+            nn.init.normal_(conv.weight, 0.0, 0.001)
+            nn.init.zeros_(conv.bias)
+        for conv in (self.direct_scale, self.hr_direct_scale):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        if norm:
+            self.norm_hr = nn.GroupNorm(in_channels // 8, in_channels)
+            self.norm_lr = nn.GroupNorm(in_channels // 8, in_channels)
+        else:
+            self.norm_hr = nn.Identity()
+            self.norm_lr = nn.Identity()
+        self.register_buffer("init_pos", self._initial_positions())
+
+    def _initial_positions(self) -> torch.Tensor:
+        # Sub-pixel centres of the s x s children of a low-res pixel, in low-res pixel units:
+        # channel layout (coord: x then y) * 4G + g * s*s + (i*s + j); x depends on j, y on i.
+        s = self.scale
+        centres = (torch.arange(s, dtype=torch.float32) - (s - 1) / 2) / s
+        xs = centres.view(1, s).expand(s, s).reshape(-1)  # over (i, j): centres[j]
+        ys = centres.view(s, 1).expand(s, s).reshape(-1)  # centres[i]
+        pos = torch.stack([xs.repeat(self.groups), ys.repeat(self.groups)])
+        return pos.reshape(1, -1, 1, 1)
+
+    def forward(self, hr_x: torch.Tensor, lr_x: torch.Tensor, feat2sample: torch.Tensor) -> torch.Tensor:
+        hr_x = self.norm_hr(hr_x)
+        lr_x = self.norm_lr(lr_x)
+        hr_sim = local_cosine_similarity(hr_x, self.local_window, dilation=2)
+        lr_sim = local_cosine_similarity(lr_x, self.local_window, dilation=2)
+        s = self.scale
+        offset = self.offset(lr_sim) + F.pixel_unshuffle(self.hr_offset(hr_sim), s)
+        gate = self.direct_scale(lr_x) + F.pixel_unshuffle(self.hr_direct_scale(hr_x), s)
+        offset = offset * gate.sigmoid() + self.init_pos
+        return self.sample(feat2sample, offset)
+
+    def sample(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Resample x (N, C, sH, sW) at low-res pixel centres + offset (N, 2*G*s*s, H, W)."""
+        n, _, h, w = offset.shape
+        s, g = self.scale, self.groups
+        # Pixel centres of the low-res grid (x, y), then normalise to [-1, 1] by the low-res size.
+        cx = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, 1, w)
+        cy = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, h, 1)
+        off = offset.view(n, 2, g * s * s, h, w)
+        gx = 2 * (cx + off[:, 0:1]) / w - 1
+        gy = 2 * (cy + off[:, 1:2]) / h - 1
+        coords = torch.cat([gx, gy], dim=1).view(n, 2 * g * s * s, h, w)
+        # Sub-pixel channels -> spatial positions of the x s map: (N, 2*G, sH, sW).
+        coords = F.pixel_shuffle(coords, s).view(n, 2, g, s * h, s * w)
+        grid = coords.permute(0, 2, 3, 4, 1).reshape(n * g, s * h, s * w, 2)
+        src = x.reshape(n * g, -1, x.shape[-2], x.shape[-1])
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.view(n, -1, s * h, s * w)
+
+
+class FreqFusion(nn.Module):
+    """Frequency-aware fusion of a high-res feature (hr, stride s) with a low-res one (lr, stride 2s).
+
+    forward(hr_feat, lr_feat) -> (mask_lr, hr_out, lr_out): hr_out keeps hr's channels (high-pass residual
+    enhanced), lr_out has lr's channels at hr's resolution (adaptive low-pass CARAFE x2 then offset
+    resampling). mask_lr is the raw low-pass kernel logits (N, 25, sH, sW), as the official returns it.
+    """
+
+    def __init__(self, hr_channels: int, lr_channels: int, compressed_channels: int = 64,
+                 lowpass_kernel: int = 5, highpass_kernel: int = 3, encoder_kernel: int = 3,
+                 feature_resample_group: int = 4, feature_resample_norm: bool = True):
+        super().__init__()
+        self.lowpass_kernel = lowpass_kernel
+        self.highpass_kernel = highpass_kernel
+        self.compressed_channels = compressed_channels
+        pad = encoder_kernel // 2
+        self.hr_channel_compressor = nn.Conv2d(hr_channels, compressed_channels, 1)
+        self.lr_channel_compressor = nn.Conv2d(lr_channels, compressed_channels, 1)
+        self.content_encoder = nn.Conv2d(compressed_channels, lowpass_kernel ** 2, encoder_kernel, padding=pad)
+        self.dysampler = LocalSimGuidedSampler(compressed_channels, scale=2, groups=feature_resample_group,
+                                               kernel_size=encoder_kernel, norm=feature_resample_norm)
+        self.content_encoder2 = nn.Conv2d(compressed_channels, highpass_kernel ** 2, encoder_kernel, padding=pad)
+        # hamming_window=False: unit windows (kept for checkpoint compatibility).
+        self.register_buffer("hamming_lowpass", torch.ones(1))
+        self.register_buffer("hamming_highpass", torch.ones(1))
+        for m in (self.hr_channel_compressor, self.lr_channel_compressor):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        for m in (self.content_encoder, self.content_encoder2):
+            nn.init.normal_(m.weight, 0.0, 0.001)
+            nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def normalize_kernel(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Softmax over the k*k taps (channel axis), times the window, renormalised to sum 1."""
+        kk = logits.shape[1]
+        weights = logits.softmax(dim=1)
+        if window.numel() == kk:
+            weights = weights * window.reshape(1, kk, 1, 1)
+        else:
+            weights = weights * window.reshape(1, 1, 1, 1)
+        return weights / weights.sum(dim=1, keepdim=True)
+
+    def forward(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor):
+        hp, lp = self.highpass_kernel, self.lowpass_kernel
+        comp_hr = self.hr_channel_compressor(hr_feat)
+        comp_lr = self.lr_channel_compressor(lr_feat)
+
+        # High-pass enhance the compressed hr feature with its own AHPF kernels.
+        mask_hr_hr = self.content_encoder2(comp_hr)
+        kern = self.normalize_kernel(mask_hr_hr, self.hamming_highpass)
+        comp_hr = comp_hr + comp_hr - carafe(comp_hr, kern, hp, 1)
+
+        # Low-pass kernel logits: hr part + lr part upsampled by CARAFE with the hr-guided kernels.
+        mask_lr_hr = self.content_encoder(comp_hr)
+        kern = self.normalize_kernel(mask_lr_hr, self.hamming_lowpass)
+        mask_lr = mask_lr_hr + self._fit(carafe(self.content_encoder(comp_lr), kern, lp, 2), comp_hr)
+        lowpass = self.normalize_kernel(mask_lr, self.hamming_lowpass)
+
+        # High-pass kernel logits: hr part + lr part upsampled with the final low-pass kernels.
+        mask_hr = mask_hr_hr + self._fit(carafe(self.content_encoder2(comp_lr), lowpass, lp, 2), comp_hr)
+        highpass = self.normalize_kernel(mask_hr, self.hamming_highpass)
+
+        lr_up = carafe(lr_feat, lowpass, lp, 2)
+        hr_out = hr_feat - carafe(hr_feat, highpass, hp, 1) + hr_feat
+        lr_out = self.dysampler(hr_x=comp_hr, lr_x=comp_lr, feat2sample=lr_up)
+        return mask_lr, hr_out, lr_out
+
+    @staticmethod
+    def _fit(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # Nearest resize to `like`'s size; a no-op (and absent from the graph) when sizes already agree.
+        if x.shape[-2:] == like.shape[-2:]:
+            return x
+        return F.interpolate(x, size=like.shape[-2:], mode="nearest")

@@ -1,0 +1,186 @@
+"""OffSeg family: official parity (strict load, params, logits), CARAFE/similarity/offset-learning numerics,
+bias-table resize for non-square inputs, prepare_for_export and torch.export."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeseg.models import create_model, prepare_for_export
+from edgeseg.models.efficientformer_v2 import Attention4D, Attention4DDownsample
+from edgeseg.models.freqfusion import carafe, carafe_reference, local_cosine_similarity
+from edgeseg.models.offset_learning import OffsetLearning
+
+OFFSEG_T_PARAMS = 6_222_176
+
+
+@pytest.fixture(scope="module")
+def parity(parity_dir):
+    sd = torch.load(parity_dir / "offseg_t_k150.state_dict.pt", weights_only=True)
+    x = torch.load(parity_dir / "input_512.pt", weights_only=True)
+    logits = torch.load(parity_dir / "offseg_t_k150.logits.pt", weights_only=True)
+    feats = torch.load(parity_dir / "offseg_t_k150.backbone_feats.pt", weights_only=True)
+    keys = [ln.split("\t")[0] for ln in (parity_dir / "offseg_t_k150.keys.txt").read_text().splitlines()
+            if ln and not ln.startswith("#")]
+    return dict(sd=sd, x=x, logits=logits, feats=feats, keys=keys)
+
+
+@pytest.fixture(scope="module")
+def offseg_t_official(parity):
+    model = create_model("offseg_t", 150)
+    model.load_state_dict(parity["sd"], strict=True)
+    return model.eval()  # eval after loading, as the protocol says
+
+
+def _single_thread(fn):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_offseg_t_state_dict_keys_and_params(parity):
+    model = create_model("offseg_t", 150)
+    assert sorted(model.state_dict().keys()) == sorted(parity["keys"])
+    assert sum(p.numel() for p in model.parameters()) == OFFSEG_T_PARAMS
+    res = model.load_state_dict(parity["sd"], strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    assert model.output_stride == 4
+
+
+def test_offseg_t_backbone_features_match(parity, offseg_t_official):
+    feats = _single_thread(lambda: offseg_t_official.backbone(parity["x"]))
+    assert len(feats) == 4
+    for ours, ref in zip(feats, parity["feats"]):
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_offseg_t_logits_match_official(parity, offseg_t_official):
+    out = _single_thread(lambda: offseg_t_official(parity["x"]))
+    ref = parity["logits"]
+    assert out.shape == ref.shape == (1, 150, 128, 128)
+    max_diff = (out - ref).abs().max().item()
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+    assert max_diff <= 3e-4, f"max |dlogits| {max_diff:.3e}"
+    assert agree >= 0.999, f"argmax agreement {agree:.5f}"
+
+
+def test_offseg_t_non_square_bias_resize_and_export_prep(parity, offseg_t_official):
+    model = copy.deepcopy(offseg_t_official).eval()
+    x = torch.randn(1, 3, 256, 384)
+    attn = [m for m in model.modules() if isinstance(m, (Attention4D, Attention4DDownsample))]
+    assert len(attn) == 5
+    # 1/16 of 256x384 is 16x24: stride-2 attention sees 8x12 = 96 tokens vs the 256-token table of 512.
+    a4 = model.backbone.network[4][-1].token_mixer
+    assert a4.attention_bias_idxs_seg.shape == (256, 256)
+    assert a4.attention_bias(96, 96).shape == (1, 8, 96, 96)
+    eager = _single_thread(lambda: model(x))
+    assert eager.shape == (1, 150, 64, 96)
+    assert torch.isfinite(eager).all()
+    prepare_for_export(model, (256, 384))
+    assert a4._baked_bias is not None and a4._baked_bias.shape == (1, 8, 96, 96)
+    down = model.backbone.network[5].attn
+    assert down._baked_bias.shape == (1, 8, 8 * 12, 16 * 24)
+    baked = _single_thread(lambda: model(x))
+    assert torch.allclose(baked, eager, atol=1e-6, rtol=0)
+    # the baked table is not part of the state dict: strict loading still works and drops it
+    assert not any("_baked" in k for k in model.state_dict())
+    model.load_state_dict(parity["sd"], strict=True)
+    assert a4._baked_bias is None
+
+
+def test_bias_cache_follows_loaded_weights(parity):
+    model = create_model("offseg_t", 150).eval()
+    x = torch.randn(1, 3, 128, 192)
+    _single_thread(lambda: model(x))  # fills the eval cache with the random init's tables
+    model.load_state_dict(parity["sd"], strict=True)
+    after_load = _single_thread(lambda: model(x))
+    fresh = create_model("offseg_t", 150)
+    fresh.load_state_dict(parity["sd"], strict=True)
+    ref = _single_thread(lambda: fresh.eval()(x))
+    assert torch.equal(after_load, ref)
+
+
+@pytest.mark.parametrize("kernel,scale,hw", [(3, 1, (5, 7)), (5, 2, (4, 6)), (5, 2, (3, 3)), (3, 2, (2, 5))])
+@pytest.mark.parametrize("grad", [False, True])
+def test_carafe_matches_direct_loop(kernel, scale, hw, grad):
+    g = torch.Generator().manual_seed(kernel * 10 + scale)
+    x = torch.randn(2, 3, *hw, generator=g)
+    # unnormalised random weights make the zero-padding semantics visible at the border
+    mask = torch.randn(2, kernel * kernel, hw[0] * scale, hw[1] * scale, generator=g)
+    with torch.set_grad_enabled(grad):
+        ours = carafe(x, mask, kernel, scale)
+    ref = carafe_reference(x, mask, kernel, scale)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_carafe_border_is_zero_padding():
+    x = torch.ones(1, 1, 3, 3)
+    mask = torch.ones(1, 9, 3, 3)  # sum of the 3x3 neighbourhood that lies inside the image
+    out = carafe(x, mask, 3, 1)
+    expected = torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]])
+    assert torch.equal(out[0, 0], expected)
+
+
+def _official_similarity(t, k=3, dilation=2):
+    b, c, h, w = t.shape
+    unf = F.unfold(t, k, padding=(k // 2) * dilation, dilation=dilation).reshape(b, c, k * k, h, w)
+    sim = F.cosine_similarity(unf[:, :, k * k // 2:k * k // 2 + 1], unf, dim=1)
+    return torch.cat((sim[:, :k * k // 2], sim[:, k * k // 2 + 1:]), dim=1)
+
+
+def test_local_cosine_similarity_matches_unfold_form():
+    x = torch.randn(2, 8, 6, 9)
+    assert torch.allclose(local_cosine_similarity(x, 3, 2), _official_similarity(x), atol=1e-6)
+
+
+def _official_offset_learning(mod, x):
+    b, c, h, w = x.shape
+    cls = mod.cls_repr.expand(b, -1, -1)
+    feat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    a = (feat @ cls.transpose(1, 2)).permute(0, 2, 1)
+    cls2 = cls + mod.cls_offset_proj(a.softmax(dim=2) @ feat)
+    feat2 = feat + mod.feat_offset_proj(a.softmax(dim=1).transpose(1, 2) @ cls)
+    masks = mod.mask_norm(feat2 @ cls2.transpose(1, 2))
+    return masks.permute(0, 2, 1).reshape(b, -1, h, w)
+
+
+def test_offset_learning_matches_official_formula():
+    torch.manual_seed(1)
+    mod = OffsetLearning(7, 16)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 16, 5, 6)
+    assert torch.allclose(mod(x), _official_offset_learning(mod, x), atol=1e-4)
+
+
+def test_test_offseg_trains_and_exports():
+    torch.manual_seed(0)
+    model = create_model("test_offseg", 5)
+    x = torch.randn(2, 3, 64, 96)
+    out = model(x)
+    assert out.shape == (2, 5, 16, 24)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:10])
+    assert model.backbone.network[4][0].token_mixer.attention_biases_seg.grad is not None
+
+    model.eval()
+    x1 = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x1)
+    prepare_for_export(model, (64, 96))
+    with torch.no_grad():
+        assert torch.allclose(model(x1), eager, atol=1e-6, rtol=0)
+    ep = torch.export.export(model, (x1,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("bicubic" in t for t in targets), "baked bias table must remove bicubic interpolation"
+    with torch.no_grad():
+        exported = ep.module()(x1)
+    assert torch.allclose(exported, eager, atol=1e-5, rtol=0)
