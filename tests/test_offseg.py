@@ -184,3 +184,11 @@ def test_test_offseg_trains_and_exports():
     with torch.no_grad():
         exported = ep.module()(x1)
     assert torch.allclose(exported, eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel,scale", [(3, 1), (5, 2)])
+def test_carafe_gradients(kernel, scale):
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 3, 4, dtype=torch.double, requires_grad=True)
+    mask = torch.randn(1, kernel * kernel, 3 * scale, 4 * scale, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: carafe(a, b, kernel, scale), (x, mask))

@@ -32,8 +32,8 @@ def carafe(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> 
       the contiguous 1-D slice starting at s*(ky*P + kx), and the output is computed on the P-wide grid and
       cropped (the extra columns are never read back). One zero row more at the bottom keeps the last
       slices in range.
-    - k*k multiply-adds; in eager they accumulate in place (channel-chunked to stay in cache); while
-      tracing/exporting they are plain mul + add nodes.
+    - k*k multiply-adds; in eager they accumulate in place (in inference also channel-chunked to stay in
+      cache); while tracing/exporting they are plain mul + add nodes (same summation order, same values).
     """
     n, c, h, w = x.shape
     half = kernel // 2
@@ -47,11 +47,17 @@ def carafe(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> 
     flat_m = F.pad(mask, (0, pitch - out_w)).reshape(n, kernel * kernel, length)
     offsets = [scale * (ky * pitch + kx) for ky in range(kernel) for kx in range(kernel)]
 
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+    if torch.compiler.is_compiling():  # export/compile: plain mul + add nodes
         acc = flat_x[:, :, offsets[0]:offsets[0] + length] * flat_m[:, 0:1]
         for tap in range(1, kernel * kernel):
             o = offsets[tap]
             acc = acc + flat_x[:, :, o:o + length] * flat_m[:, tap:tap + 1]
+    elif torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad):
+        # training: in-place accumulation is differentiable and avoids k*k temporaries
+        acc = flat_x[:, :, offsets[0]:offsets[0] + length] * flat_m[:, 0:1]
+        for tap in range(1, kernel * kernel):
+            o = offsets[tap]
+            acc = acc.addcmul_(flat_x[:, :, o:o + length], flat_m[:, tap:tap + 1])
     else:
         acc = x.new_empty(n, c, length)
         step = max(8, (1 << 18) // max(length, 1))  # ~1 MiB of output per chunk
