@@ -279,10 +279,12 @@ def test_skip_bad_counts_and_check(tmp_path, caplog):
     assert [i for i in range(len(ds)) if ds.get(i) is not None] == [0, 2]
     assert ds.check(progress=False) == 3  # f4 (no label), f1 (unreadable), f3 (values)
     assert len(ds) == 2 and ds.skipped == 3
+    assert ds.check(progress=False) == 3 and len(ds) == 2
     # without skip_bad, check() reports the count but never drops anything
     (root / "valannot" / "f4.png").write_bytes((root / "valannot" / "f0.png").read_bytes())
     ds2 = open_dataset(root)
     assert ds2.check(progress=False) == 2 and len(ds2) == 5 and len(ds2.problems) == 2
+    assert ds2.check(progress=False) == 2 and len(ds2.problems) == 2  # a second scan counts the same
     with pytest.raises(DataError):
         ds2[1]
 

@@ -270,6 +270,7 @@ class SegDataset:
         self.skip_bad = skip_bad
         self.problems: list[str] = list(problems)
         self.skipped = len(self.problems)
+        self._n_open_problems = len(self.problems)  # images without a label, found at open
         self._lut = lut  # raw label value -> class index / ignore, -1 = invalid
         self._raw_valid = raw_valid
         self._bad: set[int] = set()
@@ -351,12 +352,15 @@ class SegDataset:
                 yield item
 
     def check(self, progress: bool = True) -> int:
-        """Read every pair now. Returns the number of bad files found (also counting images without a
-        label found at open). Each problem is logged as a warning and kept in `problems`; it never raises
-        for a bad pair. With skip_bad, bad pairs are dropped from the dataset afterwards."""
+        """Read every pair now and return the number of bad pairs (images without a label found at open
+        included). Each problem is logged as a warning and kept in `problems`; it never raises for a bad
+        pair. With skip_bad, bad pairs are dropped from the dataset afterwards and the count is every pair
+        skipped so far (`skipped`)."""
         from tqdm import tqdm
 
-        n_bad = len(self.problems) - len(self._bad)  # those found at open
+        n_bad = self._n_open_problems
+        self.problems = self.problems[: self._n_open_problems] + [
+            p for p in self.problems[self._n_open_problems:] if self.skip_bad]  # keep skipped ones, re-scan the rest
         for i in tqdm(range(len(self)), desc=f"checking {self.fmt}/{self.split}", unit="img",
                       disable=not progress, leave=False):
             if i in self._bad:
@@ -378,7 +382,7 @@ class SegDataset:
             self._bad = set()
             if not self.image_paths:
                 raise DataError(f"{self.root}: every pair of split {self.split!r} is bad ({self.skipped} skipped)")
-        return n_bad
+        return self.skipped if self.skip_bad else n_bad
 
 
 # ------------------------------------------------------------------------------------------------- helpers
