@@ -1,0 +1,278 @@
+"""The main job: checkpoint + images -> export every target at fp32 and int8 -> validate -> bench -> report.
+
+`run_pipeline()` with no arguments runs on the embedded default (the shipped checkpoint and the dozen shipped
+CamVid val images). A step that fails for one target (an export error, a runtime that cannot load the artifact)
+becomes a FAILED row with its one-line reason and makes the exit code non-zero; it never disappears.
+
+Calibration vs evaluation on the embedded default: the 12 embedded images are split, deterministically, into a
+calibration set (every 3rd image, 4 images) and an evaluation set (the other 8), so int8 is never judged on the
+images it was calibrated on; the report says so. With `--data DIR` the exporter draws calibration images from the
+dataset's `train` split when it has one (else from `val`, which the report flags as an overlap).
+
+Output folder (written under a temporary name and swapped into place at the end; `--force` to overwrite):
+    artifacts/<target>-<precision>/   exported artifacts (manifest.json each)
+    data/{calib,eval}/                the embedded split (embedded default only)
+    validation.json, bench.json       the records of `validate` and `bench`
+    maps/*.npz                        a few label maps per artifact for the disagreement plots
+    report/report.md, report/*.png    the report (`edgeseg.report.render`)
+    pipeline.json                     rows, failures, timings, choices
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
+EMBEDDED_CALIB_EVERY = 3  # every 3rd embedded image calibrates; the rest evaluate
+
+
+@dataclass
+class PipelineResult:
+    """What `run_pipeline` returns: where it wrote, the report rows, and whether everything passed."""
+
+    out: Path
+    report: Path | None
+    rows: list[dict[str, Any]]
+    failures: list[str]
+    seconds: float
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
+def _one_line(e: BaseException) -> str:
+    from edgeseg.eval.validate import _one_line as f
+
+    return f(e)
+
+
+def split_embedded(data_root: Path, dest: Path, every: int = EMBEDDED_CALIB_EVERY) -> tuple[Path, Path, dict]:
+    """Copy a CamVid-layout `val`/`valannot` set into `dest/calib` (every `every`-th pair) and `dest/eval` (the
+    rest), both in CamVid layout with split `val`. Returns (calib_root, eval_root, info)."""
+    from edgeseg.data.datasets import open_dataset
+
+    ds = open_dataset(data_root, split="val")
+    calib, evl = dest / "calib", dest / "eval"
+    names = {"calib": [], "eval": []}
+    for i, (img, lab) in enumerate(zip(ds.image_paths, ds.label_paths)):
+        part = "calib" if i % every == 0 else "eval"
+        root = calib if part == "calib" else evl
+        for src, sub in ((Path(img), "val"), (Path(lab), "valannot")):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / sub / src.name)
+        names[part].append(Path(img).name)
+    if not names["calib"] or not names["eval"]:
+        from edgeseg.errors import DataError
+
+        raise DataError(f"{data_root}: too few images ({len(ds)}) to split into calibration and evaluation")
+    return calib, evl, {"calibration_images": names["calib"], "evaluation_images": names["eval"]}
+
+
+def _target_precisions(targets: Sequence[str] | None, precisions: Sequence[str]
+                       ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """(target, precision) jobs from the profiles, and FAILED rows for targets whose profile does not load."""
+    from edgeseg.export.profiles import list_profiles, load_profile
+
+    known = list_profiles()
+    names = list(targets) if targets else known
+    jobs, failed = [], []
+    for t in names:
+        if t not in known:
+            from edgeseg.errors import UsageError
+
+            raise UsageError(f"--targets: unknown target {t!r}; known: {', '.join(known)}")
+        try:
+            prof = load_profile(t)
+        except Exception as e:  # a broken profile is a FAILED row for that target, not a crash of the run
+            failed.append({"target": t, "precision": "all", "reason": _one_line(e)})
+            continue
+        ps = [p for p in precisions if p in prof.precisions]
+        if not ps:
+            failed.append({"target": t, "precision": "/".join(precisions),
+                           "reason": f"profile supports only {', '.join(prof.precisions)}"})
+        jobs += [(t, p) for p in ps]
+    return jobs, failed
+
+
+def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None = None,
+                 targets: Sequence[str] | None = None, out: str | Path = "runs/pipeline", force: bool = False, *,
+                 precisions: Sequence[str] = PRECISIONS, split: str = "val", max_images: int | None = None,
+                 threads: int | None = None, warmup: int = 2, runs: int = 10, num_maps: int = 2,
+                 progress: bool = True) -> PipelineResult:
+    """Export, validate, bench and report in one go.
+
+    Args:
+        checkpoint: checkpoint folder; None = the shipped default (`default_checkpoint()`).
+        data: dataset root; None = the embedded CamVid images (`default_data_dir()`), split into calibration and
+            evaluation images (see the module docstring).
+        targets: target names (default: every profile in export_targets/).
+        out: output folder; refuses to overwrite it without `force`.
+        force: replace an existing `out`.
+        precisions: precisions to export per target (those its profile supports).
+        split: evaluation split of `data`.
+        max_images: validate on the first N evaluation images only.
+        threads: CPU threads for bench (default: min(4, cpu count)).
+        warmup, runs: bench warm-up and timed runs per artifact.
+        num_maps: label maps saved per artifact for the disagreement plots.
+        progress: tqdm step bar on stderr.
+    Returns:
+        PipelineResult; `exit_code` is 1 if any target failed to export, validate or bench, or failed a check.
+    """
+    from tqdm import tqdm
+
+    from edgeseg.data.embedded import default_checkpoint, default_data_dir
+    from edgeseg.errors import UsageError
+    from edgeseg.eval.bench import bench
+    from edgeseg.eval.validate import failed_record, validate
+    from edgeseg.export import export_checkpoint
+    from edgeseg.fileio import atomic_dir, write_json, write_text
+    from edgeseg.report.render import merge, render
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"--out {out}: already exists; pass --force to overwrite it")
+    ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    if not (ckpt / "model.json").is_file():
+        raise UsageError(f"--checkpoint {ckpt}: not a checkpoint folder (model.json + model.safetensors)")
+    embedded = data is None
+    data_root = default_data_dir() if embedded else Path(data)
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    jobs, profile_failures = _target_precisions(targets, precisions)
+    notes: list[str] = [f"Checkpoint: `{ckpt}`"]
+    steps: dict[str, float] = {}
+
+    with atomic_dir(out, force=force) as tmp:
+        total = 1 + len(jobs) + 3
+        bar = tqdm(total=total, desc="pipeline", unit="step", disable=not progress, dynamic_ncols=True)
+
+        done = [0]
+
+        def step(name: str):
+            done[0] += 1
+            bar.set_postfix_str(name)
+            log.info("[%d/%d] %s", done[0], total, name)
+
+        # 1. data: calibration / evaluation images
+        step("data")
+        t = time.perf_counter()
+        if embedded:
+            calib_root, eval_root, split_info = split_embedded(data_root, tmp / "data")
+            eval_split = "val"
+            notes.append(f"Embedded default data `{data_root}`: split deterministically into "
+                         f"{len(split_info['calibration_images'])} calibration images (every "
+                         f"{EMBEDDED_CALIB_EVERY}rd) and {len(split_info['evaluation_images'])} evaluation images; "
+                         "calibration and evaluation do not overlap. The set is tiny: numbers are indicative only.")
+        else:
+            calib_root, eval_root, eval_split, split_info = data_root, data_root, split, {}
+            notes.append(f"Calibration images come from `{data_root}` (its train split when present; see each "
+                         "manifest's calibration source); evaluation on split "
+                         f"`{split}`.")
+        steps["data"] = time.perf_counter() - t
+        bar.update(1)
+
+        # 2. export every (target, precision)
+        artifacts: list[Path] = []
+        failed_exports: list[dict[str, Any]] = [failed_record(f["target"], f["precision"], f["reason"])
+                                                for f in profile_failures]
+        t = time.perf_counter()
+        for target, precision in jobs:
+            step(f"export {target} {precision}")
+            dest = tmp / "artifacts" / f"{target}-{precision}"
+            t0 = time.perf_counter()
+            try:
+                art = export_checkpoint(ckpt, target, precision, calib=calib_root if precision == "int8" else None,
+                                        out=dest, force=True, progress=False)
+                artifacts.append(art)
+                log.info("export %s %s: ok (%.1f s)", target, precision, time.perf_counter() - t0)
+            except Exception as e:  # a failed target is a FAILED row and a non-zero exit, never dropped
+                log.debug("export %s %s failed", target, precision, exc_info=True)
+                reason = f"export: {_one_line(e)}"
+                log.error("export %s %s: FAILED: %s", target, precision, reason)
+                failed_exports.append(failed_record(target, precision, reason, artifact=dest))
+            bar.update(1)
+        steps["export"] = time.perf_counter() - t
+
+        # 3. validate (reference: each artifact's source checkpoint, eager PyTorch)
+        step("validate")
+        t = time.perf_counter()
+        vrecs = validate(artifacts, eval_root, split=eval_split, max_images=max_images, maps_dir=tmp / "maps",
+                         num_maps=num_maps, progress=progress) if artifacts else []
+        vrecs = vrecs + failed_exports
+        steps["validate"] = time.perf_counter() - t
+        bar.update(1)
+
+        # 4. bench
+        step("bench")
+        t = time.perf_counter()
+        brecs = bench(artifacts, threads=threads, warmup=warmup, runs=runs, progress=progress) if artifacts else []
+        steps["bench"] = time.perf_counter() - t
+        bar.update(1)
+
+        # 5. report
+        step("report")
+        t = time.perf_counter()
+        final = str(out.resolve())
+        vrecs = _rebase(vrecs, str(tmp), final)
+        brecs = _rebase(brecs, str(tmp), final)
+        write_json(tmp / "validation.json", vrecs)
+        write_json(tmp / "bench.json", brecs)
+        # the report reads the npz maps now, from the temporary folder; paths in its JSON name the final folder
+        report = render(_rebase(vrecs, final, str(tmp)), _rebase(brecs, final, str(tmp)), tmp / "report", notes=notes,
+                        title="edgeseg pipeline report")
+        _rebase_file(tmp / "report" / "results.json", str(tmp), final)
+        md = tmp / "report" / report.name
+        write_text(md, md.read_text().replace(str(tmp), final))
+        steps["report"] = time.perf_counter() - t
+        bar.update(1)
+        bar.close()
+
+        rows = merge(vrecs, brecs)
+        failures = []
+        for r in rows:
+            if r["status"] == "failed" or r.get("passed") is False:
+                why = r.get("error") or "; ".join(r.get("reasons") or [])
+                failures.append(f"{r.get('target')} {r.get('precision')}: {why}")
+        seconds = time.perf_counter() - t_start
+        write_json(tmp / "pipeline.json", {
+            "checkpoint": str(ckpt), "data": str(data_root), "embedded": embedded, "split": split_info,
+            "targets": sorted({t for t, _ in jobs} | {f["target"] for f in profile_failures}),
+            "precisions": list(precisions), "threads": threads, "warmup": warmup, "runs": runs,
+            "rows": rows, "failures": failures, "notes": notes,
+            "step_seconds": {k: round(v, 2) for k, v in steps.items()}, "seconds": round(seconds, 2)})
+    report_final = out / "report" / report.name
+    for f in failures:
+        log.error("FAILED %s", f)
+    log.info("pipeline: %d artifacts, %d failures, %.1f s; report %s", len(artifacts), len(failures), seconds,
+             report_final)
+    return PipelineResult(out=out, report=report_final, rows=rows, failures=failures, seconds=seconds,
+                          step_seconds=steps, notes=notes)
+
+
+def _rebase(obj: Any, old: str, new: str) -> Any:
+    """Replace the path prefix `old` by `new` in every string of a JSON-like object."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj.startswith(old) else obj
+    if isinstance(obj, list):
+        return [_rebase(v, old, new) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _rebase(v, old, new) for k, v in obj.items()}
+    return obj
+
+
+def _rebase_file(path: Path, old: str, new: str) -> None:
+    import json
+
+    from edgeseg.fileio import write_json
+
+    write_json(path, _rebase(json.loads(path.read_text()), old, new))
