@@ -192,3 +192,13 @@ def test_carafe_gradients(kernel, scale):
     x = torch.randn(1, 2, 3, 4, dtype=torch.double, requires_grad=True)
     mask = torch.randn(1, kernel * kernel, 3 * scale, 4 * scale, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: carafe(a, b, kernel, scale), (x, mask))
+
+
+def test_flop_counter_runs_under_no_grad():
+    # module-tracking hooks (FlopCounterMode, used by `edgeseg models`) must accept every submodule call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model("test_offseg", 5).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 64, 64))
+    assert counter.get_total_flops() > 0

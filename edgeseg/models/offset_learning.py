@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class OffsetLearning(nn.Module):
@@ -53,7 +54,8 @@ class OffsetLearning(nn.Module):
 
         # feature offsets: attention over classes, projected straight into class space
         pos_attn = coupled.softmax(dim=1)  # B, K, HW
-        proj_emb = self.feat_offset_proj(self.cls_repr[0])  # K, C   (E W_f^T)
+        # (functional call: a no-grad view of a parameter passed to a submodule trips module-tracking hooks)
+        proj_emb = F.linear(self.cls_repr[0], self.feat_offset_proj.weight)  # K, C   (E W_f^T)
         class_mix = emb_aligned @ proj_emb.t()  # B, K, K   (E' W_f E^T)
         masks = emb_aligned @ feat + class_mix @ pos_attn  # B, K, HW
 
