@@ -78,6 +78,59 @@ def split_embedded(data_root: Path, dest: Path, every: int = EMBEDDED_CALIB_EVER
     return calib, evl, {"calibration_images": names["calib"], "evaluation_images": names["eval"]}
 
 
+def _call_worker(conn, func: str, args: tuple, kwargs: dict, log_level: int) -> None:
+    """Child-process side of `call_isolated`: send ("ok", str(result)) or ("error", one line)."""
+    logging.basicConfig(level=log_level, format="%(message)s")
+    try:
+        import importlib
+
+        mod, name = func.split(":")
+        conn.send(("ok", str(getattr(importlib.import_module(mod), name)(*args, **kwargs))))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as one line
+        conn.send(("error", _one_line(e)))
+    finally:
+        conn.close()
+
+
+def call_isolated(func: str, *args: Any, **kwargs: Any) -> str:
+    """Call `func` ("module:function") in a fresh (spawned) process and return `str()` of its result.
+
+    Raises:
+        ArtifactError with the child's one-line error, or naming the signal that killed the child.
+    """
+    import multiprocessing as mp
+    import signal
+
+    from edgeseg.errors import ArtifactError
+
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_worker, args=(send, func, args, kwargs,
+                                                  logging.getLogger().getEffectiveLevel()), daemon=True)
+    proc.start()
+    send.close()
+    msg = None
+    try:
+        msg = recv.recv()  # returns when the child sends; EOFError when it dies without sending
+    except EOFError:
+        pass
+    proc.join()
+    if msg is None:
+        code = proc.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        raise ArtifactError(f"the process crashed ({how}) without an error message")
+    if msg[0] == "error":
+        raise ArtifactError(msg[1])
+    return msg[1]
+
+
+def export_isolated(*args: Any, **kwargs: Any) -> Path:
+    """`edgeseg.export.export_checkpoint` in its own process, so that a vendor converter that crashes the
+    interpreter (seen here: a segfault inside openvino 2026.4.1's `Core.query_model` on test_segnext) fails only
+    its own target instead of the whole run."""
+    return Path(call_isolated("edgeseg.export:export_checkpoint", *args, **kwargs))
+
+
 def _target_precisions(targets: Sequence[str] | None, precisions: Sequence[str]
                        ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
     """(target, precision) jobs from the profiles, and FAILED rows for targets whose profile does not load."""
@@ -108,7 +161,7 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
                  targets: Sequence[str] | None = None, out: str | Path = "runs/pipeline", force: bool = False, *,
                  precisions: Sequence[str] = PRECISIONS, split: str = "val", max_images: int | None = None,
                  threads: int | None = None, warmup: int = 2, runs: int = 10, num_maps: int = 2,
-                 progress: bool = True) -> PipelineResult:
+                 isolate_exports: bool = True, progress: bool = True) -> PipelineResult:
     """Export, validate, bench and report in one go.
 
     Args:
@@ -124,6 +177,8 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
         threads: CPU threads for bench (default: min(4, cpu count)).
         warmup, runs: bench warm-up and timed runs per artifact.
         num_maps: label maps saved per artifact for the disagreement plots.
+        isolate_exports: run each export in its own process (a converter that crashes the interpreter then
+            fails only its own row); False runs them in this process.
         progress: tqdm step bar on stderr.
     Returns:
         PipelineResult; `exit_code` is 1 if any target failed to export, validate or bench, or failed a check.
@@ -191,7 +246,8 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
             dest = tmp / "artifacts" / f"{target}-{precision}"
             t0 = time.perf_counter()
             try:
-                art = export_checkpoint(ckpt, target, precision, calib=calib_root if precision == "int8" else None,
+                export = export_isolated if isolate_exports else export_checkpoint
+                art = export(ckpt, target, precision, calib=calib_root if precision == "int8" else None,
                                         out=dest, force=True, progress=False)
                 artifacts.append(art)
                 log.info("export %s %s: ok (%.1f s)", target, precision, time.perf_counter() - t0)

@@ -5,8 +5,9 @@ Times `Session.run(x)` on an input in the manifest's contract (model only: no im
 the host). Structure is tested in CI; absolute timings belong to `edgeseg bench` and `bench/` scripts.
 
 Thread pinning: `torch.set_num_threads(threads)` for PyTorch, and `num_threads` is handed to
-`open_session(path, num_threads=N)` when the runtime session takes it (ONNX Runtime `intra_op_num_threads`,
-OpenVINO `INFERENCE_NUM_THREADS`, ExecuTorch's XNNPACK threadpool); the record says which was used.
+`open_session(path, num_threads=N)` (ONNX Runtime `intra_op_num_threads`, OpenVINO `INFERENCE_NUM_THREADS`);
+executorch 1.5.1's Python runtime cannot pin per session (XNNPACK's process-wide pool keeps its default). Each
+record's `thread_control` says what was used.
 
 Must not import heavy runtimes (they come in through `edgeseg.runtime`).
 """
@@ -31,7 +32,8 @@ THREAD_CONTROL = {
     "onnx": "onnxruntime SessionOptions.intra_op_num_threads",
     "jetson-tensorrt": "onnxruntime SessionOptions.intra_op_num_threads",
     "openvino": "openvino INFERENCE_NUM_THREADS",
-    "executorch-xnnpack": "executorch XNNPACK threadpool (_unsafe_reset_threadpool)",
+    # executorch 1.5.1's Python runtime has no per-session thread setting: XNNPACK uses its process-wide pool
+    "executorch-xnnpack": "NOT pinned: executorch XNNPACK process-wide threadpool (runtime default)",
     "torch": "torch.set_num_threads",
 }
 
@@ -156,7 +158,8 @@ def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, ru
     if threads is None:
         rec["thread_control"] = "runtime default"
     elif passed:
-        rec["thread_control"] = f"{THREAD_CONTROL.get(target, 'session num_threads')}; torch.set_num_threads"
+        how = getattr(session, "thread_control", None) or THREAD_CONTROL.get(target, "session num_threads")
+        rec["thread_control"] = f"{how}; torch.set_num_threads"
     else:
         rec["thread_control"] = (f"torch.set_num_threads only (session takes no num_threads; "
                                  f"{target} uses its runtime default, os.cpu_count()={os.cpu_count()})")
