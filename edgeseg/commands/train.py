@@ -1,0 +1,123 @@
+"""`edgeseg train`: train a registered model on a dataset folder or a packed .npz (single process or torchrun)."""
+from __future__ import annotations
+
+from edgeseg.errors import UsageError
+
+HELP = "train a model on a segmentation dataset (AdamW + poly, best/last checkpoints, exact resume, DDP)"
+EPILOG = """examples:
+  # OffSeg-T on CamVid on the CPU (small crops, short run)
+  edgeseg train --model offseg_t --data ../shared/data/camvid --iters 2000 --batch-size 4 --crop 256x320 \\
+      --input-size 352x480 --device cpu --out runs/offseg_t_cpu
+  # on a GPU: whole train split on the GPU, augmentation on the GPU, bf16
+  edgeseg train --model offseg_t --data ../shared/data/camvid --iters 20000 --batch-size 16 --crop 352x480 \\
+      --input-size 352x480 --device cuda --out runs/offseg_t
+  # continue after a kill or a --max-minutes stop (the same arguments plus --resume)
+  edgeseg train --model offseg_t --data ../shared/data/camvid --iters 20000 --batch-size 16 --crop 352x480 \\
+      --input-size 352x480 --device cuda --out runs/offseg_t --resume
+  # two processes (GPUs, or gloo on the CPU); --batch-size is the global batch
+  torchrun --nproc_per_node=2 -m edgeseg train --model offseg_t --data camvid.npz --iters 20000 --out runs/ddp
+  # pack the data into one small file to carry to a GPU machine
+  python -m edgeseg.train.pack ../shared/data/camvid camvid.npz
+"""
+
+
+def parse_hw(text: str | None, flag: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().replace("×", "x").split("x")]
+        if len(parts) == 1:
+            parts = parts * 2
+        h, w = parts
+        if h <= 0 or w <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected HxW with positive integers, e.g. 352x480") from None
+    return h, w
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="registered model name (see `edgeseg models`)")
+    p.add_argument("--data", required=True, help="dataset folder (camvid, folder, voc, cityscapes, ade20k) or a "
+                   ".npz pack from `python -m edgeseg.train.pack`")
+    p.add_argument("--format", dest="fmt", default=None, help="force the dataset layout (default: detected)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val", help="split validated every --val-interval steps ('none': off)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
+    g.add_argument("--epochs", type=int, help="passes over the training split (instead of --iters)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
+    p.add_argument("--crop", metavar="HxW", help="training crop (default: the image size rounded down to /32)")
+    p.add_argument("--input-size", metavar="HxW", help="evaluation/export input size stored in the checkpoint "
+                   "(default: the image size rounded down to /32)")
+    p.add_argument("--data-size", metavar="HxW", help="resize training pairs to HxW on load (needed when their "
+                   "sizes differ)")
+    p.add_argument("--lr", type=float, default=6e-5, help="base learning rate (default 6e-5)")
+    p.add_argument("--head-lr-mult", type=float, default=10.0, help="decode head lr multiplier (default 10)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up steps (default 1500, capped "
+                   "below --iters)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--val-interval", type=int, default=None, help="validate every N steps (default 1000 or "
+                   "the end)")
+    p.add_argument("--save-interval", type=int, default=None, help="save last/ + train_state.pt every N steps "
+                   "(default: --val-interval)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4, help="threads decoding the data on load (default 4)")
+    p.add_argument("--augment-on-cpu", action="store_true", help="augment on the CPU, not the training device")
+    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--max-minutes", type=float, default=None, help="save and stop after this long (resume later)")
+    p.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (resume later)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable pairs with a warning")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="OUT", help="also write the run summary as JSON")
+
+
+def run(args) -> int:
+    from edgeseg.fileio import write_json
+    from edgeseg.models import get_entry
+    from edgeseg.train.loop import fit
+
+    get_entry(args.model)  # unknown model -> usage error before any data is read
+    for flag in ("iters", "epochs", "batch_size", "val_interval", "save_interval"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {v}: must be >= 1")
+    out = args.out or f"runs/{args.model}"
+    res = fit(
+        args.model, args.data, fmt=args.fmt, train_split=args.train_split,
+        val_split=None if args.val_split.lower() == "none" else args.val_split,
+        iters=args.iters, epochs=args.epochs, batch_size=args.batch_size,
+        crop_hw=parse_hw(args.crop, "--crop"), input_hw=parse_hw(args.input_size, "--input-size"),
+        data_hw=parse_hw(args.data_size, "--data-size"), lr=args.lr, head_lr_mult=args.head_lr_mult,
+        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, device=args.device, out_dir=out,
+        resume=args.resume, force=args.force, val_interval=args.val_interval, save_interval=args.save_interval,
+        seed=args.seed, num_workers=args.workers, augment_on_device=not args.augment_on_cpu,
+        amp=False if args.no_amp else None, skip_bad=args.skip_bad, stop_after=args.stop_after,
+        time_limit_s=args.max_minutes * 60 if args.max_minutes else None, progress=not args.no_progress,
+    )
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(f"{'steps':<18}{res['step']} / {res['total_iters']}" + (f"  ({res['stopped']}; rerun with --resume)"
+                                                                    if res["stopped"] else ""))
+    if res["images_per_s"]:
+        print(f"{'throughput':<18}{res['images_per_s']:.1f} images/s")
+    for key in ("best", "last"):
+        m = res.get(key)
+        if m:
+            print(f"{key + ' val mIoU':<18}{100 * m['miou']:.2f}  (aAcc {100 * m['aacc']:.2f}, mAcc "
+                  f"{100 * m['macc']:.2f}, step {m['step']}, {m['num_images']} images at "
+                  f"{m['input_hw'][0]}x{m['input_hw'][1]})")
+    if res["checkpoint_best"]:
+        print(f"{'best checkpoint':<18}{res['checkpoint_best']}")
+    print(f"{'last checkpoint':<18}{res['checkpoint_last']}")
+    if args.json:
+        write_json(args.json, res)
+    if res["best"] is None and res["last"] is None:
+        print("(no validation split: no metrics)")
+    return 0

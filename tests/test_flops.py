@@ -1,0 +1,74 @@
+"""FLOP counting: the conv bucket equals a hand count, the matmul bucket counts known matmuls, CPU SDPA counted."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeseg.models.flops import count
+
+
+class ConvOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)           # 32x32 -> 16x16
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)            # depth-wise
+        self.c = nn.Conv2d(8, 5, 1, bias=False)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.a(x))))
+
+
+def test_conv_only_matches_hand_count():
+    r = count(ConvOnly(), (32, 32))
+    hw = 16 * 16
+    macs = hw * 8 * 3 * 3 * 3 + hw * 8 * 3 * 3 * 1 + hw * 5 * 8
+    assert r["gmac_conv"] == pytest.approx(macs / 1e9, rel=1e-12)
+    assert r["gmac_total"] == pytest.approx(macs / 1e9, rel=1e-12) and r["gmac_matmul"] == 0
+    assert r["params"] == (8 * 27 + 8) + (8 * 9 + 8) + 5 * 8
+
+
+class MatmulToy(nn.Module):
+    """(1, 16, 4) @ (4, 6) via nn.Linear, then a bmm of (1, 16, 6) x (1, 6, 16), plus one 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)  # (1, 16, 4)
+        q = self.lin(t)  # 16*4*6 MACs
+        a = q @ q.transpose(1, 2)  # 16*16*6 MACs
+        return a
+
+
+def test_matmul_bucket_counts_known_matmul():
+    m = MatmulToy()
+    r = count(m, (4, 4))
+    assert r["gmac_conv"] * 1e9 == pytest.approx(16 * 3 * 4)
+    assert r["gmac_matmul"] * 1e9 == pytest.approx(16 * 4 * 6 + 16 * 16 * 6)
+    assert r["gmac_total"] == pytest.approx(r["gmac_conv"] + r["gmac_matmul"])
+    assert m.training  # mode restored
+
+
+class Sdpa(nn.Module):
+    def forward(self, x):
+        q = x.flatten(2).transpose(1, 2)[:, None]  # (1, 1, HW, 3)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_cpu_sdpa_counted_as_matmul():
+    r = count(Sdpa(), (4, 8))
+    n, d = 32, 3
+    assert r["gmac_matmul"] * 1e9 == pytest.approx(2 * n * n * d)  # Q K^T and A V
+
+
+@pytest.mark.parametrize("name", ["test_offseg", "test_segnext"])
+def test_registered_models_count(name):
+    from edgeseg.models import create_model, list_models
+
+    if name not in list_models():
+        pytest.skip(f"{name} not registered")
+    r = count(create_model(name, num_classes=11), (64, 64))
+    assert r["gmac_conv"] > 0 and r["gmac_total"] >= r["gmac_conv"] and r["params"] > 0
