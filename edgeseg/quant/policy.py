@@ -1,0 +1,197 @@
+"""Mixed-precision policy: which modules of a model stay in float when the rest is int8, and how each target's
+quantizer is told so.
+
+Defaults (by module class, so every model family that uses the block gets them):
+  * `AFM` (MPLSeg spectral path): the matmul-DFT carries the image's DC energy next to tiny high frequencies;
+    one int8 scale per tensor cannot hold both (the issue's design note).
+  * `NMF2D` (SegNeXt's LightHam): the multiplicative updates divide by a product of quantized tensors; int8
+    rounds small denominators to 0 and the division gives inf/NaN (measured here on test_segnext: the first QAT
+    forward with the XNNPACK quantizer, torchao 0.18, returned NaN at `decode_head.hamburger.ham`'s div).
+  * `OffsetLearning` (OffSeg's offset head): softmax + the inline mask LayerNorm (`rsqrt(var + eps)`); int8
+    rounds the variance to 0 and rsqrt gives inf (measured on test_offseg: NaN at `decode_head.offset_learning`'s
+    rsqrt in the first QAT forward, depending on the input).
+
+A user adds module-name patterns (`fnmatch`, e.g. "backbone.stages.3.*") to keep more in float, or removes a
+default with a pattern prefixed by "!" (e.g. "!decode_head.offset_learning").
+
+Mechanisms per target (`FloatPolicy.apply_*`):
+  * PT2E quantizers (XNNPACK, CoreMLQuantizer, executorch's OpenVINOQuantizer): a node filter on the node's
+    `nn_module_stack` (`quantizer.set_filter_function`); the quantizer then leaves those ops unannotated.
+  * NNCF (OpenVINO IR from ov.convert_model of a torch module): `nncf.IgnoredScope(patterns=...)` on the
+    `__module.<name>/...` node names the OpenVINO PyTorch frontend gives.
+  * ONNX Runtime `quantize_static(nodes_to_exclude=...)`: node names of the ONNX graph whose
+    `pkg.torch.onnx.name_scopes` metadata (torch.onnx dynamo exporter) lies under a float module.
+
+Must not import export runtimes at module level.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+# class name -> why it stays float by default
+DEFAULT_FLOAT_TYPES: dict[str, str] = {
+    "AFM": "spectral path: DFT matmuls carry the image's DC energy (one int8 scale cannot hold it)",
+    "NMF2D": "NMF multiplicative updates divide by int8-rounded denominators (inf/NaN, measured)",
+    "OffsetLearning": "softmax + inline LayerNorm: rsqrt of an int8-rounded variance (inf, measured)",
+}
+
+
+@dataclass(frozen=True)
+class FloatPolicy:
+    """The modules (fully qualified names) kept in float, with the reason for each."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def with_modules(self, names: Iterable[str], reason: str = "requested") -> "FloatPolicy":
+        """A new policy with `names` added."""
+        mods = dict(self.modules)
+        for n in names:
+            mods.setdefault(n, reason)
+        return FloatPolicy(_prune(mods))
+
+    def covers(self, fqn: str) -> bool:
+        """Whether module `fqn` (or an ancestor) is float."""
+        return any(fqn == m or fqn.startswith(m + ".") for m in self.modules)
+
+    def to_json(self) -> dict[str, str]:
+        return dict(sorted(self.modules.items()))
+
+    # -- PT2E ---------------------------------------------------------------------------------------------------
+    def node_is_float(self, node) -> bool:
+        """True when an FX node was traced from inside a float module (its `nn_module_stack`)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        for entry in stack.values():
+            fqn = _clean_fqn(entry[0] if isinstance(entry, (tuple, list)) else str(entry))
+            if self.covers(fqn):
+                return True
+        return False
+
+    def apply_pt2e(self, quantizer):
+        """Make a PT2E quantizer skip the float modules' ops; returns the quantizer.
+
+        Uses `set_filter_function` when the quantizer has it (XNNPACKQuantizer; executorch 1.5.1's
+        `set_module_name(name, None)` asserts a non-None config), else `set_module_name(name, None)`.
+        """
+        if not self.modules:
+            return quantizer
+        if hasattr(quantizer, "set_filter_function"):
+            previous = getattr(quantizer, "filter_fn", None)
+
+            def keep(n) -> bool:
+                return not self.node_is_float(n) and (previous is None or previous(n))
+
+            quantizer.set_filter_function(keep)
+            return quantizer
+        for name in self.names:
+            quantizer.set_module_name(name, None)
+        return quantizer
+
+    # -- NNCF / OpenVINO ------------------------------------------------------------------------------------------
+    def nncf_patterns(self) -> list[str]:
+        """Regex patterns over OpenVINO node names (`__module.<fqn>/aten::op/Op`) for nncf.IgnoredScope."""
+        return [rf"^__module\.{re.escape(n)}(\.|/).*" for n in self.names]
+
+    def nncf_ignored_scope(self):
+        import nncf
+
+        return nncf.IgnoredScope(patterns=self.nncf_patterns(), validate=False)
+
+    def fx_node_names(self, graph_module) -> list[str]:
+        """FX node names inside float modules (for NNCF's torch.fx backend, `IgnoredScope(names=...)`)."""
+        return [n.name for n in graph_module.graph.nodes if n.op == "call_function" and self.node_is_float(n)]
+
+    # -- ONNX Runtime -------------------------------------------------------------------------------------------
+    def onnx_nodes_to_exclude(self, onnx_model) -> list[str]:
+        """Names of the ONNX nodes (dynamo exporter, which records each node's module path in the
+        `pkg.torch.onnx.name_scopes` metadata) that lie inside float modules."""
+        import onnx
+
+        if isinstance(onnx_model, (str, Path)):
+            onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+        out = []
+        for node in onnx_model.graph.node:
+            scopes = _onnx_scopes(node)
+            if scopes and any(self.covers(s) for s in scopes):
+                out.append(node.name)
+        return out
+
+
+def _clean_fqn(fqn: str) -> str:
+    # torch.export records FQNs like "L__self__.backbone" or "model.backbone" (through the ExportWrapper)
+    fqn = fqn.replace("L__self__.", "").replace("L['self'].", "")
+    return fqn
+
+
+def _onnx_scopes(node) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                parts = json.loads(p.value)
+            except json.JSONDecodeError:
+                parts = [p.value]
+            # name_scopes lists the module path one level per entry: ["", "backbone", "stem", "0"]
+            parts = [s for s in parts if s]
+            return [".".join(parts[:i + 1]) for i in range(len(parts))]
+    return []
+
+
+def _prune(mods: dict[str, str]) -> dict[str, str]:
+    """Drop entries already covered by an ancestor entry."""
+    keep = {}
+    for n in sorted(mods, key=lambda s: s.count(".")):
+        if not any(n == k or n.startswith(k + ".") for k in keep):
+            keep[n] = mods[n]
+    return keep
+
+
+def float_policy(model: nn.Module, patterns: Sequence[str] = (), defaults: bool = True,
+                 prefix: str = "") -> FloatPolicy:
+    """The float policy of `model`.
+
+    Args:
+        model: the eager model (names are relative to it; pass `prefix="model."` for an ExportWrapper's view).
+        patterns: fnmatch patterns over module names to keep in float; "!pattern" removes matches (defaults too).
+        defaults: include DEFAULT_FLOAT_TYPES.
+    Returns:
+        FloatPolicy with fully qualified names (prefix included).
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    mods: dict[str, str] = {}
+    if defaults:
+        for n, m in model.named_modules():
+            why = DEFAULT_FLOAT_TYPES.get(type(m).__name__)
+            if n and why:
+                mods[n] = why
+    for pat in patterns:
+        if pat.startswith("!"):
+            for n in [k for k in mods if fnmatch.fnmatchcase(k, pat[1:])]:
+                del mods[n]
+            continue
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            from edgeseg.errors import UsageError
+
+            raise UsageError(f"--keep-float: pattern {pat!r} matches no module of {type(model).__name__}")
+        for n in hit:
+            mods.setdefault(n, f"pattern {pat}")
+    return FloatPolicy(_prune({prefix + k: v for k, v in mods.items()}))
+
+
+__all__ = ["DEFAULT_FLOAT_TYPES", "FloatPolicy", "float_policy"]
