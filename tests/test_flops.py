@@ -72,3 +72,27 @@ def test_registered_models_count(name):
         pytest.skip(f"{name} not registered")
     r = count(create_model(name, num_classes=11), (64, 64))
     assert r["gmac_conv"] > 0 and r["gmac_total"] >= r["gmac_conv"] and r["params"] > 0
+
+
+def test_models_command(tmp_path, capsys):
+    import json
+
+    from edgeseg.cli import main
+    from edgeseg.models import list_models
+
+    if "test_segnext" not in list_models():
+        pytest.skip("test_segnext not registered")
+    out = tmp_path / "models.json"
+    assert main(["models", "--pattern", "test_segnext", "--input-size", "360x480", "--num-classes", "11",
+                 "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test_segnext" in printed and "counted as 384x480" in printed
+    rows = json.loads(out.read_text())["models"]
+    assert [r["name"] for r in rows] == ["test_segnext"]
+    r = rows[0]
+    assert r["counted_hw"] == [384, 480] and r["params"] > 0
+    g = r["gmac_512"]
+    assert g["gmac_total"] == pytest.approx(g["gmac_conv"] + g["gmac_matmul"])
+    assert r["gmac_input"]["gmac_total"] < g["gmac_total"]  # 384x480 < 512x512
+    assert main(["models", "--pattern", "no_such_*"]) == 2
+    assert "matches no model" in capsys.readouterr().err
