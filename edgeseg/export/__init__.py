@@ -96,15 +96,28 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
         raise UsageError(f"--target {target}: missing on this host: {'; '.join(missing)}")
 
     checkpoint = Path(checkpoint)
+    if out is not None and Path(out).exists() and not force:  # fail before the slow part; atomic_dir re-checks
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
     model, spec = load_checkpoint(checkpoint)
     input_hw = tuple(int(v) for v in (input_hw or spec.input_hw))
-    model = prepare_for_export(model, input_hw)
+    qat_record = None
+    if precision == "int8" and (spec.quant or {}).get("program"):
+        # QAT checkpoint (edgeseg qat): export its converted int8 graph, which carries the learned scales
+        from edgeseg.quant.qat import load_qat_program
+
+        model, qat_record = load_qat_program(checkpoint)
+        if list(input_hw) != list(qat_record.get("input_hw", input_hw)):
+            raise UsageError(f"--input-size: the QAT program of {checkpoint} is for "
+                             f"{qat_record['input_hw'][0]}x{qat_record['input_hw'][1]}")
+    else:
+        model = prepare_for_export(model, input_hw)
     wrapper = ExportWrapper(model, input_hw, spec.mean, spec.std, input_dtype=opts.input_dtype,
                             input_layout=opts.input_layout, output=opts.output).eval()
+    wrapper.prequantized = qat_record  # exporters skip their PTQ when set (quant record of the QAT checkpoint)
     out = Path(out) if out else checkpoint.parent / f"{checkpoint.name}-{target}-{precision}"
 
     calib_data = None
-    if precision == "int8":
+    if precision == "int8" and qat_record is None:
         calib_data = build_calibration(wrapper, calib, opts.calib_count, spec)
 
     with atomic_dir(out, force=force) as tmp:

@@ -64,6 +64,12 @@ class Session(ABC):
         return int(self.manifest.input_hw[0]), int(self.manifest.input_hw[1])
 
     @property
+    def executed_here(self) -> bool:
+        """Whether this session really runs the model on this host (a Core ML session on Linux overrides this to
+        False and raises from `_run`)."""
+        return True
+
+    @property
     def output_kind(self) -> str:
         """"logits" or "argmax"."""
         return self.manifest.output["kind"]
