@@ -371,3 +371,17 @@ def test_xnnpack_softmax_bug_still_present_upstream(tmp_path):
         want = model(x)
     got = _lower_and_run(model, x, fix=False, tmp_path=tmp_path)
     assert (got - want).abs().max() > 0.05
+
+
+def test_calibration_recipe_feeds_the_int8_export(checkpoints):
+    from edgeseg.export import _calibration_recipe, build_calibration
+    from edgeseg.export.base import ExportWrapper
+    from edgeseg.checkpoint import load_checkpoint
+
+    pytest.importorskip("edgeseg.quant.calibration")
+    model, spec = load_checkpoint(checkpoints(_tiny.TINY))
+    wrapper = ExportWrapper(model, HW, spec.mean, spec.std, input_dtype="uint8", input_layout="NHWC")
+    assert _calibration_recipe("embedded-8") == "embedded-8" and _calibration_recipe(None) is None
+    data = build_calibration(wrapper, "embedded-8", 16, spec)
+    assert len(data.inputs) == 8 and data.info["recipe"] == "embedded-8"
+    assert data.inputs[0].dtype == torch.uint8 and tuple(data.inputs[0].shape) == (1, 64, 64, 3)

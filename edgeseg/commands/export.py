@@ -15,8 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--target", metavar="TARGET", help="target profile name (see --list-targets)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="default: the profile's default")
     p.add_argument("--input-size", metavar="HxW", help="static input size (default: the checkpoint's input_hw)")
-    p.add_argument("--calib", metavar="DIR", help="calibration images for int8 (dataset root or image folder; "
-                                                 "default: the embedded CamVid mini set)")
+    p.add_argument("--calib", metavar="DIR|RECIPE", help="int8 calibration: a recipe from calibration/ (e.g. "
+                   "camvid-train-16), or a dataset root / image folder (default: the embedded CamVid mini set)")
     p.add_argument("--out", metavar="DIR", help="artifact folder (default: <checkpoint>-<target>-<precision>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

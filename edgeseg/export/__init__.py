@@ -62,8 +62,9 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
         target: a profile name (`edgeseg export --list-targets`).
         precision: "fp32" | "fp16" | "int8"; None = the profile's default.
         input_hw: static (H, W) to export at; None = the checkpoint's input_hw.
-        calib: folder of calibration images (a dataset root or a plain image folder) for int8; None = the
-            embedded CamVid mini set (or deterministic random images if it is not installed).
+        calib: for int8: a calibration recipe name/path (`calibration/*.toml`), or a folder of calibration images
+            (a dataset root or a plain image folder); None = the embedded CamVid mini set (or deterministic random
+            images if it is not installed).
         out: artifact folder; None = `<checkpoint>-<target>-<precision>` beside the checkpoint.
         force: overwrite an existing `out`.
         **options: overrides of the profile's options (checked against the exporter's Options).
@@ -227,6 +228,22 @@ def default_images(count: int) -> tuple[list[np.ndarray], list[np.ndarray | None
     return imgs, [None] * count, "random uint8 images (seed 0)"
 
 
+def _calibration_recipe(calib) -> str | None:
+    """`calib` when it names a calibration recipe (a name in calibration/ or a .toml file), else None."""
+    if calib is None:
+        return None
+    text = str(calib)
+    if text.endswith(".toml") and Path(text).is_file():
+        return text
+    if Path(text).exists():
+        return None
+    try:
+        from edgeseg.quant.calibration import list_recipes
+    except ImportError:
+        return None
+    return text if text in list_recipes() else None
+
+
 def build_calibration(wrapper, calib: str | Path | None, count: int, spec):
     """CalibrationData for an int8 export: images from `calib` (or the default images) resized to the export
     size, in the wrapper's input contract, with the manifest's `calibration` info (source, count, class coverage
@@ -235,6 +252,12 @@ def build_calibration(wrapper, calib: str | Path | None, count: int, spec):
 
     if count < 1:
         raise UsageError("options.calib_count: must be at least 1 for an int8 export")
+    recipe = _calibration_recipe(calib)
+    if recipe is not None:  # a calibration/*.toml recipe (edgeseg.quant.calibration): its own selection rules
+        from edgeseg.quant.calibration import build_calibration_set
+
+        cset = build_calibration_set(recipe, wrapper.input_hw, spec.mean, spec.std)
+        return cset.to_calibration_data(wrapper)
     if calib is not None:
         if not Path(calib).exists():
             raise UsageError(f"--calib: {calib} does not exist")
