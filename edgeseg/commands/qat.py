@@ -1,0 +1,64 @@
+"""`edgeseg qat`: fine-tune a checkpoint with fake quantization matching a target's int8 scheme."""
+from __future__ import annotations
+
+HELP = "quantization-aware fine-tuning for a target's int8 scheme (then: edgeseg export --precision int8)"
+EPILOG = """examples:
+  edgeseg qat --checkpoint ckpts/offseg_t_camvid --target executorch-xnnpack --data data/camvid --iters 2000
+  edgeseg qat --checkpoint ckpts/segnext_t --target onnx --data data/camvid --out runs/qat-onnx --resume
+  edgeseg export --checkpoint runs/qat-onnx/checkpoint --target onnx --precision int8
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="fp32 checkpoint folder")
+    p.add_argument("--target", metavar="TARGET", required=True,
+                   help="executorch-xnnpack | onnx | jetson-tensorrt | openvino | coreml")
+    p.add_argument("--data", metavar="DIR", required=True, help="dataset root (train split for training, val "
+                                                               "split for the fake-quant validation mIoU)")
+    p.add_argument("--iters", type=int, default=1000, help="fine-tuning iterations (default 1000)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5; head x10)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default <checkpoint>-qat-<target>); the QAT "
+                                               "checkpoint is <out>/checkpoint")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                   help="module-name pattern to keep in float (fnmatch; '!PATTERN' drops a default); repeatable")
+    p.add_argument("--max-miou-drop", type=float, metavar="X",
+                   help="after training, export int8 and fail unless it loses at most X mIoU (0..1) on val, "
+                        "keeping the most sensitive layers in float until it fits")
+    p.add_argument("--val-interval", type=int, help="validate every N iterations (default: min(iters, 1000))")
+    p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from edgeseg.fileio import write_json
+    from edgeseg.quant.qat import qat
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-qat-{args.target}"
+    res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
+              lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
+              val_interval=args.val_interval)
+    val = (res["fit"] or {}).get("last") or {}
+    rows = [("checkpoint", res["checkpoint"]), ("program", res["program"]), ("target", res["target"]),
+            ("scheme", res["scheme"]), ("iterations", str(res["fit"]["step"])),
+            ("fake-quant val mIoU", f"{100 * val['miou']:.2f}" if "miou" in val else "not validated"),
+            ("float modules", ", ".join(res["float_modules"]) or "none"),
+            ("next", f"edgeseg export --checkpoint {res['checkpoint']} --target {args.target} --precision int8")]
+    if args.max_miou_drop is not None:
+        from edgeseg.quant.sensitivity import quantize_with_budget
+
+        b = quantize_with_budget(res["checkpoint"], args.target, args.data, args.max_miou_drop,
+                                 out=out / "artifact-int8")
+        rows.append(("int8 artifact", f"{b['artifact']} (mIoU drop {100 * b['miou_drop']:.2f}, float: "
+                                      f"{', '.join(b['float_layers']) or 'none'})"))
+        res["budget"] = b
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        write_json(args.json, {k: v for k, v in res.items()})
+    return 0

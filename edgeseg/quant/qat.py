@@ -1,0 +1,258 @@
+"""Quantization-aware training: fine-tune a checkpoint with fake quantization that matches a target's int8
+scheme, then save a checkpoint whose int8 export carries the learned scales.
+
+Flow (PT2E, torchao 0.18 / executorch 1.5.1):
+  1. `torch.export.export(model.train(), (x,), dynamic_shapes={0: batch})`: the batch dimension is dynamic
+     (a fixed batch at torch.export bakes the training batch into reshapes, and validation at batch 1 breaks).
+  2. `prepare_qat_pt2e(graph, quantizer)` with the target's quantizer (`target_quantizer`) and the model's
+     float policy (`edgeseg.quant.policy`); `allow_exported_model_train_eval` so `.train()/.eval()` switch the
+     exported graph's BN/dropout the PT2E way.
+  3. `edgeseg.train.loop.fit` trains the prepared graph (progress, validation mIoU of the fake-quant model,
+     exact resume) in `<out>/train/`.
+  4. `convert_pt2e` -> `torch.export.export` (dynamic batch) -> `torch.export.save` as
+     `<out>/checkpoint/qat_int8.pt2`, beside the fine-tuned float weights (`model.safetensors`) and a
+     `model.json` whose `quant` records target, scheme, quantizer, float modules and the program file.
+     `torch.export.load` reads that file back as a serialized graph + tensors: it does not unpickle arbitrary
+     code (the program is a schema'd graph; weights are tensor payloads).
+  5. `edgeseg export --checkpoint <out>/checkpoint --target T --precision int8` finds `quant.program` and hands
+     the converted graph to the exporter (`load_qat_program`), which exports it without its own PTQ.
+
+Must not import export runtimes at module level.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from edgeseg.errors import ArtifactError, UsageError
+
+log = logging.getLogger(__name__)
+
+PROGRAM_FILE = "qat_int8.pt2"
+# target -> (quantizer family, scheme line for the manifest)
+QAT_TARGETS: dict[str, tuple[str, str]] = {
+    "executorch-xnnpack": ("xnnpack", "PT2E QAT int8: XNNPACKQuantizer symmetric per-channel weights, "
+                                      "asymmetric per-tensor activations"),
+    "onnx": ("xnnpack", "PT2E QAT int8 (XNNPACKQuantizer scheme), exported as ONNX QDQ"),
+    "jetson-tensorrt": ("xnnpack-symmetric", "PT2E QAT int8, symmetric per-tensor activations and per-channel "
+                                             "weights (TensorRT explicit quantization), exported as ONNX QDQ"),
+    "openvino": ("openvino", "PT2E QAT int8 with executorch's OpenVINOQuantizer (NNCF scheme)"),
+    "coreml": ("coreml", "PT2E QAT W8A8 with executorch's CoreMLQuantizer (coremltools LinearQuantizerConfig)"),
+}
+
+
+def target_quantizer(target: str, per_channel: bool = True, is_qat: bool = True):
+    """The PT2E quantizer matching `target`'s int8 scheme.
+
+    Raises:
+        UsageError: unknown target, or its quantizer cannot be imported here (names the package).
+    """
+    if target not in QAT_TARGETS:
+        raise UsageError(f"--target: no QAT scheme for {target!r}; known: {', '.join(QAT_TARGETS)}")
+    family = QAT_TARGETS[target][0]
+    try:
+        if family.startswith("xnnpack"):
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config)
+
+            cfg = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat)
+            if family == "xnnpack-symmetric":
+                cfg = _symmetric_activations(cfg)
+            return XNNPACKQuantizer().set_global(cfg)
+        if family == "openvino":
+            from executorch.backends.openvino.quantizer import OpenVINOQuantizer
+
+            return OpenVINOQuantizer()
+        if family == "coreml":
+            import coremltools as ct
+            from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+
+            cfg = ct.optimize.torch.quantization.LinearQuantizerConfig.from_dict({"global_config": {
+                "quantization_scheme": "symmetric", "activation_dtype": "quint8", "weight_dtype": "qint8",
+                "weight_per_channel": per_channel}})
+            return CoreMLQuantizer(cfg)
+    except ImportError as e:
+        raise UsageError(f"--target {target}: its QAT quantizer is not importable here ({e})") from None
+    raise UsageError(f"--target {target}: no quantizer")  # pragma: no cover
+
+
+def _symmetric_activations(cfg):
+    """A copy of a PT2E QuantizationConfig with symmetric per-tensor int8 activations (zero point 0), as
+    TensorRT's explicit quantization requires."""
+    def sym(spec):
+        if spec is None:
+            return None
+        return dataclasses.replace(spec, qscheme=torch.per_tensor_symmetric)
+
+    return dataclasses.replace(cfg, input_activation=sym(cfg.input_activation),
+                               output_activation=sym(cfg.output_activation))
+
+
+def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=None, per_channel: bool = True,
+                example_batch: int = 2) -> nn.Module:
+    """Export `model` with a dynamic batch and insert the target's fake quantization.
+
+    Args:
+        model: eager model (train mode is set here).
+        target: export target name (QAT_TARGETS).
+        input_hw: static (H, W) of training crops and the export.
+        policy: FloatPolicy (modules left in float); None = the model's default policy.
+    Returns:
+        The prepared torch.fx.GraphModule; `.train()`/`.eval()` work on it.
+    """
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from edgeseg.quant.policy import float_policy
+
+    policy = float_policy(model) if policy is None else policy
+    quantizer = policy.apply_pt2e(target_quantizer(target, per_channel=per_channel, is_qat=True))
+    h, w = int(input_hw[0]), int(input_hw[1])
+    model = model.train()
+    x = torch.randn(example_batch, 3, h, w)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    try:
+        ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+        prepared = prepare_qat_pt2e(ep.module(), quantizer)
+    except Exception as e:  # noqa: BLE001 - the tool's failure becomes one line
+        raise ArtifactError(f"qat: preparing {type(model).__name__} for {target} failed: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    allow_exported_model_train_eval(prepared)
+    prepared.float_policy = policy
+    return prepared
+
+
+def convert_qat(prepared: nn.Module, input_hw: Sequence[int]) -> "torch.export.ExportedProgram":
+    """Freeze the learned scales: eval mode, convert_pt2e, re-export with a dynamic batch."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    gm = copy.deepcopy(prepared).cpu()
+    move_exported_model_to_eval(gm)
+    converted = convert_pt2e(gm)
+    h, w = int(input_hw[0]), int(input_hw[1])
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return torch.export.export(converted, (torch.randn(2, 3, h, w),), dynamic_shapes=({0: batch},), strict=False)
+
+
+def observer_scales(prepared: nn.Module) -> dict[str, float]:
+    """Per-tensor activation scales learned by the fake-quant modules of a prepared graph, name -> scale."""
+    out = {}
+    for name, mod in prepared.named_modules():
+        scale = getattr(mod, "scale", None)
+        if name.startswith("activation_post_process") and isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            out[name] = float(scale)
+    return out
+
+
+def program_scales(ep_or_gm) -> list[float]:
+    """Every per-tensor scale of the quantize ops in a converted graph (ExportedProgram or GraphModule)."""
+    gm = ep_or_gm.graph_module if hasattr(ep_or_gm, "graph_module") else ep_or_gm
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "quantize_per_tensor" in str(n.target) and len(n.args) > 1:
+            s = n.args[1]
+            if isinstance(s, (float, int)):
+                out.append(float(s))
+    return out
+
+
+def _copy_weights(prepared: nn.Module, model: nn.Module) -> None:
+    """Copy the fine-tuned parameters/buffers of the prepared graph back into the eager model (same FQNs)."""
+    src = prepared.state_dict()
+    ref = model.state_dict()
+    common = {k: v for k, v in src.items() if k in ref and v.shape == ref[k].shape}
+    missing = [k for k in ref if k not in common]
+    if missing:
+        log.warning("qat: %d eager tensors not found in the prepared graph (kept as loaded), e.g. %s",
+                    len(missing), missing[:3])
+    model.load_state_dict(common, strict=False)
+
+
+def load_qat_program(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The converted int8 graph of a QAT checkpoint as a module, with its `quant` record.
+
+    `torch.export.load` deserializes a graph and tensors (not a pickle of arbitrary code).
+
+    Raises:
+        ArtifactError: the checkpoint has no QAT program, or it is unreadable.
+    """
+    from edgeseg.checkpoint import load_spec
+
+    checkpoint = Path(checkpoint)
+    spec = load_spec(checkpoint)
+    quant = spec.quant or {}
+    prog = quant.get("program")
+    if not prog:
+        raise ArtifactError(f"{checkpoint}: not a QAT checkpoint (model.json has no quant.program)")
+    path = checkpoint / prog
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (named by model.json quant.program)")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{path}: unreadable ExportedProgram ({type(e).__name__}: {e})") from None
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    gm = ep.module()
+    allow_exported_model_train_eval(gm)  # ExportWrapper(...).eval() must work on the loaded graph
+    gm.output_stride = int(quant.get("output_stride", 1))
+    return gm, quant
+
+
+def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, *, iters: int = 1000,
+        batch_size: int = 8, lr: float = 1e-5, warmup_iters: int = 0, device: str | None = None,
+        resume: bool = False, force: bool = False, keep_float: Sequence[str] = (), defaults: bool = True,
+        per_channel: bool = True, input_hw: Sequence[int] | None = None, val_interval: int | None = None,
+        progress: bool = True, seed: int = 0, **fit_kwargs) -> dict[str, Any]:
+    """QAT fine-tuning of `checkpoint` for `target` on dataset `data`.
+
+    Writes `<out>/train/` (fit's run folder: log.jsonl, train_state.pt for --resume) and `<out>/checkpoint/`
+    (the QAT checkpoint: float weights + model.json with `quant` + `qat_int8.pt2`).
+
+    Returns:
+        dict(checkpoint, program, fit summary, float_modules, target, scheme).
+    """
+    from edgeseg.checkpoint import load_checkpoint, save_checkpoint
+    from edgeseg.fileio import atomic_path
+    from edgeseg.quant.policy import float_policy
+    from edgeseg.train.loop import fit
+
+    if target not in QAT_TARGETS:
+        raise UsageError(f"--target: no QAT scheme for {target!r}; known: {', '.join(QAT_TARGETS)}")
+    out = Path(out)
+    model, spec = load_checkpoint(checkpoint)
+    hw = tuple(int(v) for v in (input_hw or spec.input_hw))
+    policy = float_policy(model, keep_float, defaults=defaults)
+    prepared = prepare_qat(model, target, hw, policy, per_channel=per_channel)
+    summary = fit(prepared, data, model_name=spec.model, model_kwargs=spec.model_kwargs, iters=iters,
+                  batch_size=batch_size, crop_hw=hw, input_hw=hw, lr=lr, warmup_iters=warmup_iters,
+                  mean=spec.mean, std=spec.std, device=device, out_dir=out / "train", resume=resume,
+                  force=force, val_interval=val_interval, progress=progress, seed=seed, channels_last=False,
+                  **fit_kwargs)
+    prepared = prepared.cpu()
+    ep = convert_qat(prepared, hw)
+    _copy_weights(prepared, model)
+    quant = {"target": target, "scheme": QAT_TARGETS[target][1], "quantizer": QAT_TARGETS[target][0],
+             "per_channel_weights": per_channel, "program": PROGRAM_FILE, "input_hw": list(hw),
+             "output_stride": int(getattr(model, "output_stride", 1)), "float_modules": policy.to_json(),
+             "iters": int(summary["step"]), "val": summary.get("last"),
+             "loader": "torch.export.load (serialized graph + tensors, no arbitrary code)"}
+    qspec = dataclasses.replace(spec, quant=quant, metrics={**spec.metrics, "qat_val": summary.get("last")})
+    ck = out / "checkpoint"
+    save_checkpoint(ck, model, qspec, force=True)
+    with atomic_path(ck / PROGRAM_FILE) as tmp:
+        torch.export.save(ep, str(tmp))
+    return {"checkpoint": str(ck), "program": str(ck / PROGRAM_FILE), "fit": summary,
+            "float_modules": policy.names, "target": target, "scheme": quant["scheme"],
+            "observer_scales": observer_scales(prepared)}
+
+
+__all__ = ["QAT_TARGETS", "PROGRAM_FILE", "target_quantizer", "prepare_qat", "convert_qat", "observer_scales",
+           "program_scales", "load_qat_program", "qat"]
