@@ -192,7 +192,7 @@ def test_bench_records(tmp_path, ckpt):
         assert r["status"] == "ok" and r["runs"] == 3 and r["warmup"] == 1 and r["threads"] == 1
         assert r["latency_ms"]["n"] == 3 and 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p90"]
         assert r["throughput_ips"] > 0 and r["peak_rss_mb"] > 0 and r["size_bytes"] > 0
-        assert "num_threads" not in r["thread_control"] or r["thread_control"]
+        assert r["thread_control"].startswith("onnxruntime SessionOptions.intra_op_num_threads")
     assert rb["speedup_vs_fp32"] is not None and isinstance(rb["int8_not_faster"], bool)
     assert rc["status"] == "not run" and rc["executed"] is False
     assert rm["status"] == "failed" and "manifest.json" in rm["error"]
