@@ -1,0 +1,31 @@
+"""`edgeseg quant-report`: per-layer int8 sensitivity of a checkpoint (SQNR and mIoU change), sorted."""
+from __future__ import annotations
+
+HELP = "per-layer int8 sensitivity: SQNR vs float and the mIoU change when that layer alone is int8"
+EPILOG = """examples:
+  edgeseg quant-report --checkpoint ckpts/offseg_t_camvid --target onnx --data data/camvid --limit 8 --json s.json
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="checkpoint folder")
+    p.add_argument("--target", metavar="TARGET", required=True, help="target whose int8 scheme is simulated "
+                   "(all targets here use symmetric per-channel int8 weights, per-tensor int8 activations)")
+    p.add_argument("--data", metavar="DIR", required=True, help="dataset root; its val split is used")
+    p.add_argument("--limit", type=int, default=8, help="validation images (default 8)")
+    p.add_argument("--json", metavar="OUT", help="write the rows as JSON (a PNG bar plot is written beside it)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from edgeseg.fileio import write_json
+    from edgeseg.quant.sensitivity import checkpoint_sensitivity, format_table, plot
+
+    rows = checkpoint_sensitivity(args.checkpoint, args.data, limit=args.limit)
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "target": args.target, "images": args.limit,
+                               "rows": rows})
+        plot(rows, Path(args.json).with_suffix(".png"))
+    return 0

@@ -1,0 +1,149 @@
+"""Per-layer int8 sensitivity: SQNR of each conv/linear layer's int8-simulated output against float, and the
+mIoU change when that layer alone is quantized, on a few validation images; sorted most fragile first.
+
+Simulation (eager, target-agnostic): symmetric per-channel int8 weights and per-tensor int8 input activations
+(scale from the layer input's absolute max on the evaluated images), the scheme every target here uses for
+convolutions. Must not import export runtimes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+
+
+def fake_int8(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Symmetric int8 round trip (per-tensor, or per-channel along `dim`)."""
+    if dim is None:
+        scale = x.abs().max().clamp_min(1e-12) / 127
+    else:
+        red = [d for d in range(x.dim()) if d != dim]
+        scale = x.abs().amax(dim=red, keepdim=True).clamp_min(1e-12) / 127
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    noise = (ref.double() - test.double()).pow(2).sum().item()
+    sig = ref.double().pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-30) / noise)
+
+
+class _Quantized:
+    """Context: layer `mod` runs with int8-simulated weights and input."""
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+
+    def __enter__(self):
+        self.w = self.mod.weight.data.clone()
+        self.mod.weight.data = fake_int8(self.w, dim=1 if isinstance(self.mod, nn.ConvTranspose2d) else 0)
+        self.h = self.mod.register_forward_pre_hook(lambda m, a: (fake_int8(a[0]),) + tuple(a[1:]))
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.weight.data = self.w
+        self.h.remove()
+
+
+def layer_sensitivity(model: nn.Module, inputs: Sequence[torch.Tensor],
+                      miou_fn: Callable[[nn.Module], float] | None = None, layers: Sequence[str] | None = None,
+                      progress: bool = False) -> list[dict[str, Any]]:
+    """Rows {layer, type, sqnr_db, miou_delta (None without miou_fn)}, sorted most sensitive first (largest mIoU
+    drop, then lowest SQNR).
+
+    Args:
+        model: eager model in eval mode.
+        inputs: normalised float32 (N, 3, H, W) tensors.
+        miou_fn: model -> mIoU on the validation images (called once in float, then once per layer).
+        layers: module names to test (default: every Conv2d/Linear/ConvTranspose2d).
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    names = list(layers) if layers else [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    mods = dict(model.named_modules())
+    base = miou_fn(model) if miou_fn else None
+    rows = []
+    for name in tqdm(names, desc="layers", disable=not progress):
+        mod = mods[name]
+        ref, got = [], []
+        h = mod.register_forward_hook(lambda m, a, y: ref.append(y.detach()))
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+        h.remove()
+        with _Quantized(mod):
+            h = mod.register_forward_hook(lambda m, a, y: got.append(y.detach()))
+            with torch.no_grad():
+                for x in inputs:
+                    model(x)
+            h.remove()
+            delta = (miou_fn(model) - base) if miou_fn else None
+        s = sqnr_db(torch.cat([r.flatten() for r in ref]), torch.cat([g.flatten() for g in got]))
+        rows.append({"layer": name, "type": type(mod).__name__, "sqnr_db": s, "miou_delta": delta})
+    rows.sort(key=lambda r: ((r["miou_delta"] if r["miou_delta"] is not None else 0.0), r["sqnr_db"]))
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'rank':>4}  {'layer':<48} {'type':<16} {'SQNR dB':>8} {'dmIoU':>7}"]
+    for i, r in enumerate(rows, 1):
+        d = "" if r["miou_delta"] is None else f"{100 * r['miou_delta']:+.2f}"
+        lines.append(f"{i:>4}  {r['layer']:<48} {r['type']:<16} {r['sqnr_db']:>8.2f} {d:>7}")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path, top: int = 30) -> None:
+    """Horizontal bar plot of SQNR per layer (most sensitive on top) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgeseg.fileio import atomic_path
+
+    rows = list(rows)[:top]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+    vals = [min(r["sqnr_db"], 80.0) for r in rows]
+    ax.barh(range(len(rows)), vals, color="tab:red")
+    ax.set_yticks(range(len(rows)), [r["layer"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("SQNR of int8 output vs float (dB)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def checkpoint_sensitivity(checkpoint, data, limit: int = 8, split: str = "val",
+                           progress: bool = True) -> list[dict[str, Any]]:
+    """`layer_sensitivity` of a checkpoint on the first `limit` images of `data`'s split."""
+    from edgeseg.checkpoint import load_checkpoint
+    from edgeseg.data.datasets import open_dataset
+    from edgeseg.data.transforms import preprocess
+    from edgeseg.eval.metrics import SegMetrics
+
+    model, spec = load_checkpoint(checkpoint)
+    ds = open_dataset(data, split=split)
+    pairs = [ds[i] for i in range(min(limit, len(ds)))]
+    inputs = [torch.from_numpy(preprocess(img, spec.input_hw, spec.mean, spec.std))[None] for img, _ in pairs]
+
+    def miou(m: nn.Module) -> float:
+        met = SegMetrics(spec.num_classes, spec.ignore_index)
+        with torch.no_grad():
+            for x, (_, lab) in zip(inputs, pairs):
+                y = torch.nn.functional.interpolate(m(x), size=lab.shape, mode="bilinear", align_corners=False)
+                met.update(y.argmax(1)[0].numpy(), lab)
+        return float(met.compute()["miou"])
+
+    return layer_sensitivity(model, inputs, miou, progress=progress)
+
+
+__all__ = ["fake_int8", "sqnr_db", "layer_sensitivity", "checkpoint_sensitivity", "format_table", "plot"]
