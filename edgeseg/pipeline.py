@@ -78,46 +78,48 @@ def split_embedded(data_root: Path, dest: Path, every: int = EMBEDDED_CALIB_EVER
     return calib, evl, {"calibration_images": names["calib"], "evaluation_images": names["eval"]}
 
 
-def _call_worker(conn, func: str, args: tuple, kwargs: dict, log_level: int) -> None:
-    """Child-process side of `call_isolated`: send ("ok", str(result)) or ("error", one line)."""
-    logging.basicConfig(level=log_level, format="%(message)s")
-    try:
-        import importlib
+def _isolated_main() -> None:
+    """Entry point of the child process of `call_isolated` (argv[1]: the request JSON file)."""
+    import importlib
+    import json
+    import sys
 
-        mod, name = func.split(":")
-        conn.send(("ok", str(getattr(importlib.import_module(mod), name)(*args, **kwargs))))
+    req = json.loads(Path(sys.argv[1]).read_text())
+    logging.basicConfig(level=req["log_level"], format="%(message)s")
+    try:
+        mod, name = req["func"].split(":")
+        msg = ["ok", str(getattr(importlib.import_module(mod), name)(*req["args"], **req["kwargs"]))]
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as one line
-        conn.send(("error", _one_line(e)))
-    finally:
-        conn.close()
+        msg = ["error", _one_line(e)]
+    Path(req["result"]).write_text(json.dumps(msg))
 
 
 def call_isolated(func: str, *args: Any, **kwargs: Any) -> str:
-    """Call `func` ("module:function") in a fresh (spawned) process and return `str()` of its result.
+    """Call `func` ("module:function") with JSON-able arguments (paths become strings) in a fresh Python process
+    and return `str()` of its result. A fresh interpreter via subprocess rather than multiprocessing, whose spawn
+    start re-imports the caller's `__main__` (breaking scripts without a main guard).
 
     Raises:
         ArtifactError with the child's one-line error, or naming the signal that killed the child.
     """
-    import multiprocessing as mp
+    import json
     import signal
+    import subprocess
+    import sys
+    import tempfile
 
     from edgeseg.errors import ArtifactError
 
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_call_worker, args=(send, func, args, kwargs,
-                                                  logging.getLogger().getEffectiveLevel()), daemon=True)
-    proc.start()
-    send.close()
-    msg = None
-    try:
-        msg = recv.recv()  # returns when the child sends; EOFError when it dies without sending
-    except EOFError:
-        pass
-    proc.join()
+    with tempfile.TemporaryDirectory(prefix="edgeseg-call-") as d:
+        req, res = Path(d) / "request.json", Path(d) / "result.json"
+        req.write_text(json.dumps({"func": func, "args": list(args), "kwargs": kwargs, "result": str(res),
+                                   "log_level": logging.getLogger().getEffectiveLevel()}, default=str))
+        proc = subprocess.run([sys.executable, "-c", "from edgeseg.pipeline import _isolated_main; _isolated_main()",
+                               str(req)], stdin=subprocess.DEVNULL)
+        msg = json.loads(res.read_text()) if res.is_file() else None
     if msg is None:
-        code = proc.exitcode
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        code = proc.returncode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         raise ArtifactError(f"the process crashed ({how}) without an error message")
     if msg[0] == "error":
         raise ArtifactError(msg[1])
