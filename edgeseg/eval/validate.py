@@ -482,7 +482,7 @@ def _log_record(rec: dict[str, Any]) -> None:
     if rec["status"] == "failed":
         log.info("validate %s: FAILED: %s", rec["name"], rec["error"])
     elif rec["status"] == "not run":
-        log.info("validate %s: not run (%s)", rec["name"], "; ".join(rec["notes"]))
+        log.info("validate %s: %s", rec["name"], "; ".join(rec["notes"]))
     else:
         agree = "n/a" if rec["agreement"] is None else f"{100 * rec['agreement']:.2f}%"
         log.info("validate %s: mIoU %.2f%%, agreement %s, %s", rec["name"], 100 * rec["miou"], agree,
