@@ -155,7 +155,9 @@ def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, ru
     session, passed = _open(opener, art, threads) if manifest.get("executed_here", True) else (None, False)
     rec["threads"] = threads if threads is not None else "runtime default"
     target = manifest.get("target") or ""
-    if threads is None:
+    if session is None:
+        rec["thread_control"] = "n/a (not run)"
+    elif threads is None:
         rec["thread_control"] = "runtime default"
     elif passed:
         how = getattr(session, "thread_control", None) or THREAD_CONTROL.get(target, "session num_threads")
