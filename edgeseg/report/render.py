@@ -191,6 +191,15 @@ def render(validation: Sequence[dict[str, Any]] | str | Path, bench: Sequence[di
     else:
         md.append("- none reported" if rows else "- no artifacts")
     md.append("")
+    calib = [r for r in rows if r.get("calibration")]
+    if calib:
+        md += ["## Calibration (int8)", ""]
+        for r in calib:
+            c = r["calibration"]
+            missing = c.get("classes_missing")
+            md.append(f"- {r['target']} {r['precision']}: {c.get('count', '?')} images from {c.get('source', '?')}"
+                      + (f"; classes absent from the calibration images: {', '.join(missing)}" if missing else ""))
+        md.append("")
     not_run = [r for r in rows if r["status"] == "not run"]
     if not_run:
         md += ["## Converted, not run on this host", ""]
