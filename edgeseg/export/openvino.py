@@ -1,0 +1,303 @@
+"""OpenVINO exporter: IR (`model.xml` + `model.bin`) through `ov.convert_model`; fp32, fp16 (weights stored fp16),
+int8 through NNCF post-training quantization of the OpenVINO model. Heavy imports stay inside functions.
+
+Conversion route: `torch.export.export(wrapper)` -> `ov.convert_model(ExportedProgram)`. Measured here (openvino
+2026.4.1, torch 2.13): OffSeg-T converts through torch.export but not through the TorchScript module route, so the
+module route (`ov.convert_model(module, example_input=...)`) is only the fallback when torch.export fails. The
+ExportedProgram route yields dynamic N/H/W (`?,3,?,?`); the IR is left so (reshaping it to the static size makes
+compile_model segfault on SegNeXt in openvino 2026.4.1); the manifest and the session enforce the static shape.
+
+int8 (NNCF 3.4 on the OV model, the simplest PTQ: no FX graph, no re-export): FakeQuantize nodes are inserted on
+activations and weights; `ov.save_model` stores quantized weights as int8 constants. Overflow fix: x86 CPUs with
+AVX2 but without VNNI (this CI host: AMD EPYC, avx2, no avx_vnni/avx512_vnni) run u8 x s8 convolutions with
+VPMADDUBSW, whose int16 pair sums saturate when full 8-bit weights meet large activations (measured: a conv net with
+same-sign weights on full-range data had 35 % relative error with NNCF's default `FIRST_LAYER` fix, 1.6 % with
+`ENABLE`, which quantizes every weight to 7 bits). The default here is therefore `overflow_fix = "enable"`.
+
+Fallback ops: the CPU plugin has no fallback device (an op it does not take fails `compile_model`), so a CPU IR
+that compiles has none; everything our models use is supported (grid_sample -> GridSample, unfold, bicubic ->
+Interpolate cubic, atan2). For other devices `Core.query_model` lists the ops the plugin takes, run in a child
+process because it segfaults on SegNeXt's graph in openvino 2026.4.1. For int8 the manifest also lists (in `inspection`) the compute layers that still run in float.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeseg.errors import ArtifactError, UsageError
+from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, INPUT_NAME
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
+OVERFLOW_FIX = ("enable", "first_layer_only", "disable")
+# OpenVINO op types that carry the arithmetic; used for the "still in float" report of int8 IRs.
+_COMPUTE_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData", "FullyConnected")
+
+
+@dataclass
+class OpenVINOOptions(ExportOptions):
+    """openvino options.
+
+    Attributes:
+        device: OpenVINO device the fallback query and the proof use ("CPU"; "GPU"/"NPU" where present).
+        route: "auto" (torch.export, then the TorchScript module route if that fails), "export" or "module".
+        overflow_fix: int8: NNCF overflow fix, "enable" (7-bit weights everywhere; needed on AVX2 CPUs without
+            VNNI), "first_layer_only" (NNCF's default) or "disable".
+        preset: int8: NNCF preset, "performance" (symmetric activations) or "mixed" (asymmetric activations).
+        model_type: int8: "" or "transformer" (NNCF keeps softmax/LayerNorm-adjacent ops float for transformers).
+        fast_bias_correction: int8: NNCF's fast bias correction (the slow one needs many more images).
+    """
+
+    device: str = "CPU"
+    route: str = "auto"
+    overflow_fix: str = "enable"
+    preset: str = "performance"
+    model_type: str = ""
+    fast_bias_correction: bool = True
+
+    def validate(self, where: str = "options") -> None:
+        super().validate(where)
+        for key, choices in (("route", ("auto", "export", "module")), ("overflow_fix", OVERFLOW_FIX),
+                             ("preset", ("performance", "mixed")), ("model_type", ("", "transformer"))):
+            if getattr(self, key) not in choices:
+                raise UsageError(f"{where}.{key}: {getattr(self, key)!r} is not one of "
+                                 f"{', '.join(repr(c) for c in choices)}")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
+
+
+def convert(model, route: str = "auto"):
+    """torch module (an ExportWrapper or any module with `example_input()`) -> (ov.Model with static input shape,
+    route used). The ExportedProgram route first (see the module docstring)."""
+    import openvino as ov
+    import torch
+
+    example = model.example_input()
+    errors = []
+    ov_model, used = None, None
+    if route in ("auto", "export"):
+        try:
+            ep = torch.export.export(model, (example,))
+            ov_model, used = ov.convert_model(ep), "torch.export"
+        except Exception as e:  # noqa: BLE001 - tried next route / reported below
+            errors.append(f"torch.export route: {_first_line(e)}")
+            log.info("openvino: torch.export route failed (%s)", errors[-1])
+    if ov_model is None and route in ("auto", "module"):
+        try:
+            with torch.no_grad():
+                ov_model, used = ov.convert_model(model, example_input=example), "module (TorchScript)"
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"module route: {_first_line(e)}")
+    if ov_model is None:
+        raise ArtifactError(f"openvino: ov.convert_model failed; {'; '.join(errors)}")
+    if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
+        raise ArtifactError(f"openvino: converted model has {len(ov_model.inputs)} inputs and "
+                            f"{len(ov_model.outputs)} outputs; expected one of each")
+    # Not reshaped to the static export size: compile_model of SegNeXt's IR reshaped to [1,3,64,64] segfaults in
+    # openvino 2026.4.1 (the dynamic-H/W IR compiles and agrees); the session checks the manifest's static shape.
+    return ov_model, used
+
+
+def name_io(ov_model, output_name: str) -> None:
+    """Give the IR the manifest's tensor names (input "image", output "logits"/"class_map")."""
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    ov_model.outputs[0].get_tensor().set_names({output_name})
+
+
+def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions):
+    """NNCF PTQ of an OV model with the overflow fix of `options`; returns (quantized ov.Model, manifest record)."""
+    import nncf
+
+    if calib is None or not calib.inputs:
+        raise UsageError("--precision int8: openvino needs calibration images")
+    data = calib.numpy()
+    kwargs: dict[str, Any] = {}
+    if options.model_type == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(options.overflow_fix))
+    try:
+        q = nncf.quantize(ov_model, nncf.Dataset(data), preset=nncf.QuantizationPreset(options.preset),
+                          subset_size=len(data), fast_bias_correction=options.fast_bias_correction,
+                          advanced_parameters=adv, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"openvino: nncf.quantize failed: {_first_line(e)}") from e
+    record = {"scheme": "NNCF post-training quantization (OpenVINO FakeQuantize)",
+              "activations": "int8 per-tensor " + ("symmetric" if options.preset == "performance" else
+                                                   "asymmetric"),
+              "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if options.overflow_fix ==
+                                                         "enable" else ""),
+              "overflow_fix": options.overflow_fix, "preset": options.preset,
+              "model_type": options.model_type or "default", "fast_bias_correction": options.fast_bias_correction,
+              "calibration_images": len(data)}
+    return q, record
+
+
+def op_histogram(ov_model) -> dict[str, int]:
+    hist = collections.Counter(op.get_type_name() for op in ov_model.get_ops())
+    for skip in ("Parameter", "Result"):
+        hist.pop(skip, None)
+    return dict(sorted(hist.items()))
+
+
+def constant_dtypes(ov_model) -> dict[str, int]:
+    """How many constants (larger than 16 elements: weights, not scalars) of each element type the IR holds."""
+    c: collections.Counter = collections.Counter()
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "Constant":
+            shape = op.get_output_partial_shape(0)
+            n = 1
+            for d in shape.to_shape():
+                n *= d
+            if n > 16:
+                c[op.get_output_element_type(0).get_type_name()] += 1
+    return dict(sorted(c.items()))
+
+
+def fake_quantize_levels(ov_model) -> dict[str, int]:
+    c: collections.Counter = collections.Counter()
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "FakeQuantize":
+            c[str(op.get_attributes()["levels"])] += 1
+    return dict(c)
+
+
+def unsupported_ops(core, ov_model, device: str) -> list[str]:
+    """Ops of `ov_model` that `device` does not take ("Type friendly_name"), from Core.query_model."""
+    supported = core.query_model(ov_model, device)
+    return sorted(f"{op.get_type_name()} {op.get_friendly_name()}" for op in ov_model.get_ops()
+                  if op.get_type_name() not in ("Parameter", "Result", "Constant")
+                  and op.get_friendly_name() not in supported)
+
+
+def query_in_child(xml: Path, device: str, timeout: float = 300) -> list[str] | None:
+    """`unsupported_ops` of a saved IR in a child process (query_model can crash the interpreter); None if the
+    device is absent or the query fails."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, openvino as ov; from edgeseg.export.openvino import unsupported_ops; "
+            "c = ov.Core(); print(json.dumps(unsupported_ops(c, c.read_model(sys.argv[1]), sys.argv[2])))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(xml), device], capture_output=True, text=True,
+                           timeout=timeout)
+        if r.returncode == 0:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        log.warning("openvino: query_model on %s failed (exit %s); fallback ops unknown", device, r.returncode)
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        log.warning("openvino: query_model on %s failed (%s); fallback ops unknown", device, _first_line(e))
+    return None
+
+
+def runtime_precisions(compiled) -> dict[str, dict[str, int]]:
+    """Per compute layer type of the compiled (executable) graph: how many run at each runtime precision."""
+    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for op in compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        layer = rt["layerType"].astype(str) if "layerType" in rt else op.get_type_name()
+        if layer in _COMPUTE_OPS:
+            prec = rt["runtimePrecision"].astype(str) if "runtimePrecision" in rt else "?"
+            out[layer][prec] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def cpu_flags() -> list[str]:
+    """The int8-relevant x86 flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+                                                      "avx512_bf16", "amx_bf16"))
+    return []
+
+
+class OpenVINOExporter(Exporter):
+    """OpenVINO IR for Intel CPU/GPU/NPU: fp32, fp16 (fp16 weights), int8 (NNCF PTQ)."""
+
+    name = "openvino"
+    precisions = ("fp32", "fp16", "int8")
+    Options = OpenVINOOptions
+    tools = ("openvino", "nncf", "torch")
+
+    def export(self, model, spec, precision, input_hw, calib_data, out_dir: Path, options: OpenVINOOptions
+               ) -> ExportResult:
+        import openvino as ov
+
+        if precision not in self.precisions:
+            raise UsageError(f"--precision: openvino supports {', '.join(self.precisions)}, not {precision}")
+        out_dir = Path(out_dir)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        ov_model, route = convert(model, options.route)
+        name_io(ov_model, model.output_contract(spec.num_classes)["name"])
+        timings["convert_model"] = time.perf_counter() - t
+
+        quant: dict[str, Any] = {}
+        if precision == "int8":
+            t = time.perf_counter()
+            ov_model, quant = quantize(ov_model, calib_data, options)
+            timings["nncf_quantize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            ov.save_model(ov_model, str(out_dir / MODEL_FILE), compress_to_fp16=(precision == "fp16"))
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"openvino: ov.save_model failed: {_first_line(e)}") from e
+        timings["save_model"] = time.perf_counter() - t
+
+        core = ov.Core()
+        saved = core.read_model(str(out_dir / MODEL_FILE))
+        hist = op_histogram(saved)
+        inspection: dict[str, Any] = {"route": route, "op_histogram": hist, "constant_dtypes": constant_dtypes(saved),
+                                      "device": options.device, "host_cpu_flags": cpu_flags()}
+        if precision == "int8":
+            if not hist.get("FakeQuantize"):
+                raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no FakeQuantize node")
+            inspection["fake_quantize_levels"] = fake_quantize_levels(saved)
+        if precision == "fp16":
+            inspection["note"] = ("fp16 IR: weights stored as fp16 and decompressed at load; the CPU plugin "
+                                  "computes in its default inference precision (f32 on CPUs without native "
+                                  "fp16/bf16, as here)")
+        fallback: list[str] | None = None
+        if options.device in core.available_devices:
+            t = time.perf_counter()
+            try:
+                compiled = core.compile_model(saved, options.device,
+                                              {"INFERENCE_NUM_THREADS": max(1, options.num_threads)})
+            except Exception as e:  # noqa: BLE001
+                raise ArtifactError(f"openvino: compile_model on {options.device} failed: {_first_line(e)}") from e
+            timings["compile_model"] = time.perf_counter() - t
+            if options.device == "CPU":
+                # The CPU plugin has no fallback device: an op it does not take fails compile_model, so a compiled
+                # CPU model has none. (Core.query_model segfaults on SegNeXt's graph in openvino 2026.4.1, so it
+                # is only asked, in a child process, for other devices.)
+                fallback = []
+                rp = runtime_precisions(compiled)
+                inspection["runtime_precisions"] = rp
+                if precision == "int8":
+                    inspection["float_compute_layers"] = {k: sum(n for p, n in v.items() if p not in ("u8", "i8"))
+                                                          for k, v in rp.items()}
+        if options.device != "CPU":
+            fallback = query_in_child(out_dir / MODEL_FILE, options.device)
+        inspection["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+        executed = options.device in core.available_devices
+        return ExportResult(files=[MODEL_FILE, WEIGHTS_FILE], fallback_ops=fallback, executed_here=executed,
+                            not_executed_reason=None if executed else
+                            f"OpenVINO device {options.device!r} is not available on this host "
+                            f"(available: {', '.join(core.available_devices)})",
+                            quantization=quant, inspection=inspection)
+
+
+EXPORTER = OpenVINOExporter

