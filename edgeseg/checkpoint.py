@@ -43,9 +43,44 @@ def load_spec(path: str | Path) -> ModelSpec:
     if not spec_file.is_file():
         raise ArtifactError(f"{spec_file}: missing; a checkpoint is a folder with {WEIGHTS} and {SPEC}")
     try:
-        return ModelSpec.from_json(json.loads(spec_file.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({e})") from None
+        d = json.loads(spec_file.read_text())
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON object expected, got {type(d).__name__}")
+        spec = ModelSpec.from_json(d)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    why = _spec_problem(spec)
+    if why:
+        raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({why})")
+    return spec
+
+
+def _spec_problem(spec: ModelSpec) -> str | None:
+    """What is wrong with the field types of a parsed model.json (None if nothing)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(spec.model, str) or not spec.model:
+        return f"model: expected a model name, got {spec.model!r}"
+    if not is_int(spec.num_classes) or spec.num_classes < 1:
+        return f"num_classes: expected a positive integer, got {spec.num_classes!r}"
+    if len(spec.class_names) != spec.num_classes or not all(isinstance(n, str) for n in spec.class_names):
+        return f"class_names: expected {spec.num_classes} names"
+    if len(spec.palette) != spec.num_classes or any(len(c) != 3 for c in spec.palette):
+        return f"palette: expected {spec.num_classes} RGB triples"
+    if not is_int(spec.ignore_index):
+        return f"ignore_index: expected an integer, got {spec.ignore_index!r}"
+    if len(spec.input_hw) != 2 or min(spec.input_hw) < 1:
+        return f"input_hw: expected [H, W] with positive integers, got {list(spec.input_hw)}"
+    if len(spec.mean) != 3 or len(spec.std) != 3 or not all(v > 0 for v in spec.std):
+        return "mean/std: expected 3 values each (std > 0)"
+    for name in ("model_kwargs", "metrics", "provenance"):
+        if not isinstance(getattr(spec, name), dict):
+            return f"{name}: expected a JSON object"
+    if spec.quant is not None and not isinstance(spec.quant, dict):
+        return "quant: expected a JSON object or null"
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, ModelSpec]:
@@ -66,7 +101,16 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[nn.Mod
         state = load_file(str(wfile), device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{wfile}: corrupted or not a safetensors file ({e})") from None
-    model = create_model(spec.model, num_classes=spec.num_classes, **spec.model_kwargs)
+    from edgeseg.models import list_models
+
+    if spec.model not in list_models():
+        raise ArtifactError(f"{path / SPEC if path.is_dir() else path.with_name(SPEC)}: unknown model "
+                            f"{spec.model!r} (not registered in this edgeseg; see `edgeseg models`)")
+    try:
+        model = create_model(spec.model, num_classes=spec.num_classes, **spec.model_kwargs)
+    except (TypeError, ValueError) as e:  # model_kwargs that the model does not take
+        raise ArtifactError(f"{path}: cannot build model {spec.model!r} from {SPEC} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     ref = model.state_dict()
     state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -86,9 +130,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"{path}: corrupted or not a safetensors file ({str(e).splitlines()[0]})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -20,11 +20,41 @@ def _tmp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporaries of `path` (`.NAME.tmp-PID[-*]`, `.NAME.old-PID`) left by a process that
+    was killed (SIGKILL, power loss) before it could clean up; those of a live process are kept. Returns them."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for kind in (".tmp-", ".old-"):
+        prefix = f".{path.name}{kind}"
+        for p in path.parent.iterdir():
+            if not p.name.startswith(prefix):
+                continue
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdecimal() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _remove(p)
+                removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = _tmp_name(path)
     try:
         with open(tmp, mode) as f:
@@ -45,6 +75,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = _tmp_name(path)
     _remove(tmp)
     try:
@@ -61,12 +92,14 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Build an output folder under a temporary name, then swap it into place.
 
     Raises UsageError if `path` exists and `force` is false (nothing is overwritten without --force).
+    A SIGKILL leaves only a hidden `.NAME.tmp-PID-*` sibling, removed by the next write of `path`.
     """
     path = Path(path)
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         _replace(tmp, path)

@@ -472,7 +472,7 @@ def _read_classes_txt(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int
         if not line:
             continue
         parts = line.split()
-        if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]):
+        if len(parts) >= 4 and all(p.isascii() and p.isdigit() for p in parts[-3:]):  # not "²" (int() fails)
             rgb = tuple(int(p) for p in parts[-3:])
             if any(v > 255 for v in rgb):
                 raise DataError(f"{path}:{n}: colour {rgb} outside 0..255")
