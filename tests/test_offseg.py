@@ -202,3 +202,72 @@ def test_flop_counter_runs_under_no_grad():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 64, 64))
     assert counter.get_total_flops() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FreqFusion export form (FreqFusion.prepare_for_export): few-node CARAFE / similarity / constant sampler grid
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel,scale,hw", [(3, 1, (5, 7)), (5, 2, (4, 6)), (5, 2, (3, 3)), (3, 2, (2, 5)),
+                                             (5, 1, (2, 2))])
+def test_carafe_export_form_matches_reference_and_training_form(kernel, scale, hw):
+    from edgeseg.models.freqfusion import carafe_export, unfold_kernel
+
+    g = torch.Generator().manual_seed(kernel * 10 + scale + hw[0])
+    x = torch.randn(2, 3, *hw, generator=g)
+    mask = torch.randn(2, kernel * kernel, hw[0] * scale, hw[1] * scale, generator=g)  # unnormalised: borders show
+    ours = carafe_export(x, mask, kernel, scale, unfold_kernel(kernel))
+    assert ours.shape == (2, 3, hw[0] * scale, hw[1] * scale)
+    assert torch.allclose(ours, carafe_reference(x, mask, kernel, scale), atol=1e-5, rtol=0)
+    assert torch.allclose(ours, carafe(x, mask, kernel, scale), atol=1e-5, rtol=0)
+    ones = carafe_export(torch.ones(1, 1, 3, 3), torch.ones(1, 9, 3, 3), 3, 1)  # zero padding at the border
+    assert torch.equal(ones[0, 0], torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]]))
+
+
+def test_local_cosine_similarity_export_form_matches_unfold_form():
+    from edgeseg.models.freqfusion import local_cosine_similarity_export
+
+    x = torch.randn(2, 8, 6, 9)
+    assert torch.allclose(local_cosine_similarity_export(x, 3, 2), _official_similarity(x), atol=1e-6)
+
+
+def _fusion_nodes(ep) -> list:
+    out = []
+    for n in ep.graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        if n.op == "call_function" and any("freqfusions" in v[0] for v in stack.values()):
+            out.append(n)
+    return out
+
+
+def test_freqfusion_export_form_is_small_and_equal():
+    """prepare_for_export switches FreqFusion's traced graph to the export form (CARAFE as conv-im2col + matmul,
+    similarity as one conv, constant sampler grid): the traced test_offseg graph at 64x64 had ~1,635 FreqFusion
+    nodes (CARAFE unrolled into 25 taps) and > 20 min of ExecuTorch lowering; eager stays bit-identical."""
+    torch.manual_seed(0)
+    model = create_model("test_offseg", 5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+    prepare_for_export(model, (64, 96))
+    assert all(f.export_form for f in model.decode_head.freqfusions)
+    with torch.no_grad():
+        assert torch.equal(model(x), eager)  # eager keeps the training form
+    ep = torch.export.export(model, (x,), strict=False)
+    fusion = _fusion_nodes(ep)
+    targets = {str(n.target) for n in fusion}
+    assert len(fusion) < 450, len(fusion)
+    assert not any("arange" in t for t in targets), targets
+    assert sum("matmul" in t for t in targets) >= 1
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), eager, atol=2e-5, rtol=0)
+    # the training form would trace into many more nodes
+    fresh = create_model("test_offseg", 5).eval()
+    big = _fusion_nodes(torch.export.export(fresh, (x,), strict=False))
+    assert len(big) > 3 * len(fusion), (len(big), len(fusion))
+
+
+def test_freqfusion_state_dict_unchanged_by_export_form():
+    model = create_model("test_offseg", 5).eval()
+    keys = set(model.state_dict())
+    prepare_for_export(model, (64, 64))
+    assert set(model.state_dict()) == keys  # the constants are non-persistent buffers

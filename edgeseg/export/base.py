@@ -63,6 +63,9 @@ class ExportOptions:
         calib_count: how many calibration images an int8 export uses (at most).
         proof_images: how many images the fp32 proof runs through the artifact.
         num_threads: CPU threads a runtime may use when the proof runs the artifact here.
+        keep_float: int8: module-name patterns (fnmatch over the model's module names, "!pattern" removes a
+            default) kept in float on top of the float policy's defaults (edgeseg.quant.policy).
+        float_defaults: int8: keep the policy's default float modules (NMF2D, OffsetLearning, AFM) in float.
     """
 
     input_dtype: str = "float32"
@@ -71,6 +74,8 @@ class ExportOptions:
     calib_count: int = 16
     proof_images: int = 4
     num_threads: int = 1
+    keep_float: list = dataclasses.field(default_factory=list)
+    float_defaults: bool = True
 
     _CHOICES: ClassVar[dict[str, tuple]] = {
         "input_dtype": ("float32", "uint8"),
@@ -104,9 +109,24 @@ class ExportOptions:
             if isinstance(default, int) and not isinstance(default, bool) and (
                     not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise UsageError(f"{where}.{f.name}: expected a non-negative integer, got {v!r}")
+        kf = getattr(self, "keep_float", [])
+        if isinstance(kf, str) or not all(isinstance(p, str) for p in kf):
+            raise UsageError(f"{where}.keep_float: expected a list of module-name patterns, got {kf!r}")
+        self.keep_float = list(kf)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def export_float_policy(wrapper: nn.Module, options: ExportOptions):
+    """The int8 float policy (edgeseg.quant.policy.FloatPolicy) of an ExportWrapper's model, with module names as
+    the wrapper sees them ("model.<name>"), from the options' `keep_float` / `float_defaults`."""
+    from edgeseg.quant.policy import float_policy
+
+    inner = getattr(wrapper, "model", wrapper)
+    prefix = "model." if inner is not wrapper else ""
+    return float_policy(inner, tuple(getattr(options, "keep_float", ()) or ()),
+                        defaults=getattr(options, "float_defaults", True), prefix=prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import INPUT_NAME, CalibrationData, Exporter, ExportOptions, ExportResult
+from edgeseg.export.base import (INPUT_NAME, CalibrationData, Exporter, ExportOptions, ExportResult,
+                                 export_float_policy)
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,96 @@ class _Reader:
         return None if x is None else {INPUT_NAME: x}
 
 
+def _name_scopes(node) -> list[str]:
+    """Module paths of an ONNX node from the dynamo exporter's `pkg.torch.onnx.name_scopes` metadata.
+
+    torch 2.13 writes the value as a Python list repr of cumulative names, e.g.
+    "['', 'model', 'model.decode_head', ..., 'model.decode_head.hamburger.ham', 'bmm']" (the last entry is the op);
+    a JSON list of per-level names is accepted too."""
+    import ast
+    import json
+
+    for p in node.metadata_props:
+        if p.key != "pkg.torch.onnx.name_scopes":
+            continue
+        try:
+            parts = json.loads(p.value)
+        except ValueError:
+            try:
+                parts = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                parts = [p.value]
+        parts = [str(x) for x in (parts if isinstance(parts, (list, tuple)) else [parts]) if x]
+        if all("." not in x for x in parts):  # per-level names: make them cumulative
+            parts = [".".join(parts[:i + 1]) for i in range(len(parts))]
+        return parts
+    return []
+
+
+def float_nodes(onnx_model, policy) -> list[str]:
+    """Names of the ONNX nodes traced from inside the float policy's modules (ORT `nodes_to_exclude`)."""
+    import onnx
+
+    if isinstance(onnx_model, (str, Path)):
+        onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+    if policy is None or not len(policy):
+        return []
+    names = {n.name for n in onnx_model.graph.node if any(policy.covers(s) for s in _name_scopes(n))}
+    try:  # the policy's own reader, in case it knows metadata this one does not
+        names.update(policy.onnx_nodes_to_exclude(onnx_model))
+    except Exception as e:  # noqa: BLE001
+        log.debug("FloatPolicy.onnx_nodes_to_exclude failed: %s", e)
+    return sorted(names)
+
+
+def per_tensor_weight_overrides(onnx_model, reduce_range: bool) -> dict[str, list[dict[str, Any]]]:
+    """ORT `TensorQuantOverrides` that keep per-channel scales to Conv/Gemm-style weights.
+
+    ORT's QDQ MatMul quantizes any initializer input per-channel (axis 1) when `per_channel` is on; after
+    fusion that becomes a QLinearMatMul whose B zero point is per-channel, which ORT's kernel rejects unless B is
+    2-D (measured: test_segnext's NMF `bmm` with the (1, C, R) bases buffer failed with "QLinearMatmul : weight
+    zero point must be a scalar, 1D tensor of size 1, or last to second dimension is 1"). Per-tensor overrides
+    for every MatMul initializer that is not a 2-D right-hand operand (a Linear weight) avoid that."""
+    import onnx
+
+    if isinstance(onnx_model, (str, Path)):
+        onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+    dims = {i.name: len(i.dims) for i in onnx_model.graph.initializer}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for node in onnx_model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        for idx, name in enumerate(node.input[:2]):
+            if name in dims and not (idx == 1 and dims[name] == 2):
+                out[name] = [{"reduce_range": reduce_range}]
+    return out
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, activation_type: str,
                  reduce_range: bool, per_channel: bool, calibrate_method: str, symmetric: bool = False,
-                 op_types: list[str] | None = None) -> dict[str, Any]:
-    """ONNX Runtime static QDQ quantization; returns the manifest's `quantization` record."""
+                 op_types: list[str] | None = None, policy=None) -> dict[str, Any]:
+    """ONNX Runtime static QDQ quantization; returns the manifest's `quantization` record.
+
+    `policy` (edgeseg.quant.policy.FloatPolicy, wrapper names): its modules' nodes go to `nodes_to_exclude` and
+    stay float. Per-channel weight scales only where ORT's int8 kernels take them (`per_tensor_weight_overrides`).
+    """
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)
+    excluded = float_nodes(fp32, policy)
     extra: dict[str, Any] = {}
     if symmetric:
         extra.update(ActivationSymmetric=True, WeightSymmetric=True)
+    overrides = per_tensor_weight_overrides(fp32, reduce_range) if per_channel else {}
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     kwargs: dict[str, Any] = {}
     if op_types:
         kwargs["op_types_to_quantize"] = op_types
+    if excluded:
+        kwargs["nodes_to_exclude"] = excluded
+    del fp32
     try:
         quantize_static(str(fp32_path), str(out_path), _Reader(calib), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, reduce_range=reduce_range,
@@ -115,7 +194,10 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, act
             + (" symmetric" if symmetric else " asymmetric"), "weights": "int8 symmetric "
             + ("per-channel" if per_channel else "per-tensor") + (" 7-bit (reduce_range)" if reduce_range else ""),
             "calibrate_method": calibrate_method, "calibration_images": len(calib.inputs),
-            "op_types_quantized": op_types or "ORT default"}
+            "op_types_quantized": op_types or "ORT default",
+            "per_tensor_weights": sorted(overrides),
+            "float_modules": policy.to_json() if policy is not None else {},
+            "float_nodes": len(excluded)}
 
 
 def op_histogram(path: Path) -> dict[str, int]:
@@ -154,7 +236,8 @@ class OnnxExporter(Exporter):
             t = time.perf_counter()
             quant = quantize_qdq(target, out_dir / MODEL_FILE, calib_data, activation_type=options.activation_type,
                                  reduce_range=options.reduce_range, per_channel=options.per_channel,
-                                 calibrate_method=options.calibrate_method)
+                                 calibrate_method=options.calibrate_method,
+                                 policy=export_float_policy(model, options))
             target.unlink()
             timings["quantize_static"] = time.perf_counter() - t
         hist = op_histogram(out_dir / MODEL_FILE)

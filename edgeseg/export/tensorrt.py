@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeseg.errors import UsageError
-from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult
+from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, export_float_policy
 from edgeseg.export.onnx import MIN_OPSET, MODEL_FILE, export_onnx, op_histogram, quantize_qdq
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class TensorrtExporter(Exporter):
             # TensorRT explicit quantization takes symmetric int8 (zero point 0) for activations and weights.
             quant = quantize_qdq(fp32_path, out_dir / MODEL_FILE, calib_data, activation_type="int8",
                                  reduce_range=False, per_channel=options.per_channel,
-                                 calibrate_method=options.calibrate_method, symmetric=True, op_types=TRT_QUANT_OPS)
+                                 calibrate_method=options.calibrate_method, symmetric=True, op_types=TRT_QUANT_OPS,
+                                 policy=export_float_policy(model, options))
             quant["scheme"] = "TensorRT explicit quantization (symmetric int8 QDQ, ONNX Runtime calibration)"
             fp32_path.unlink()
         elif precision == "fp16":

@@ -10,12 +10,23 @@ CARAFE (`carafe`) follows mmcv's semantics: output pixel (oy, ox) at scale s rea
 source pixel (oy // s, ox // s), taps outside the image contribute nothing (zero padding), and the mask's
 k*k channels are ordered (ky, kx). It is built from ops every export target has: nearest upsampling, zero
 padding, slicing, multiply and add.
+
+Export form (`FreqFusion.prepare_for_export`): the k*k-tap loop above becomes ~25 slice/mul/add nodes per call
+once traced (about 1,600 of test_offseg's 1,900 graph nodes, 34 XNNPACK partitions). `carafe_export` computes
+the same sum with a handful of nodes: im2col as a convolution with a constant one-hot kernel, then one batched
+matmul per pixel against the pixel-unshuffled mask, then pixel_shuffle. The sampler's pixel-centre grid becomes a
+constant buffer for the static size.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def tracing() -> bool:
+    """True while torch.export / torch.compile / torch.jit.trace records a graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def carafe(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
@@ -87,6 +98,40 @@ def carafe_reference(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: in
     return out
 
 
+def unfold_kernel(kernel: int, dtype=torch.float32) -> torch.Tensor:
+    """One-hot convolution weight (k*k, 1, k, k): output channel ky*k+kx copies input tap (ky, kx), i.e.
+    `conv2d(x.reshape(N*C, 1, H, W), w, padding=k//2)` is `F.unfold(x, k, padding=k//2)` (im2col, zero padding)."""
+    return torch.eye(kernel * kernel, dtype=dtype).reshape(kernel * kernel, 1, kernel, kernel)
+
+
+def carafe_export(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """CARAFE with few, export-friendly nodes (same definition as `carafe`; see its docstring).
+
+    - im2col of x as a convolution with the one-hot weight `unfold_kernel(kernel)` over x viewed as N*C
+      one-channel images: (N*C, k*k, H, W), zero padding, taps in (ky, kx) order;
+    - for scale s, output pixel (s*y + i, s*x + j) reads the neighbourhood of source pixel (y, x): the mask is
+      pixel-unshuffled to (N, k*k, s*s, H*W), so each source pixel needs one (C, k*k) @ (k*k, s*s) product;
+    - the (N, H*W, C, s*s) result is pixel-shuffled back to (N, C, sH, sW).
+    Every op is 4-D or less (Core ML's rank limit is 5), and conv / permute / matmul delegate to XNNPACK.
+    """
+    n, c, h, w = x.shape
+    kk = kernel * kernel
+    ss = scale * scale
+    if weight is None:
+        weight = unfold_kernel(kernel, x.dtype).to(x.device)
+    cols = F.conv2d(x.reshape(n * c, 1, h, w), weight, padding=kernel // 2)  # (N*C, kk, H, W)
+    cols = cols.reshape(n, c, kk, h * w).permute(0, 3, 1, 2)  # (N, HW, C, kk)
+    if scale != 1:
+        mask = F.pixel_unshuffle(mask, scale)  # (N, kk*ss, H, W), channel t*ss + i*s + j
+    m = mask.reshape(n, kk, ss, h * w).permute(0, 3, 1, 2)  # (N, HW, kk, ss)
+    out = torch.matmul(cols, m)  # (N, HW, C, ss)
+    out = out.permute(0, 2, 3, 1).reshape(n, c * ss, h, w)
+    if scale != 1:
+        out = F.pixel_shuffle(out, scale)
+    return out
+
+
 def local_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:
     """Cosine similarity of every pixel with its window x window neighbours (dilated, zero-padded; the
     centre is left out): (N, C, H, W) -> (N, window*window - 1, H, W), neighbours in (dy, dx) order.
@@ -107,6 +152,28 @@ def local_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2)
         nb = padded[:, :, dy * dilation:dy * dilation + h, dx * dilation:dx * dilation + w]
         sims.append((unit * nb).sum(dim=1, keepdim=True))
     return torch.cat(sims, dim=1)
+
+
+def local_cosine_similarity_export(x: torch.Tensor, window: int = 3, dilation: int = 2,
+                                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`local_cosine_similarity` with few nodes: the window x window - 1 dilated neighbours of the normalised
+    features by one convolution with a constant one-hot kernel (`neighbour_kernel`), then one multiply and one
+    channel sum. Same values (zero padding gives 0)."""
+    n, c, h, w = x.shape
+    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    if weight is None:
+        weight = neighbour_kernel(window, x.dtype).to(x.device)
+    r = (window // 2) * dilation
+    nb = F.conv2d(unit.reshape(n * c, 1, h, w), weight, padding=r, dilation=dilation)
+    nb = nb.reshape(n, c, weight.shape[0], h * w)
+    return (nb * unit.reshape(n, c, 1, h * w)).sum(dim=1).reshape(n, weight.shape[0], h, w)
+
+
+def neighbour_kernel(window: int = 3, dtype=torch.float32) -> torch.Tensor:
+    """One-hot weight (window^2 - 1, 1, window, window) picking every tap but the centre, in (dy, dx) order."""
+    eye = unfold_kernel(window, dtype)
+    centre = (window * window) // 2
+    return torch.cat([eye[:centre], eye[centre + 1:]])
 
 
 class LocalSimGuidedSampler(nn.Module):
@@ -148,6 +215,28 @@ class LocalSimGuidedSampler(nn.Module):
             self.norm_hr = nn.Identity()
             self.norm_lr = nn.Identity()
         self.register_buffer("init_pos", self._initial_positions())
+        self._centre_grids: dict[tuple[int, int], str] = {}  # (h, w) -> buffer name, set by bake_centre_grids
+
+    def bake_centre_grids(self, sizes) -> None:
+        """Bake the normalised pixel-centre grid of each low-res size in `sizes` ((h, w) pairs) as a constant
+        (non-persistent) buffer, so the exported graph holds no arange/broadcast chain for it. Called by
+        `FreqFusion.prepare_for_export` (not named prepare_for_export: it takes the low-res sizes)."""
+        self.register_buffer("neighbour_kernel", neighbour_kernel(self.local_window).to(self.init_pos.device),
+                             persistent=False)
+        for h, w in sizes:
+            name = f"centre_grid_{h}x{w}"
+            dev = self.init_pos.device
+            self.register_buffer(name, self._centre_grid(h, w, dev), persistent=False)
+            self.register_buffer(name + "_unit", torch.tensor([2.0 / w, 2.0 / h], device=dev).view(1, 2, 1, 1, 1),
+                                 persistent=False)
+            self._centre_grids[(h, w)] = name
+
+    @staticmethod
+    def _centre_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        # (1, 2, 1, h, w): 2 * (centre) / size - 1 for x (row 0) and y (row 1)
+        cx = (torch.arange(w, dtype=dtype, device=device) + 0.5).view(1, w).expand(h, w)
+        cy = (torch.arange(h, dtype=dtype, device=device) + 0.5).view(h, 1).expand(h, w)
+        return torch.stack([2 * cx / w - 1, 2 * cy / h - 1]).reshape(1, 2, 1, h, w)
 
     def _initial_positions(self) -> torch.Tensor:
         # Sub-pixel centres of the s x s children of a low-res pixel, in low-res pixel units:
@@ -162,8 +251,12 @@ class LocalSimGuidedSampler(nn.Module):
     def forward(self, hr_x: torch.Tensor, lr_x: torch.Tensor, feat2sample: torch.Tensor) -> torch.Tensor:
         hr_x = self.norm_hr(hr_x)
         lr_x = self.norm_lr(lr_x)
-        hr_sim = local_cosine_similarity(hr_x, self.local_window, dilation=2)
-        lr_sim = local_cosine_similarity(lr_x, self.local_window, dilation=2)
+        if self._centre_grids and tracing():  # export form (FreqFusion.prepare_for_export)
+            hr_sim = local_cosine_similarity_export(hr_x, self.local_window, 2, self.neighbour_kernel)
+            lr_sim = local_cosine_similarity_export(lr_x, self.local_window, 2, self.neighbour_kernel)
+        else:
+            hr_sim = local_cosine_similarity(hr_x, self.local_window, dilation=2)
+            lr_sim = local_cosine_similarity(lr_x, self.local_window, dilation=2)
         s = self.scale
         offset = self.offset(lr_sim) + F.pixel_unshuffle(self.hr_offset(hr_sim), s)
         gate = self.direct_scale(lr_x) + F.pixel_unshuffle(self.hr_direct_scale(hr_x), s)
@@ -174,13 +267,18 @@ class LocalSimGuidedSampler(nn.Module):
         """Resample x (N, C, sH, sW) at low-res pixel centres + offset (N, 2*G*s*s, H, W)."""
         n, _, h, w = offset.shape
         s, g = self.scale, self.groups
-        # Pixel centres of the low-res grid (x, y), then normalise to [-1, 1] by the low-res size.
-        cx = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, 1, w)
-        cy = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, h, 1)
         off = offset.view(n, 2, g * s * s, h, w)
-        gx = 2 * (cx + off[:, 0:1]) / w - 1
-        gy = 2 * (cy + off[:, 1:2]) / h - 1
-        coords = torch.cat([gx, gy], dim=1).view(n, 2 * g * s * s, h, w)
+        name = self._centre_grids.get((int(h), int(w))) if tracing() else None
+        if name is not None:  # export form: constant grid, 2 * (centre + off) / size - 1 as one multiply-add
+            grid, unit = getattr(self, name), getattr(self, name + "_unit")
+            coords = (off * unit + grid).view(n, 2 * g * s * s, h, w)
+        else:
+            # Pixel centres of the low-res grid (x, y), then normalise to [-1, 1] by the low-res size.
+            cx = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, 1, w)
+            cy = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, h, 1)
+            gx = 2 * (cx + off[:, 0:1]) / w - 1
+            gy = 2 * (cy + off[:, 1:2]) / h - 1
+            coords = torch.cat([gx, gy], dim=1).view(n, 2 * g * s * s, h, w)
         # Sub-pixel channels -> spatial positions of the x s map: (N, 2*G, sH, sW).
         coords = F.pixel_shuffle(coords, s).view(n, 2, g, s * h, s * w)
         grid = coords.permute(0, 2, 3, 4, 1).reshape(n * g, s * h, s * w, 2)
@@ -214,12 +312,32 @@ class FreqFusion(nn.Module):
         # hamming_window=False: unit windows (kept for checkpoint compatibility).
         self.register_buffer("hamming_lowpass", torch.ones(1))
         self.register_buffer("hamming_highpass", torch.ones(1))
+        self.export_form = False  # set by prepare_for_export: few-node CARAFE (carafe_export)
         for m in (self.hr_channel_compressor, self.lr_channel_compressor):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
         for m in (self.content_encoder, self.content_encoder2):
             nn.init.normal_(m.weight, 0.0, 0.001)
             nn.init.zeros_(m.bias)
+
+    def prepare_for_export(self, input_hw) -> None:
+        """Switch to the export form for traced graphs (torch.export / dynamo / jit trace): CARAFE as
+        conv-im2col + matmul (`carafe_export`, ~10 nodes a call instead of ~100) with constant one-hot unfold
+        kernels, the local similarity the same way, and the sampler's centre grid as a constant for every low-res
+        size this stage can see at `input_hw` (strides 2..64). Eager calls keep the training form, so eager
+        outputs are bit-identical after this call; the traced forms agree to float rounding (tested)."""
+        h, w = int(input_hw[0]), int(input_hw[1])
+        dev = self.hamming_lowpass.device
+        for k in {self.lowpass_kernel, self.highpass_kernel}:
+            self.register_buffer(f"unfold_kernel_{k}", unfold_kernel(k).to(dev), persistent=False)
+        sizes = [(h >> i, w >> i) for i in range(1, 7) if h % (1 << i) == 0 and w % (1 << i) == 0]
+        self.dysampler.bake_centre_grids(sizes)
+        self.export_form = True
+
+    def _carafe(self, x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
+        if self.export_form and tracing():
+            return carafe_export(x, mask, kernel, scale, getattr(self, f"unfold_kernel_{kernel}"))
+        return carafe(x, mask, kernel, scale)
 
     @staticmethod
     def normalize_kernel(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -240,20 +358,20 @@ class FreqFusion(nn.Module):
         # High-pass enhance the compressed hr feature with its own AHPF kernels.
         mask_hr_hr = self.content_encoder2(comp_hr)
         kern = self.normalize_kernel(mask_hr_hr, self.hamming_highpass)
-        comp_hr = comp_hr + comp_hr - carafe(comp_hr, kern, hp, 1)
+        comp_hr = comp_hr + comp_hr - self._carafe(comp_hr, kern, hp, 1)
 
         # Low-pass kernel logits: hr part + lr part upsampled by CARAFE with the hr-guided kernels.
         mask_lr_hr = self.content_encoder(comp_hr)
         kern = self.normalize_kernel(mask_lr_hr, self.hamming_lowpass)
-        mask_lr = mask_lr_hr + self._fit(carafe(self.content_encoder(comp_lr), kern, lp, 2), comp_hr)
+        mask_lr = mask_lr_hr + self._fit(self._carafe(self.content_encoder(comp_lr), kern, lp, 2), comp_hr)
         lowpass = self.normalize_kernel(mask_lr, self.hamming_lowpass)
 
         # High-pass kernel logits: hr part + lr part upsampled with the final low-pass kernels.
-        mask_hr = mask_hr_hr + self._fit(carafe(self.content_encoder2(comp_lr), lowpass, lp, 2), comp_hr)
+        mask_hr = mask_hr_hr + self._fit(self._carafe(self.content_encoder2(comp_lr), lowpass, lp, 2), comp_hr)
         highpass = self.normalize_kernel(mask_hr, self.hamming_highpass)
 
-        lr_up = carafe(lr_feat, lowpass, lp, 2)
-        hr_out = hr_feat - carafe(hr_feat, highpass, hp, 1) + hr_feat
+        lr_up = self._carafe(lr_feat, lowpass, lp, 2)
+        hr_out = hr_feat - self._carafe(hr_feat, highpass, hp, 1) + hr_feat
         lr_out = self.dysampler(hr_x=comp_hr, lr_x=comp_lr, feat2sample=lr_up)
         return mask_lr, hr_out, lr_out
 
