@@ -524,8 +524,6 @@ def test_usage_errors_exit_2(argv, needle, ckpt, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="commands/export.py _parse_hw accepts 0 and negative sizes: "
-                   "0x64 reaches export_checkpoint and fails later with exit 1 instead of a usage error")
 def test_export_zero_input_size_is_a_usage_error(ckpt, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--target", "onnx", "--input-size", "0x64", "--out",
                  str(tmp_path / "o")]) == 2

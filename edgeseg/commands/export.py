@@ -26,13 +26,9 @@ def add_arguments(p) -> None:
 
 
 def _parse_hw(text: str) -> tuple[int, int]:
-    from edgeseg.errors import UsageError
+    from edgeseg.commands.train import parse_hw
 
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--input-size: {text!r} is not HxW (e.g. 512x512)") from None
-    return h, w
+    return parse_hw(text, "--input-size")
 
 
 def _parse_options(items: list[str]) -> dict:
