@@ -25,9 +25,13 @@ from edgeseg.runtime import open_session  # noqa: E402
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-# SegNeXt variants are excluded for now: compile_model of their exported IR segfaults in openvino 2026.4.1 inside
-# export_checkpoint (the same model converted and compiled in a bare script works); being bisected.
-MODELS = [_tiny.TINY] + [m for m in list_models("test_*") if not m.startswith("test_segnext")]
+# Every variant exports fp32 (the proof). fp16/int8 run on a representative subset in the fast suite (tiny_ops; SegNeXt
+# with GroupNorm + NMF, whose IR used to segfault compile_model in openvino 2026.4.1; OffSeg-AFM with OffsetLearning
+# + AFM, the float policy's other modules); the remaining variants are marked slow. One export per
+# (model, precision, options) is shared by every test of this module (the `exported` fixture).
+MODELS = [_tiny.TINY] + list_models("test_*")
+FAST = {_tiny.TINY, "test_segnext", "test_offseg_afm"}
+SUBSET = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODELS]
 HW = (64, 64)
 
 
@@ -84,6 +88,7 @@ def test_fp32_ir_agrees_with_eager(model, exported, checkpoints):
     assert m["fallback_ops"] == [], m["fallback_ops"]  # the CPU plugin takes every op of every variant
     assert m["inspection"]["route"] == "torch.export"
     assert "Parameter" not in m["inspection"]["op_histogram"]
+    assert "GroupNormalization" not in m["inspection"]["op_histogram"]  # decomposed (openvino 2026.4.1 crash)
     assert m["inspection"]["constant_dtypes"].get("f16", 0) == 0
     assert m["proof"]["argmax_agreement"] >= 0.999, m["proof"]
     # an independent input through the session API: predict_logits against eager
@@ -96,7 +101,7 @@ def test_fp32_ir_agrees_with_eager(model, exported, checkpoints):
     print(f"\n{model} fp32: max|dlogit| {np.abs(got - ref).max():.2e}, proof {m['proof']}")
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [m for m in SUBSET if m != "test_offseg_afm"])
 def test_fp16_ir_has_fp16_weights_and_agrees(model, exported):
     m = _manifest(exported(model, "fp16"))
     dtypes = m["inspection"]["constant_dtypes"]
@@ -106,7 +111,7 @@ def test_fp16_ir_has_fp16_weights_and_agrees(model, exported):
     assert m["proof"]["argmax_agreement"] >= 0.98, m["proof"]
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", SUBSET)
 def test_int8_nncf_ir_has_fake_quantize_int8_weights_and_runs_int8(model, exported):
     m = _manifest(exported(model, "int8"))
     insp = m["inspection"]
@@ -119,6 +124,11 @@ def test_int8_nncf_ir_has_fake_quantize_int8_weights_and_runs_int8(model, export
     assert q["overflow_fix"] == "enable" and "7-bit" in q["weights"]
     assert m["calibration"]["count"] >= 1
     print(f"\n{model} int8: proof {m['proof']}, float compute layers {insp['float_compute_layers']}")
+    # the float policy (NMF2D, OffsetLearning, AFM) reached NNCF as node names that exist in the IR
+    assert q["float_nodes"] == insp["float_policy_nodes"]
+    if model != _tiny.TINY:
+        assert q["float_modules"] and q["float_nodes"] > 0, q
+        assert insp["float_compute_layers"].get("MatMul", 0) > 0, insp["float_compute_layers"]
     # random-weight tiny models; measured 0.99 (tiny_ops), 1.0 (test_offseg), 0.88 (test_offseg_afm: its spectral
     # path is quantized too; the mixed-precision policy of the quantization issue keeps it float)
     assert m["proof"]["argmax_agreement"] >= 0.8, m["proof"]
@@ -205,8 +215,7 @@ def _int8_rel_err(overflow_fix: str) -> float:
     net = _SameSignNet().eval()
     calib = CalibrationData([torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) * 4
                              for i in range(8)])
-    ov_model, _ = convert(net)
-    q, _ = quantize(ov_model, calib, OpenVINOOptions(overflow_fix=overflow_fix))
+    q, _ = quantize(convert(net).model, calib, OpenVINOOptions(overflow_fix=overflow_fix))
     compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": 1})
     x = net.example_input()
     with torch.no_grad():
@@ -241,3 +250,60 @@ def test_query_model_in_child_lists_no_cpu_fallback(exported):
     from edgeseg.export.openvino import query_in_child
 
     assert query_in_child(exported(_tiny.TINY, "fp32") / "model.xml", "CPU") == []
+
+
+def test_segnext_ir_compiles_static_with_group_norm_decomposed(exported):
+    """openvino 2026.4.1's CPU plugin segfaults in compile_model on `relu(gn1(x))` feeding `y + gn2(y)` (snippets
+    GroupNormalization tokenization); the exporter decomposes GroupNormalization and keeps the IR static."""
+    import openvino as ov
+
+    art = exported("test_segnext", "fp32")
+    m = _manifest(art)
+    assert m["inspection"]["group_norms_decomposed"] >= 1
+    model = ov.Core().read_model(str(art / "model.xml"))
+    assert list(model.inputs[0].get_partial_shape().to_shape()) == [1, 3, *HW]
+    assert not [op for op in model.get_ops() if op.get_type_name() == "GroupNormalization"]
+
+
+def test_decompose_group_norm_matches_torch():
+    import openvino as ov
+
+    from edgeseg.export.openvino import decompose_group_norm
+
+    torch.manual_seed(0)
+    gn1, gn2 = nn.GroupNorm(4, 16).eval(), nn.GroupNorm(2, 16).eval()
+    with torch.no_grad():
+        for g in (gn1, gn2):
+            g.weight.uniform_(0.5, 2)
+            g.bias.uniform_(-1, 1)
+
+    class Net(nn.Module):
+        def forward(self, x):
+            y = torch.relu(gn1(x))
+            return torch.relu(y + gn2(y))  # the pattern that crashed compile_model
+
+    x = torch.randn(1, 16, 8, 8)
+    om = ov.convert_model(torch.export.export(Net(), (x,)))
+    om.reshape([1, 16, 8, 8])
+    assert decompose_group_norm(om) == 2
+    got = ov.Core().compile_model(om, "CPU", {"INFERENCE_NUM_THREADS": 1})(x.numpy())[0]
+    with torch.no_grad():
+        ref = Net()(x).numpy()
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_float_policy_that_matches_no_node_is_an_error():
+    """A policy whose names do not reach the OV model must fail, never quantize everything silently."""
+    from edgeseg.export.openvino import Converted, convert, float_node_names
+    from edgeseg.quant.policy import FloatPolicy
+
+    torch.set_num_threads(1)
+    net = _SameSignNet().eval()
+    conv = convert(net)
+    assert conv.fx_graph is not None
+    assert float_node_names(conv, FloatPolicy({})) == []
+    assert any(n.startswith("convolution") for n in float_node_names(conv, FloatPolicy({"c2": "test"})))
+    with pytest.raises(ArtifactError, match="matches no node"):
+        float_node_names(conv, FloatPolicy({"decode_head.nothing": "test"}))
+    with pytest.raises(ArtifactError, match="matches no node"):  # module route: __module.<fqn> patterns
+        float_node_names(Converted(conv.model, "module (TorchScript)"), FloatPolicy({"decode_head.x": "test"}))

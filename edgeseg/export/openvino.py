@@ -4,8 +4,16 @@ int8 through NNCF post-training quantization of the OpenVINO model. Heavy import
 Conversion route: `torch.export.export(wrapper)` -> `ov.convert_model(ExportedProgram)`. Measured here (openvino
 2026.4.1, torch 2.13): OffSeg-T converts through torch.export but not through the TorchScript module route, so the
 module route (`ov.convert_model(module, example_input=...)`) is only the fallback when torch.export fails. The
-ExportedProgram route yields dynamic N/H/W (`?,3,?,?`); the IR is left so (reshaping it to the static size makes
-compile_model segfault on SegNeXt in openvino 2026.4.1); the manifest and the session enforce the static shape.
+ExportedProgram route yields dynamic N/H/W (`?,3,?,?`); the IR is reshaped to the static export size.
+
+GroupNorm crash (openvino 2026.4.1, CPU plugin, measured here): `compile_model` segfaults on a graph where a
+GroupNorm+ReLU output feeds both a second GroupNorm and a residual Add with that GroupNorm's output
+(`y = relu(gn1(x)); relu(y + gn2(f(y)))`, SegNeXt's squeeze -> Hamburger -> `relu(x + ham_out(...))`). The crash is
+in the CPU plugin's snippets tokenization of `GroupNormalization` (compile with `SNIPPETS_MODE=DISABLE` works); it
+hits every static-shape SegNeXt IR and the dynamic-shape SegNeXt-AFM IR. It is neither the ExportWrapper nor the
+I/O renaming: a bare torch.export -> convert_model -> compile_model of the model segfaults the same way. Fix,
+here and for every consumer of the IR (no plugin option needed): `decompose_group_norm` rewrites each
+`GroupNormalization` node into Reshape -> MVN -> Reshape -> Multiply -> Add (bitwise-close: max |d| ~5e-8).
 
 int8 (NNCF 3.4 on the OV model, the simplest PTQ: no FX graph, no re-export): FakeQuantize nodes are inserted on
 activations and weights; `ov.save_model` stores quantized weights as int8 constants. Overflow fix: x86 CPUs with
@@ -17,7 +25,16 @@ same-sign weights on full-range data had 35 % relative error with NNCF's default
 Fallback ops: the CPU plugin has no fallback device (an op it does not take fails `compile_model`), so a CPU IR
 that compiles has none; everything our models use is supported (grid_sample -> GridSample, unfold, bicubic ->
 Interpolate cubic, atan2). For other devices `Core.query_model` lists the ops the plugin takes, run in a child
-process because it segfaults on SegNeXt's graph in openvino 2026.4.1. For int8 the manifest also lists (in `inspection`) the compute layers that still run in float.
+process (a plugin crash must not take the export down). For int8 the manifest also lists (in `inspection`) the
+compute layers that still run in float.
+
+Float policy (edgeseg.quant.policy, options `keep_float` / `float_defaults`): NNCF gets an `IgnoredScope` of the
+exact OpenVINO node names that come from the float modules (NMF2D, OffsetLearning, AFM by default). On the
+torch.export route the OpenVINO PyTorch frontend names every node `<fx node name>/<aten op>/<OV op>`; the FX graph
+it converts (the ExportedProgram after openvino's own `run_decompositions`) is built here with
+`TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their `nn_module_stack`) map to OV nodes
+exactly. NNCF validates the names (`validate=True`), and a non-empty policy that matches no OV node is an error,
+never a silent all-int8 model.
 """
 from __future__ import annotations
 
@@ -29,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, INPUT_NAME
+from edgeseg.export.base import (CalibrationData, Exporter, ExportOptions, ExportResult, INPUT_NAME,
+                                 export_float_policy)
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +93,45 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
 
 
-def convert(model, route: str = "auto"):
-    """torch module (an ExportWrapper or any module with `example_input()`) -> (ov.Model with static input shape,
-    route used). The ExportedProgram route first (see the module docstring)."""
+@dataclass
+class Converted:
+    """What `convert` returns: the OV model, the route used, and the FX graph the OpenVINO frontend converted
+    (torch.export route only; its node names prefix the OV node names) for the float-policy name mapping."""
+
+    model: Any
+    route: str
+    fx_graph: Any = None
+    group_norms_decomposed: int = 0
+
+
+def _fx_decoder(ep):
+    """openvino's own FX decoder of an ExportedProgram (it applies openvino's decomposition table); its
+    `pt_module` is the exact FX graph whose node names the OV nodes carry. None if this openvino lacks it."""
+    try:
+        from openvino.frontend.pytorch.fx_decoder import TorchFXPythonDecoder
+    except ImportError:  # pragma: no cover - other openvino versions
+        return None
+    return TorchFXPythonDecoder.from_exported_program(ep)
+
+
+def convert(model, route: str = "auto", static: bool = True) -> Converted:
+    """torch module (an ExportWrapper or any module with `example_input()`) -> Converted (ov.Model reshaped to the
+    example's static shape, GroupNorm decomposed; see the module docstring). The ExportedProgram route first."""
     import openvino as ov
     import torch
 
     example = model.example_input()
     errors = []
-    ov_model, used = None, None
+    ov_model, used, fx_graph = None, None, None
     if route in ("auto", "export"):
         try:
             ep = torch.export.export(model, (example,))
-            ov_model, used = ov.convert_model(ep), "torch.export"
+            decoder = _fx_decoder(ep)
+            if decoder is not None:
+                ov_model, fx_graph = ov.convert_model(decoder), decoder.pt_module
+            else:  # pragma: no cover
+                ov_model = ov.convert_model(ep)
+            used = "torch.export"
         except Exception as e:  # noqa: BLE001 - tried next route / reported below
             errors.append(f"torch.export route: {_first_line(e)}")
             log.info("openvino: torch.export route failed (%s)", errors[-1])
@@ -102,9 +146,48 @@ def convert(model, route: str = "auto"):
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
         raise ArtifactError(f"openvino: converted model has {len(ov_model.inputs)} inputs and "
                             f"{len(ov_model.outputs)} outputs; expected one of each")
-    # Not reshaped to the static export size: compile_model of SegNeXt's IR reshaped to [1,3,64,64] segfaults in
-    # openvino 2026.4.1 (the dynamic-H/W IR compiles and agrees); the session checks the manifest's static shape.
-    return ov_model, used
+    if static:
+        ov_model.reshape({ov_model.inputs[0]: ov.PartialShape(list(example.shape))})
+    n_gn = decompose_group_norm(ov_model)
+    return Converted(ov_model, used, fx_graph, n_gn)
+
+
+def decompose_group_norm(ov_model) -> int:
+    """Replace every `GroupNormalization` node by Reshape(N,G,-1) -> MVN(axis 2, eps inside sqrt) -> Reshape back
+    -> Multiply(scale) -> Add(bias); returns how many. Works around the openvino 2026.4.1 CPU-plugin segfault in
+    `compile_model` (snippets tokenization of GroupNormalization; see the module docstring). New nodes are named
+    `<GroupNormalization's name>/decomposed/...` so that float-policy name matching still sees them."""
+    import numpy as np
+    import openvino.opset13 as ops
+
+    n = 0
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "GroupNormalization":
+            continue
+        x, scale, bias = (op.input_value(i) for i in range(3))
+        attrs = op.get_attributes()
+        groups, eps, name = int(attrs["num_groups"]), float(attrs["epsilon"]), op.get_friendly_name()
+        rank = x.get_partial_shape().rank
+        if not rank.is_static:
+            raise ArtifactError(f"openvino: GroupNormalization {name} has a dynamic rank; cannot decompose it")
+        param_shape = ops.constant(np.array([1, -1] + [1] * (rank.get_length() - 2), np.int64))
+        nodes = {
+            "shape": ops.shape_of(x),
+            "grouped": ops.reshape(x, ops.constant(np.array([0, groups, -1], np.int64)), special_zero=True),
+        }
+        nodes["mvn"] = ops.mvn(nodes["grouped"], ops.constant(np.array([2], np.int64)), True, eps, "inside_sqrt")
+        nodes["ungrouped"] = ops.reshape(nodes["mvn"], nodes["shape"], special_zero=False)
+        nodes["scale"] = ops.multiply(nodes["ungrouped"], ops.reshape(scale, param_shape, special_zero=False))
+        nodes["bias"] = ops.add(nodes["scale"], ops.reshape(bias, param_shape, special_zero=False))
+        for key, node in nodes.items():
+            node.set_friendly_name(f"{name}/decomposed/{key}")
+        out = nodes["bias"].output(0)
+        out.get_tensor().set_names(op.output(0).get_tensor().get_names())
+        op.output(0).replace(out)
+        n += 1
+    if n:
+        ov_model.validate_nodes_and_infer_types()
+    return n
 
 
 def name_io(ov_model, output_name: str) -> None:
@@ -113,8 +196,36 @@ def name_io(ov_model, output_name: str) -> None:
     ov_model.outputs[0].get_tensor().set_names({output_name})
 
 
-def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions):
-    """NNCF PTQ of an OV model with the overflow fix of `options`; returns (quantized ov.Model, manifest record)."""
+_NOT_QUANTIZABLE_TYPES = ("Parameter", "Result", "Constant")
+
+
+def float_node_names(converted: Converted, policy) -> list[str]:
+    """Names of the OV nodes that come from the policy's float modules (for `nncf.IgnoredScope(names=...)`).
+
+    torch.export route: OV node friendly names are `<fx node name>/<aten op>/<OV op>` (decomposed GroupNorm:
+    `<fx name>/.../decomposed/<step>`), matched against the FX nodes whose `nn_module_stack` lies in a float module.
+    Module route (TorchScript): the policy's `__module.<fqn>` regex patterns, resolved against the OV names here.
+    Raises ArtifactError when the policy names modules but no OV node matches (the mapping broke)."""
+    import re
+
+    if not len(policy):
+        return []
+    ops = [op for op in converted.model.get_ops() if op.get_type_name() not in _NOT_QUANTIZABLE_TYPES]
+    if converted.fx_graph is not None:
+        fx_float = set(policy.fx_node_names(converted.fx_graph))
+        names = sorted(op.get_friendly_name() for op in ops if op.get_friendly_name().split("/", 1)[0] in fx_float)
+    else:
+        pats = [re.compile(p) for p in policy.nncf_patterns()]
+        names = sorted(op.get_friendly_name() for op in ops if any(p.match(op.get_friendly_name()) for p in pats))
+    if not names:
+        raise ArtifactError(f"openvino: the float policy ({', '.join(policy.names)}) matches no node of the "
+                            f"OpenVINO model ({converted.route} route); refusing to quantize them to int8")
+    return names
+
+
+def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions, ignored: list[str] | None = None):
+    """NNCF PTQ of an OV model with the overflow fix of `options`, leaving the nodes named in `ignored` in float
+    (NNCF validates that each exists); returns (quantized ov.Model, manifest record)."""
     import nncf
 
     if calib is None or not calib.inputs:
@@ -123,6 +234,8 @@ def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions):
     kwargs: dict[str, Any] = {}
     if options.model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    if ignored:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored), validate=True)
     adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(options.overflow_fix))
     try:
         q = nncf.quantize(ov_model, nncf.Dataset(data), preset=nncf.QuantizationPreset(options.preset),
@@ -137,8 +250,15 @@ def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions):
                                                          "enable" else ""),
               "overflow_fix": options.overflow_fix, "preset": options.preset,
               "model_type": options.model_type or "default", "fast_bias_correction": options.fast_bias_correction,
-              "calibration_images": len(data)}
+              "calibration_images": len(data), "float_nodes": len(ignored or [])}
     return q, record
+
+
+def quantized_float_nodes(ov_model, names) -> list[str]:
+    """Nodes among `names` (the float policy's) that still read a FakeQuantize output (should be none)."""
+    wanted = set(names)
+    return sorted(op.get_friendly_name() for op in ov_model.get_ops() if op.get_friendly_name() in wanted and any(
+        i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs()))
 
 
 def op_histogram(ov_model) -> dict[str, int]:
@@ -241,14 +361,19 @@ class OpenVINOExporter(Exporter):
         out_dir = Path(out_dir)
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        ov_model, route = convert(model, options.route)
+        converted = convert(model, options.route)
+        ov_model, route = converted.model, converted.route
         name_io(ov_model, model.output_contract(spec.num_classes)["name"])
         timings["convert_model"] = time.perf_counter() - t
 
         quant: dict[str, Any] = {}
+        float_names: list[str] = []
         if precision == "int8":
             t = time.perf_counter()
-            ov_model, quant = quantize(ov_model, calib_data, options)
+            policy = export_float_policy(model, options)
+            float_names = float_node_names(converted, policy)
+            ov_model, quant = quantize(ov_model, calib_data, options, float_names)
+            quant["float_modules"] = policy.to_json()
             timings["nncf_quantize"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
@@ -266,6 +391,13 @@ class OpenVINOExporter(Exporter):
             if not hist.get("FakeQuantize"):
                 raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no FakeQuantize node")
             inspection["fake_quantize_levels"] = fake_quantize_levels(saved)
+            inspection["float_policy_nodes"] = len(float_names)
+            leaked = quantized_float_nodes(saved, float_names)
+            if leaked:
+                raise ArtifactError(f"{out_dir / MODEL_FILE}: {len(leaked)} node(s) of float modules read int8 "
+                                    f"FakeQuantize outputs (e.g. {leaked[0]}); the float policy was not applied")
+        if converted.group_norms_decomposed:
+            inspection["group_norms_decomposed"] = converted.group_norms_decomposed
         if precision == "fp16":
             inspection["note"] = ("fp16 IR: weights stored as fp16 and decompressed at load; the CPU plugin "
                                   "computes in its default inference precision (f32 on CPUs without native "
@@ -281,8 +413,7 @@ class OpenVINOExporter(Exporter):
             timings["compile_model"] = time.perf_counter() - t
             if options.device == "CPU":
                 # The CPU plugin has no fallback device: an op it does not take fails compile_model, so a compiled
-                # CPU model has none. (Core.query_model segfaults on SegNeXt's graph in openvino 2026.4.1, so it
-                # is only asked, in a child process, for other devices.)
+                # CPU model has none. (Core.query_model is asked, in a child process, for other devices.)
                 fallback = []
                 rp = runtime_precisions(compiled)
                 inspection["runtime_precisions"] = rp
