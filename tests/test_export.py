@@ -27,10 +27,10 @@ from edgeseg.runtime import open_session  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # Targets whose exporters live in this repo's export tests (executed here); others (openvino, coreml) have their own.
 RUN_HERE = ("executorch-xnnpack", "onnx")
-# tiny_ops on every run; the registry's tiny variants are slow: test_offseg's FreqFusion CARAFE unrolls into ~1600 of
-# its ~1900 graph nodes at 64x64, and ExecuTorch lowering (to_edge + XNNPACK passes per partition, 34 partitions)
-# took > 20 min on 2 shared cores; the ONNX export a few minutes.
-MODELS = [_tiny.TINY] + [pytest.param(m, marks=pytest.mark.slow) for m in list_models("test_*")]
+# Every registered tiny variant (`test_*`) runs on every target here, fp32 at 64x64. FreqFusion's export form
+# (edgeseg/models/freqfusion.py, selected by prepare_for_export) keeps test_offseg's graph small: the traced CARAFE
+# used to unroll into ~1,600 of ~1,900 nodes and ExecuTorch lowering took > 20 min on 2 shared cores.
+MODELS = [_tiny.TINY, *list_models("test_*")]
 HW = (64, 64)
 
 
@@ -387,3 +387,108 @@ def test_calibration_recipe_feeds_the_int8_export(checkpoints):
     data = build_calibration(wrapper, "embedded-8", 16, spec)
     assert len(data.inputs) == 8 and data.info["recipe"] == "embedded-8"
     assert data.inputs[0].dtype == torch.uint8 and tuple(data.inputs[0].shape) == (1, 64, 64, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# int8 float policy (edgeseg.quant.policy): NMF2D, OffsetLearning, AFM stay float in every int8 artifact
+# ----------------------------------------------------------------------------------------------------------------
+def _onnx_float_violations(path: Path, policy) -> tuple[int, list[str]]:
+    """(number of float-region nodes, violations) of a QDQ ONNX model: a float-region node is one whose dynamo
+    name scope lies in a float module. Violations: a quantized (int) op in the region, a weight initializer of a
+    region node that goes through DequantizeLinear, or a region-internal tensor (all consumers in the region)
+    that is quantized."""
+    import onnx
+
+    from edgeseg.export.onnx import _name_scopes
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name for i in g.initializer}
+    region = {n.name for n in g.node if any(policy.covers(sc) for sc in _name_scopes(n))}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    bad = []
+    for n in g.node:
+        if n.name in region and (n.op_type.startswith("QLinear") or "Integer" in n.op_type):
+            bad.append(f"{n.name}: {n.op_type}")
+        if n.name in region:
+            for i in n.input:
+                dq = producer.get(i)
+                if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+                    bad.append(f"{n.name}: weight {dq.input[0]} is int8")
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer:
+            users = [c for c in consumers.get(n.input[0], []) if c.op_type != "QuantizeLinear"]
+            if producer[n.input[0]].name in region and users and all(c.name in region for c in users):
+                bad.append(f"{producer[n.input[0]].name}: output {n.input[0]} quantized inside the float region")
+    return len(region), bad
+
+
+@pytest.mark.parametrize("model", ["test_segnext", "test_offseg"])
+def test_onnx_int8_keeps_float_policy_modules_float(model, exported):
+    """ORT quantize_static gets the float modules' nodes as nodes_to_exclude (test_segnext's NMF bmm used to fail
+    in ORT: a per-channel QLinearMatMul weight zero point)."""
+    from edgeseg.quant.policy import float_policy
+    from edgeseg.models import create_model
+
+    art = exported("onnx", model, "int8")
+    m = json.loads((art / MANIFEST).read_text())
+    q = m["quantization"]
+    policy = float_policy(create_model(model, 4), prefix="model.")
+    assert set(q["float_modules"]) == set(policy.names) and policy.names
+    assert q["float_nodes"] > 0
+    n_region, bad = _onnx_float_violations(art / "model.onnx", policy)
+    assert n_region == q["float_nodes"] and not bad, bad[:10]
+    assert m["inspection"]["op_histogram"].get("QuantizeLinear", 0) > 0  # the rest is int8
+    assert m["proof"]["argmax_agreement"] >= 0.8
+
+
+@pytest.mark.slow
+def test_onnx_int8_per_channel_matmul_weights_run_in_ort(exported):
+    """With the float policy off, NMF's bmm against the stored bases buffer is quantized: its weight must be
+    per-tensor (ORT's QLinearMatMul rejects a per-channel zero point on a 3-D B)."""
+    art = exported("onnx", "test_segnext", "int8", float_defaults=False)
+    q = json.loads((art / MANIFEST).read_text())["quantization"]
+    assert q["float_nodes"] == 0 and any("bases" in t for t in q["per_tensor_weights"])
+
+
+@pytest.mark.parametrize("model", ["test_segnext", "test_offseg"])
+def test_executorch_pt2e_filter_leaves_float_modules_unobserved(model, checkpoints):
+    """The XNNPACK quantizer with the float policy's filter puts no observer inside NMF2D / OffsetLearning."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from edgeseg.checkpoint import load_checkpoint
+    from edgeseg.export.base import ExportWrapper
+    from edgeseg.export.executorch import ExecutorchExporter
+    from edgeseg.models import prepare_for_export
+
+    _require("executorch-xnnpack")
+    net, spec = load_checkpoint(checkpoints(model))
+    wrapper = ExportWrapper(prepare_for_export(net, HW), HW, spec.mean, spec.std).eval()
+    exporter = ExecutorchExporter()
+    quantizer, policy = exporter.ptq_quantizer(wrapper, exporter.Options())
+    assert policy.names
+    ep = torch.export.export(wrapper, (wrapper.example_input(),), strict=False)
+    prepared = prepare_pt2e(ep.module(), quantizer)
+    nodes = list(prepared.graph.nodes)
+    region = {n for n in nodes if n.op == "call_function" and policy.node_is_float(n)}
+    observers = [n for n in nodes if n.op == "call_module" and "activation_post_process" in str(n.target)]
+    assert region and observers
+    bad = []
+    for obs in observers:
+        src = obs.args[0]
+        users = [u for u in src.users if u not in observers]
+        if src in region and users and all(u in region for u in users):
+            bad.append(f"{src.name} observed inside the float region")
+        if src.op == "get_attr" and users and all(u in region for u in users):
+            bad.append(f"weight {src.target} of a float op observed")
+    # the observers of the region's inputs must serve a quantized consumer too
+    assert not bad, bad[:10]
+
+
+@pytest.mark.slow
+def test_executorch_int8_float_policy_end_to_end(exported):
+    art = exported("executorch-xnnpack", "test_segnext", "int8")
+    q = json.loads((art / MANIFEST).read_text())["quantization"]
+    assert q["float_ops"] > 0 and q["float_modules"]

@@ -255,9 +255,10 @@ def test_freqfusion_export_form_is_small_and_equal():
     ep = torch.export.export(model, (x,), strict=False)
     fusion = _fusion_nodes(ep)
     targets = {str(n.target) for n in fusion}
-    assert len(fusion) < 450, len(fusion)
-    assert not any("arange" in t for t in targets), targets
-    assert sum("matmul" in t for t in targets) >= 1
+    assert len(fusion) < 550, len(fusion)
+    # ops XNNPACK does not delegate (each splits a partition) are gone from the fusion stages
+    assert not any(op in t for t in targets for op in ("arange", "group_norm", "sum", "linalg", "expand")), targets
+    assert sum("bmm" in t for t in targets) >= 1
     with torch.no_grad():
         assert torch.allclose(ep.module()(x), eager, atol=2e-5, rtol=0)
     # the training form would trace into many more nodes

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult
+from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, export_float_policy
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,12 @@ class ExecutorchExporter(Exporter):
         q.set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat))
         return q
 
+    def ptq_quantizer(self, model, options: ExportOptions | None = None):
+        """(quantizer, policy) for PTQ of an ExportWrapper: `quantizer(options)` with the float policy's filter
+        (edgeseg.quant.policy: NMF2D, OffsetLearning, AFM and options.keep_float stay float)."""
+        policy = export_float_policy(model, options or self.Options())
+        return policy.apply_pt2e(self.quantizer(options)), policy
+
     def fallback_ops(self, lowered) -> list[str]:
         return sorted(non_delegated_ops(lowered))
 
@@ -153,7 +159,9 @@ class ExecutorchExporter(Exporter):
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             t = time.perf_counter()
-            prepared = prepare_pt2e(ep.module(), self.quantizer(options))
+            quantizer, policy = self.ptq_quantizer(model, options)  # float modules: ops left unannotated
+            prepared = prepare_pt2e(ep.module(), quantizer)
+            float_ops = sum(1 for n in prepared.graph.nodes if n.op == "call_function" and policy.node_is_float(n))
             with torch.no_grad():
                 for x in calib_data.inputs:
                     prepared(x)
@@ -162,7 +170,8 @@ class ExecutorchExporter(Exporter):
             timings["quantize"] = time.perf_counter() - t
             quant = {"scheme": "PT2E static int8", "quantizer": "XNNPACKQuantizer symmetric",
                      "per_channel_weights": options.per_channel, "activations": "int8 asymmetric per-tensor",
-                     "calibration_images": len(calib_data.inputs)}
+                     "calibration_images": len(calib_data.inputs), "float_modules": policy.to_json(),
+                     "float_ops": float_ops}
         rewritten = 0
         if options.fix_channels_last_softmax:
             ep, rewritten = rewrite_last_dim_softmax(ep, example)

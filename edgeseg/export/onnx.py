@@ -133,6 +133,35 @@ def float_nodes(onnx_model, policy) -> list[str]:
     return sorted(names)
 
 
+def unshare_initializers(onnx_model, excluded: list[str]) -> int:
+    """Give the excluded (float) nodes their own copy of every initializer they share with quantized nodes.
+
+    The dynamo exporter de-duplicates constants (e.g. a LayerNorm eps scalar used inside and outside a float
+    module); ORT would then quantize the shared initializer for the quantized consumer and feed the float node
+    its DequantizeLinear output. Returns the number of initializers copied."""
+    import onnx
+
+    ex = set(excluded)
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    users: dict[str, set[bool]] = {}
+    for n in onnx_model.graph.node:
+        for i in n.input:
+            if i in inits:
+                users.setdefault(i, set()).add(n.name in ex)
+    shared = [name for name, kinds in users.items() if kinds == {True, False}]
+    for name in shared:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}__float"
+        onnx_model.graph.initializer.append(copy)
+        for n in onnx_model.graph.node:
+            if n.name in ex:
+                for k, i in enumerate(n.input):
+                    if i == name:
+                        n.input[k] = copy.name
+    return len(shared)
+
+
 def per_tensor_weight_overrides(onnx_model, reduce_range: bool) -> dict[str, list[dict[str, Any]]]:
     """ORT `TensorQuantOverrides` that keep per-channel scales to Conv/Gemm-style weights.
 
@@ -169,6 +198,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, act
 
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
     excluded = float_nodes(fp32, policy)
+    if excluded and unshare_initializers(fp32, excluded):
+        onnx.save(fp32, str(fp32_path))  # our temporary float file
     extra: dict[str, Any] = {}
     if symmetric:
         extra.update(ActivationSymmetric=True, WeightSymmetric=True)

@@ -112,7 +112,7 @@ def carafe_export(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int =
       one-channel images: (N*C, k*k, H, W), zero padding, taps in (ky, kx) order;
     - for scale s, output pixel (s*y + i, s*x + j) reads the neighbourhood of source pixel (y, x): the mask is
       pixel-unshuffled to (N, k*k, s*s, H*W), so each source pixel needs one (C, k*k) @ (k*k, s*s) product;
-    - the (N, H*W, C, s*s) result is pixel-shuffled back to (N, C, sH, sW).
+    - the (N*H*W, C, s*s) result is pixel-shuffled back to (N, C, sH, sW).
     Every op is 4-D or less (Core ML's rank limit is 5), and conv / permute / matmul delegate to XNNPACK.
     """
     n, c, h, w = x.shape
@@ -121,12 +121,12 @@ def carafe_export(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int =
     if weight is None:
         weight = unfold_kernel(kernel, x.dtype).to(x.device)
     cols = F.conv2d(x.reshape(n * c, 1, h, w), weight, padding=kernel // 2)  # (N*C, kk, H, W)
-    cols = cols.reshape(n, c, kk, h * w).permute(0, 3, 1, 2)  # (N, HW, C, kk)
+    cols = cols.reshape(n, c, kk, h * w).permute(0, 3, 1, 2).reshape(n * h * w, c, kk)
     if scale != 1:
         mask = F.pixel_unshuffle(mask, scale)  # (N, kk*ss, H, W), channel t*ss + i*s + j
-    m = mask.reshape(n, kk, ss, h * w).permute(0, 3, 1, 2)  # (N, HW, kk, ss)
-    out = torch.matmul(cols, m)  # (N, HW, C, ss)
-    out = out.permute(0, 2, 3, 1).reshape(n, c * ss, h, w)
+    m = mask.reshape(n, kk, ss, h * w).permute(0, 3, 1, 2).reshape(n * h * w, kk, ss)
+    out = torch.bmm(cols, m)  # (N*HW, C, ss); 3-D bmm: a 4-D matmul adds expand ops XNNPACK does not take
+    out = out.reshape(n, h * w, c * ss).permute(0, 2, 1).reshape(n, c * ss, h, w)
     if scale != 1:
         out = F.pixel_shuffle(out, scale)
     return out
@@ -155,18 +155,22 @@ def local_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2)
 
 
 def local_cosine_similarity_export(x: torch.Tensor, window: int = 3, dilation: int = 2,
-                                   weight: torch.Tensor | None = None) -> torch.Tensor:
+                                   weight: torch.Tensor | None = None, ones: torch.Tensor | None = None
+                                   ) -> torch.Tensor:
     """`local_cosine_similarity` with few nodes: the window x window - 1 dilated neighbours of the normalised
     features by one convolution with a constant one-hot kernel (`neighbour_kernel`), then one multiply and one
     channel sum. Same values (zero padding gives 0)."""
     n, c, h, w = x.shape
-    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    if ones is None:
+        ones = x.new_ones(1, c, 1, 1)
+    unit = x / F.conv2d(x * x, ones).sqrt().clamp_min(1e-8)  # channel sums as a 1x1 conv (XNNPACK has no sum)
     if weight is None:
         weight = neighbour_kernel(window, x.dtype).to(x.device)
+    nbs = weight.shape[0]
     r = (window // 2) * dilation
     nb = F.conv2d(unit.reshape(n * c, 1, h, w), weight, padding=r, dilation=dilation)
-    nb = nb.reshape(n, c, weight.shape[0], h * w)
-    return (nb * unit.reshape(n, c, 1, h * w)).sum(dim=1).reshape(n, weight.shape[0], h, w)
+    prod = (nb.reshape(n, c, nbs, h * w) * unit.reshape(n, c, 1, h * w)).reshape(n, c, nbs * h, w)
+    return F.conv2d(prod, ones).reshape(n, nbs, h, w)
 
 
 def neighbour_kernel(window: int = 3, dtype=torch.float32) -> torch.Tensor:
@@ -174,6 +178,22 @@ def neighbour_kernel(window: int = 3, dtype=torch.float32) -> torch.Tensor:
     eye = unfold_kernel(window, dtype)
     centre = (window * window) // 2
     return torch.cat([eye[:centre], eye[centre + 1:]])
+
+
+def group_norm_export(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """`norm(x)` for a GroupNorm (or Identity) as 4-D means over the last two axes, sub, mul, sqrt and div:
+    the ops XNNPACK delegates (its partitioner takes no group_norm, and `mean` only over the last 2 axes of 4-D)."""
+    if not isinstance(norm, nn.GroupNorm):
+        return norm(x)
+    n, c, h, w = x.shape
+    g = norm.num_groups
+    xg = x.reshape(n, g, c // g, h * w)
+    centred = xg - xg.mean(dim=(-2, -1), keepdim=True)
+    var = (centred * centred).mean(dim=(-2, -1), keepdim=True)
+    y = (centred / (var + norm.eps).sqrt()).reshape(n, c, h, w)
+    if norm.affine:
+        y = y * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
+    return y
 
 
 class LocalSimGuidedSampler(nn.Module):
@@ -221,8 +241,10 @@ class LocalSimGuidedSampler(nn.Module):
         """Bake the normalised pixel-centre grid of each low-res size in `sizes` ((h, w) pairs) as a constant
         (non-persistent) buffer, so the exported graph holds no arange/broadcast chain for it. Called by
         `FreqFusion.prepare_for_export` (not named prepare_for_export: it takes the low-res sizes)."""
-        self.register_buffer("neighbour_kernel", neighbour_kernel(self.local_window).to(self.init_pos.device),
-                             persistent=False)
+        dev = self.init_pos.device
+        self.register_buffer("neighbour_kernel", neighbour_kernel(self.local_window).to(dev), persistent=False)
+        channels = self.direct_scale.in_channels
+        self.register_buffer("channel_ones", torch.ones(1, channels, 1, 1, device=dev), persistent=False)
         for h, w in sizes:
             name = f"centre_grid_{h}x{w}"
             dev = self.init_pos.device
@@ -249,11 +271,15 @@ class LocalSimGuidedSampler(nn.Module):
         return pos.reshape(1, -1, 1, 1)
 
     def forward(self, hr_x: torch.Tensor, lr_x: torch.Tensor, feat2sample: torch.Tensor) -> torch.Tensor:
-        hr_x = self.norm_hr(hr_x)
-        lr_x = self.norm_lr(lr_x)
+        if self._centre_grids and tracing():  # export form: GroupNorm from 4-D means XNNPACK delegates
+            hr_x = group_norm_export(hr_x, self.norm_hr)
+            lr_x = group_norm_export(lr_x, self.norm_lr)
+        else:
+            hr_x = self.norm_hr(hr_x)
+            lr_x = self.norm_lr(lr_x)
         if self._centre_grids and tracing():  # export form (FreqFusion.prepare_for_export)
-            hr_sim = local_cosine_similarity_export(hr_x, self.local_window, 2, self.neighbour_kernel)
-            lr_sim = local_cosine_similarity_export(lr_x, self.local_window, 2, self.neighbour_kernel)
+            hr_sim = local_cosine_similarity_export(hr_x, self.local_window, 2, self.neighbour_kernel, self.channel_ones)
+            lr_sim = local_cosine_similarity_export(lr_x, self.local_window, 2, self.neighbour_kernel, self.channel_ones)
         else:
             hr_sim = local_cosine_similarity(hr_x, self.local_window, dilation=2)
             lr_sim = local_cosine_similarity(lr_x, self.local_window, dilation=2)
@@ -313,6 +339,7 @@ class FreqFusion(nn.Module):
         self.register_buffer("hamming_lowpass", torch.ones(1))
         self.register_buffer("hamming_highpass", torch.ones(1))
         self.export_form = False  # set by prepare_for_export: few-node CARAFE (carafe_export)
+        self.unit_windows = False  # set by prepare_for_export: both hamming windows hold only 1.0
         for m in (self.hr_channel_compressor, self.lr_channel_compressor):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
@@ -332,7 +359,15 @@ class FreqFusion(nn.Module):
             self.register_buffer(f"unfold_kernel_{k}", unfold_kernel(k).to(dev), persistent=False)
         sizes = [(h >> i, w >> i) for i in range(1, 7) if h % (1 << i) == 0 and w % (1 << i) == 0]
         self.dysampler.bake_centre_grids(sizes)
+        self.unit_windows = bool((self.hamming_lowpass == 1).all() and (self.hamming_highpass == 1).all())
         self.export_form = True
+
+    def _normalize(self, logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        if self.export_form and self.unit_windows and tracing():
+            # softmax over the taps as a last-axis softmax (XNNPACK's softmax reduces the innermost axis only);
+            # unit windows: the multiply + renormalise of `normalize_kernel` is the identity (up to rounding)
+            return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
+        return self.normalize_kernel(logits, window)
 
     def _carafe(self, x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
         if self.export_form and tracing():
@@ -357,18 +392,18 @@ class FreqFusion(nn.Module):
 
         # High-pass enhance the compressed hr feature with its own AHPF kernels.
         mask_hr_hr = self.content_encoder2(comp_hr)
-        kern = self.normalize_kernel(mask_hr_hr, self.hamming_highpass)
+        kern = self._normalize(mask_hr_hr, self.hamming_highpass)
         comp_hr = comp_hr + comp_hr - self._carafe(comp_hr, kern, hp, 1)
 
         # Low-pass kernel logits: hr part + lr part upsampled by CARAFE with the hr-guided kernels.
         mask_lr_hr = self.content_encoder(comp_hr)
-        kern = self.normalize_kernel(mask_lr_hr, self.hamming_lowpass)
+        kern = self._normalize(mask_lr_hr, self.hamming_lowpass)
         mask_lr = mask_lr_hr + self._fit(self._carafe(self.content_encoder(comp_lr), kern, lp, 2), comp_hr)
-        lowpass = self.normalize_kernel(mask_lr, self.hamming_lowpass)
+        lowpass = self._normalize(mask_lr, self.hamming_lowpass)
 
         # High-pass kernel logits: hr part + lr part upsampled with the final low-pass kernels.
         mask_hr = mask_hr_hr + self._fit(self._carafe(self.content_encoder2(comp_lr), lowpass, lp, 2), comp_hr)
-        highpass = self.normalize_kernel(mask_hr, self.hamming_highpass)
+        highpass = self._normalize(mask_hr, self.hamming_highpass)
 
         lr_up = self._carafe(lr_feat, lowpass, lp, 2)
         hr_out = hr_feat - self._carafe(hr_feat, highpass, hp, 1) + hr_feat
