@@ -149,3 +149,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ArtifactError(f"{path}: expected a state dict of tensors")
     return obj
+
+
+def ship_half(src: str | Path, dst: str | Path, note: str | None = None) -> Path:
+    """Re-save a checkpoint with fp16 weights (how the embedded defaults are shipped: half the size).
+
+    `note` (e.g. a data licence) is written as LICENSE.md beside the weights.
+    Usage: `python -m edgeseg.checkpoint SRC DST [LICENSE.md]`.
+    """
+    model, spec = load_checkpoint(src)
+    out = save_checkpoint(dst, model, spec, force=True, dtype=torch.float16)
+    if note:
+        with atomic_file(Path(out) / "LICENSE.md", "w") as f:
+            f.write(note)
+    return out
+
+
+if __name__ == "__main__":  # python -m edgeseg.checkpoint SRC DST [NOTE_FILE]
+    import sys
+
+    _note = Path(sys.argv[3]).read_text() if len(sys.argv) > 3 else None
+    print(ship_half(sys.argv[1], sys.argv[2], _note))
