@@ -754,16 +754,11 @@ def test_fuzz_manifest_bytes_and_random_json(raw, tmp_path_factory):
     _check_only_artifact_error(art)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="edgeseg/export/base.py read_manifest catches "
-                   "JSONDecodeError/UnicodeDecodeError but not RecursionError from json.loads of deep nesting")
 def test_deeply_nested_manifest_is_an_artifact_error(tmp_path):
     (tmp_path / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     _check_only_artifact_error(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError), reason="edgeseg/export/base.py "
-                   "verify_manifest does not check field types: sha256 as a list -> AttributeError ('.items()'), "
-                   "non-str keys -> TypeError (Path / int)")
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(drop=set(), replace={"sha256": ["model.onnx"]})
 @given(drop=st.sets(st.sampled_from(_REQUIRED + ("sha256", "files")), max_size=3),
@@ -781,14 +776,8 @@ def test_fuzz_manifest_missing_keys_and_wrong_types(drop, replace, onnx_art, tmp
     _check_only_artifact_error(art)
 
 
-_UNCHECKED = pytest.mark.xfail(strict=True, reason="edgeseg/export/base.py verify_manifest: no type check of "
-                               "sha256 / no containment check of its paths / model_file need not be hashed")
-
-
-@pytest.mark.parametrize("case", [pytest.param("sha256_list", marks=_UNCHECKED), "sha256_non_str_digest",
-                                  pytest.param("sha256_path_escape", marks=_UNCHECKED),
-                                  pytest.param("model_file_unhashed", marks=_UNCHECKED),
-                                  pytest.param("model_file_absolute", marks=_UNCHECKED)])
+@pytest.mark.parametrize("case", ["sha256_list", "sha256_non_str_digest", "sha256_path_escape",
+                                  "model_file_unhashed", "model_file_absolute"])
 def test_manifest_types_and_paths_are_checked(case, onnx_art, tmp_path):
     """Named cases of the fuzz test above, and the security side: a manifest must not make open_session load a
     file whose sha256 it does not check (outside the folder, or not listed)."""

@@ -125,6 +125,8 @@ def read_manifest_dict(artifact_dir: str | Path) -> dict[str, Any]:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{p}: not an edgeseg manifest (JSON nested too deeply)") from None
     if not isinstance(d, dict):
         raise ArtifactError(f"{p}: not an edgeseg manifest")
     return d

@@ -410,30 +410,141 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
+_INPUT_DTYPES = ("float32", "float16", "uint8")
+_LAYOUTS = ("NCHW", "NHWC")
+_OUTPUT_KINDS = ("logits", "argmax")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _short(v: Any, n: int = 80) -> str:
+    """repr(v) cut to n characters for a one-line message (a deeply nested value does not raise)."""
+    try:
+        r = repr(v)
+    except RecursionError:
+        return "<deeply nested value>"
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def _contained_path(root: Path, rel: Any, what: str, where: Path) -> Path:
+    """`root / rel` for a manifest path `rel`; ArtifactError (one line) unless it is a non-empty relative str that
+    resolves inside `root` (symlinks followed)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ArtifactError(f"{where}: {what} {_short(rel)} is not a file path")
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+        raise ArtifactError(f"{where}: {what} {_short(rel)} is an absolute path; paths must be relative to the "
+                            "artifact folder")
+    try:
+        base = root.resolve()
+        full = (root / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ArtifactError(f"{where}: {what} {_short(rel)} cannot be resolved ({e})") from None
+    if full == base:
+        raise ArtifactError(f"{where}: {what} {_short(rel)} names the artifact folder itself, not a file in it")
+    if not full.is_relative_to(base):
+        raise ArtifactError(f"{where}: {what} {_short(rel)} resolves outside the artifact folder {root}")
+    return root / rel
+
+
+def _check_manifest(m: Manifest, artifact_dir: Path, where: Path) -> None:
+    """Types and paths of the fields the runtime uses; ArtifactError (one line naming `where`) on the first
+    problem. Every path must stay inside `artifact_dir`, and `model_file` must be covered by `sha256` so that
+    open_session never loads an unhashed file."""
+    def bad(msg: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {msg}")
+
+    for k in ("target", "precision", "model"):
+        if not isinstance(getattr(m, k), str) or not getattr(m, k):
+            raise bad(f"{k} must be a non-empty string, got {_short(getattr(m, k))}")
+    if not isinstance(m.sha256, dict) or not m.sha256:
+        raise bad(f"sha256 must be a non-empty {{path: hex digest}} object, got {_short(m.sha256)}")
+    for rel, digest in m.sha256.items():
+        _contained_path(artifact_dir, rel, "sha256 path", where)
+        if not isinstance(digest, str) or not digest:
+            raise bad(f"sha256[{_short(rel)}] must be a hex digest string, got {_short(digest)}")
+    if not isinstance(m.model_file, str):
+        raise bad(f"model_file must be a string, got {_short(m.model_file)}")
+    _contained_path(artifact_dir, m.model_file, "model_file", where)
+    folder = m.model_file.rstrip("/") + "/"
+    if m.model_file not in m.sha256 and not any(k.startswith(folder) for k in m.sha256):
+        raise bad(f"model_file {_short(m.model_file)} is not covered by sha256 (neither a hashed file nor a "
+                  "folder of hashed files)")
+    for name, contract, keys in (("input", m.input, ("name", "shape", "dtype", "layout")),
+                                 ("output", m.output, ("name", "kind", "shape", "dtype"))):
+        if not isinstance(contract, dict):
+            raise bad(f"{name} must be an object, got {_short(contract)}")
+        missing = [k for k in keys if k not in contract]
+        if missing:
+            raise bad(f"{name} lacks {', '.join(missing)}")
+        if not isinstance(contract["name"], str):
+            raise bad(f"{name}.name must be a string, got {_short(contract['name'])}")
+        shape = contract["shape"]
+        if not isinstance(shape, list) or not shape or not all(_is_int(v) and v >= 0 for v in shape):
+            raise bad(f"{name}.shape must be a list of non-negative integers, got {_short(shape)}")
+        if contract["dtype"] not in _INPUT_DTYPES:
+            raise bad(f"{name}.dtype {_short(contract['dtype'])} is not one of {', '.join(_INPUT_DTYPES)}")
+    if m.input["layout"] not in _LAYOUTS:
+        raise bad(f"input.layout {_short(m.input['layout'])} is not one of {', '.join(_LAYOUTS)}")
+    if m.output["kind"] not in _OUTPUT_KINDS:
+        raise bad(f"output.kind {_short(m.output['kind'])} is not one of {', '.join(_OUTPUT_KINDS)}")
+    if not isinstance(m.input_hw, list) or len(m.input_hw) != 2 or not all(_is_int(v) and v > 0 for v in m.input_hw):
+        raise bad(f"input_hw must be [height, width] (positive integers), got {_short(m.input_hw)}")
+    for k in ("mean", "std"):
+        v = getattr(m, k)
+        if not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) for x in v):
+            raise bad(f"{k} must be a list of 3 numbers, got {_short(v)}")
+    if not isinstance(m.class_names, list) or not all(isinstance(c, str) for c in m.class_names):
+        raise bad(f"class_names must be a list of strings, got {_short(m.class_names)}")
+    if not isinstance(m.palette, list):
+        raise bad(f"palette must be a list of RGB triples, got {_short(m.palette)}")
+    if not _is_int(m.ignore_index):
+        raise bad(f"ignore_index must be an integer, got {_short(m.ignore_index)}")
+    if not isinstance(m.executed_here, bool):
+        raise bad(f"executed_here must be true/false, got {_short(m.executed_here)}")
+
+
 def read_manifest(artifact_dir: str | Path) -> Manifest:
-    """Parse `artifact_dir/manifest.json` (no hash check; see verify_manifest)."""
-    path = Path(artifact_dir) / MANIFEST
+    """Parse `artifact_dir/manifest.json` and check its fields' types and paths (no hash check; see
+    verify_manifest).
+
+    Raises:
+        ArtifactError (one line naming the manifest) for a missing, unparsable or malformed manifest: fields of
+        the wrong type, a path that is absolute or resolves outside the folder, a model_file sha256 does not cover.
+    """
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; not an edgeseg artifact folder")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: not an edgeseg manifest (JSON nested too deeply)") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(d, dict):
         raise ArtifactError(f"{path}: not an edgeseg manifest")
-    return Manifest.from_json(d, str(path))
+    m = Manifest.from_json(d, str(path))
+    _check_manifest(m, artifact_dir, path)
+    return m
 
 
 def verify_manifest(artifact_dir: str | Path) -> Manifest:
-    """Read the manifest and check every listed file exists and matches its sha256.
+    """Read the manifest (read_manifest: types and paths checked) and check every listed file exists and matches
+    its sha256.
 
     Raises:
-        ArtifactError naming the first missing or changed file.
+        ArtifactError naming the malformed manifest or the first missing or changed file.
     """
     artifact_dir = Path(artifact_dir)
     m = read_manifest(artifact_dir)
-    if not m.sha256:
-        raise ArtifactError(f"{artifact_dir / MANIFEST}: lists no file hashes")
     for rel, digest in m.sha256.items():
         p = artifact_dir / rel
         if not p.is_file():
