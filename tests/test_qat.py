@@ -127,3 +127,24 @@ def test_onnx_artifact_carries_learned_scales(qat_run, tmp_path):
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["program"] == "qat_int8.pt2"
     assert manifest["proof"]["argmax_agreement"] > 0.5
+
+
+def test_max_miou_drop_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """--max-miou-drop is not implemented: the CLI must say so at once (exit 2, one line pointing to
+    quant-report / --keep-float), before loading, training or writing anything."""
+    import edgeseg.quant.qat as qat_mod
+    from edgeseg.cli import main
+
+    def no_training(*a, **k):
+        raise AssertionError("qat() ran although --max-miou-drop must be refused first")
+
+    monkeypatch.setattr(qat_mod, "qat", no_training)
+    ckpt, data, out = tmp_path / "ckpt", tmp_path / "data", tmp_path / "out"
+    rc = main(["qat", "--checkpoint", str(ckpt), "--target", "onnx", "--data", str(data), "--out", str(out),
+               "--iters", "1", "--max-miou-drop", "0.01"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeseg: error: --max-miou-drop"), err
+    assert "not implemented" in err and "quant-report" in err and "--keep-float" in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

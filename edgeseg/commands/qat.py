@@ -26,14 +26,23 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern to keep in float (fnmatch; '!PATTERN' drops a default); repeatable")
     p.add_argument("--max-miou-drop", type=float, metavar="X",
-                   help="after training, export int8 and fail unless it loses at most X mIoU (0..1) on val, "
-                        "keeping the most sensitive layers in float until it fits")
+                   help="accuracy budget (int8 loses at most X mIoU, 0..1): not implemented yet (issue 5), "
+                        "refused before any work; pick layers with `edgeseg quant-report` and pass them to "
+                        "--keep-float")
     p.add_argument("--val-interval", type=int, help="validate every N iterations (default: min(iters, 1000))")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
 
 
 def run(args) -> int:
     from pathlib import Path
+
+    from edgeseg.errors import UsageError
+
+    if args.max_miou_drop is not None:
+        # TODO(issue 5): quantize_with_budget (export int8, keep the most sensitive layers float until it fits).
+        # Refused up front: a budget that cannot be honoured must not cost a whole training run first.
+        raise UsageError("--max-miou-drop: the accuracy budget is not implemented yet (issue 5); run "
+                         "`edgeseg quant-report` to find the most sensitive layers and pass them to --keep-float")
 
     from edgeseg.fileio import write_json
     from edgeseg.quant.qat import qat
@@ -48,12 +57,6 @@ def run(args) -> int:
             ("fake-quant val mIoU", f"{100 * val['miou']:.2f}" if "miou" in val else "not validated"),
             ("float modules", ", ".join(res["float_modules"]) or "none"),
             ("next", f"edgeseg export --checkpoint {res['checkpoint']} --target {args.target} --precision int8")]
-    if args.max_miou_drop is not None:
-        from edgeseg.errors import UsageError
-
-        # TODO(issue 5): quantize_with_budget (export int8, keep the most sensitive layers float until it fits)
-        raise UsageError("--max-miou-drop: not implemented yet (issue 5); the QAT checkpoint was written: "
-                         + res["checkpoint"])
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
