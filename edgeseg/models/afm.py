@@ -292,6 +292,9 @@ class AFM(nn.Module):
         mats = dft_matrices(in_hw, out_hw, dtype=p.dtype, device=p.device)
         for k, v in mats.items():
             name = f"dft_{k}"
+            # executorch 1.5.1's convert_constant_dim_order_pass fails ("Missing input spec for lifted tensor")
+            # on a non-contiguous non-persistent buffer; numpy's block/transpose can hand us one.
+            v = v.contiguous()
             if name in self._buffers:
                 self._buffers[name] = v
             else:
