@@ -159,6 +159,12 @@ def _target_precisions(targets: Sequence[str] | None, precisions: Sequence[str]
     return jobs, failed
 
 
+# Per-row export options of the main job. Core ML int8 here is weight-only: the W8A8 flow (executorch 1.5.1's
+# CoreMLQuantizer: ~400 pattern re-traces + calibration) takes over 10 minutes on 2 cores, and Core ML cannot run
+# on Linux anyway; `edgeseg export --target coreml --precision int8` still gives W8A8 (the profile default).
+PIPELINE_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {("coreml", "int8"): {"int8_mode": "weights"}}
+
+
 def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None = None,
                  targets: Sequence[str] | None = None, out: str | Path = "runs/pipeline", force: bool = False, *,
                  precisions: Sequence[str] = PRECISIONS, split: str = "val", max_images: int | None = None,
@@ -250,7 +256,7 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
             try:
                 export = export_isolated if isolate_exports else export_checkpoint
                 art = export(ckpt, target, precision, calib=calib_root if precision == "int8" else None,
-                                        out=dest, force=True, progress=False)
+                             out=dest, force=True, progress=False, **PIPELINE_OPTIONS.get((target, precision), {}))
                 artifacts.append(art)
                 log.info("export %s %s: ok (%.1f s)", target, precision, time.perf_counter() - t0)
             except Exception as e:  # a failed target is a FAILED row and a non-zero exit, never dropped
