@@ -238,12 +238,13 @@ def test_sigint_finalises_the_recording(ckpt, tmp_path):
     proc, _ = _cli_subprocess(["demo", "--artifact", str(ckpt), "--source", str(long_video), "--headless",
                                "--record", str(out), "--json", str(js)], env=_env())
     try:
-        deadline = time.monotonic() + 60
+        # wait until frames reach the temporary recording (slow on a loaded machine: model load, first frames)
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
-            if out.parent.is_dir() and any(out.parent.iterdir()):
+            if out.parent.is_dir() and any(p.stat().st_size > 0 for p in out.parent.iterdir()):
                 break
             time.sleep(0.05)
-        time.sleep(0.5)  # a few frames into the recording
+        time.sleep(1.0)  # a few frames into the recording
         assert proc.poll() is None, "the demo finished before it could be interrupted"
         assert not out.exists()  # while recording, only the temporary name exists
         proc.send_signal(signal.SIGINT)
