@@ -134,8 +134,22 @@ def test_contradicting_profile_is_an_error_naming_the_key(changes, key):
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 export + proof + runtime, per target x model
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("target", RUN_HERE)
+# executorch 1.5.1: the SSA head's lowered XNNPACK delegate fails at run time ("Propagating input shapes failed
+# with code: xnn_status_invalid_parameter", CALL_DELEGATE at instruction 17); lowering itself succeeds.
+# TODO(#4): find the op (bisect the SSA head's partitions) and keep it off the delegate.
+_KNOWN_BROKEN = {("executorch-xnnpack", "test_segnext_ssa")}
+
+
+def _cases():
+    for target in RUN_HERE:
+        for model in MODELS:
+            marks = [pytest.mark.xfail(strict=True, reason="XNNPACK delegate rejects the SSA head's shapes at run "
+                                                           "time (executorch 1.5.1)")] \
+                if (target, model) in _KNOWN_BROKEN else []
+            yield pytest.param(target, model, marks=marks, id=f"{target}-{model}")
+
+
+@pytest.mark.parametrize("target, model", list(_cases()))
 def test_fp32_export_manifest_and_runtime_agree_with_eager(target, model, exported, checkpoints):
     art = exported(target, model)
     m = json.loads((art / MANIFEST).read_text())
