@@ -340,7 +340,10 @@ def quantize_weights(mlmodel):
 
     op_cfg = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                          weight_threshold=0)
-    cfg = cto.OptimizationConfig(op_type_configs={"conv": op_cfg, "linear": op_cfg, "conv_transpose": op_cfg})
+    # batch_norm gets the same config: coremltools 9.0 refuses ("compression config conflict detected between
+    # ops") a constant shared by a conv and a batch_norm (seen on OffSeg-T) when only one of them is configured.
+    cfg = cto.OptimizationConfig(op_type_configs={"conv": op_cfg, "linear": op_cfg, "conv_transpose": op_cfg,
+                                                  "batch_norm": op_cfg})
     try:
         return cto.linear_quantize_weights(mlmodel, cfg)
     except Exception as e:  # noqa: BLE001
