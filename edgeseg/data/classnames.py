@@ -1,44 +1,20 @@
 """Class-name lists of the usual benchmark datasets (for `edgeseg import --classes NAME`) and a default palette.
 
 Names and order follow mmsegmentation's dataset definitions, so an official checkpoint's class indices map
-onto them. Cityscapes uses its official colours; the others use `default_palette` (PASCAL VOC's bit-spread
+onto them. Cityscapes and ADE20K use their reader's colours (official / mmseg); the others use `default_palette` (PASCAL VOC's bit-spread
 colour map), which is deterministic for any number of classes.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from edgeseg.data.datasets import ADE20K_INFO, CITYSCAPES_INFO
 from edgeseg.errors import UsageError
 
-ADE20K = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
-)
-
-CITYSCAPES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)
-
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)
+# ADE20K and Cityscapes come with their dataset readers (names, palettes); one copy of each table.
+ADE20K = ADE20K_INFO.class_names
+CITYSCAPES = CITYSCAPES_INFO.class_names
+CITYSCAPES_PALETTE = CITYSCAPES_INFO.palette
 
 COCO_STUFF = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -99,6 +75,8 @@ def default_palette(n: int) -> tuple[tuple[int, int, int], ...]:
 def palette_for(names: str) -> tuple[tuple[int, int, int], ...]:
     if names == "cityscapes":
         return CITYSCAPES_PALETTE
+    if names == "ade20k":
+        return ADE20K_INFO.palette
     return default_palette(len(CLASS_LISTS[names][0]))
 
 
