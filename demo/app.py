@@ -252,10 +252,10 @@ class FrameGrabber:
                 return True
         return False
 
-    def get(self, timeout_s: float = 0.1) -> np.ndarray | None:
-        """Next frame; None when the source has ended. Waits in slices of `timeout_s`."""
+    def get(self, timeout_s: float = 0.1, cancel: threading.Event | None = None) -> np.ndarray | None:
+        """Next frame; None when the source has ended or `cancel` is set. Waits in slices of `timeout_s`."""
         with self._cv:
-            while self._slot is None and not self._done:
+            while self._slot is None and not self._done and not (cancel is not None and cancel.is_set()):
                 self._cv.wait(timeout_s)
             frame, self._slot = self._slot, None
             self._cv.notify_all()
@@ -589,7 +589,8 @@ def run_demo(sessions: Sequence[SegSession], source: str | int | None = None, *,
                            retry_delay_s=retry_delay_s).start()
 
     stop = threading.Event()
-    restore = _install_sigterm(stop)
+    stop_reason: list[str] = []
+    restore = _install_stop_signals(stop, stop_reason)
     recorder: Recorder | None = None
     renderer: Renderer | None = None
     show_overlay = True
@@ -615,7 +616,9 @@ def run_demo(sessions: Sequence[SegSession], source: str | int | None = None, *,
                 elif key == ord("s") and canvas is not None:
                     result.snapshots.append(str(_snapshot(canvas, snapshot_dir)))
                 continue
-            frame = grabber.get()
+            frame = grabber.get(cancel=stop)
+            if frame is None and stop.is_set():
+                continue  # a signal asked to stop: leave through the loop's else
             if frame is None:
                 result.stop_reason = grabber.end_reason or "source ended"
                 result.error = grabber.error
@@ -672,8 +675,8 @@ def run_demo(sessions: Sequence[SegSession], source: str | int | None = None, *,
                 elif key == ord("s"):
                     result.snapshots.append(str(_snapshot(canvas, snapshot_dir)))
         else:
-            result.stop_reason = "terminated (SIGTERM)"
-    except KeyboardInterrupt:
+            result.stop_reason = stop_reason[0] if stop_reason else "stopped"
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
         result.stop_reason = "interrupted"
     except BaseException:
         if recorder is not None:
@@ -721,15 +724,29 @@ def _snapshot(canvas: np.ndarray, folder: str | os.PathLike) -> Path:
     return path
 
 
-def _install_sigterm(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM ends the run like q (recording finalised). Only possible from the main thread."""
+def _install_stop_signals(stop: threading.Event, reason: list[str]) -> Callable[[], None]:
+    """Ctrl-C and SIGTERM end the run like q, between frames, so the recording's frame count is exact.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (for a stuck model). Only possible from the main thread.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+
+    def on_signal(signum: int, _frame) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        reason.append("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)")
+        stop.set()
+
     try:
-        old = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     except (ValueError, OSError):
         return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, old)
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return restore
 
 
 # --------------------------------------------------------------------------------------------------- sessions
