@@ -16,6 +16,9 @@ EPILOG = """examples:
       --input-size 352x480 --device cuda --out runs/offseg_t --resume
   # two processes (GPUs, or gloo on the CPU); --batch-size is the global batch
   torchrun --nproc_per_node=2 -m edgeseg train --model offseg_t --data camvid.npz --iters 20000 --out runs/ddp
+  # fine-tune from the shipped default (or an official checkpoint) with a new schedule
+  edgeseg train --model offseg_t --data ../shared/data/camvid --init edgeseg/assets/checkpoints/offseg_t_camvid \
+      --iters 2000 --out runs/offseg_t_ft
   # pack the data into one small file to carry to a GPU machine
   python -m edgeseg.train.pack ../shared/data/camvid camvid.npz
 """
@@ -59,6 +62,8 @@ def add_arguments(p) -> None:
                    "below --iters)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument("--init", metavar="CKPT", help="start from these weights: an edgeseg checkpoint folder or an "
+                   "official .pth/.safetensors state dict (class-count-dependent tensors start fresh)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
     p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
     p.add_argument("--val-interval", type=int, default=None, help="validate every N steps (default 1000 or "
@@ -98,6 +103,7 @@ def run(args) -> int:
         seed=args.seed, num_workers=args.workers, augment_on_device=not args.augment_on_cpu,
         amp=False if args.no_amp else None, skip_bad=args.skip_bad, stop_after=args.stop_after,
         time_limit_s=args.max_minutes * 60 if args.max_minutes else None, progress=not args.no_progress,
+        init=args.init,
     )
     import os
 

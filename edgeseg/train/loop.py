@@ -226,6 +226,37 @@ def _metrics_summary(res: dict, step: int, split: str, input_hw) -> dict:
     return d
 
 
+def init_weights(net: nn.Module, src: str | Path) -> list[str]:
+    """Load starting weights into `net` from an edgeseg checkpoint folder or an official state-dict file.
+
+    Every tensor must exist in both with the same name (a wrong model is refused, naming the keys). Tensors whose
+    shape differs only because the class count differs (classifier, class embedding: e.g. an ADE20K checkpoint
+    fine-tuned on CamVid) are left freshly initialised and returned, with a warning.
+    """
+    from edgeseg.checkpoint import WEIGHTS, load_state_dict_file
+
+    p = Path(src)
+    wfile = p / WEIGHTS if p.is_dir() else p
+    if p.is_dir() and not wfile.is_file():
+        raise UsageError(f"--init {src}: no {WEIGHTS} in that folder (expected an edgeseg checkpoint)")
+    state = load_state_dict_file(wfile)
+    ref = net.state_dict()
+    missing = sorted(set(ref) - set(state))
+    unexpected = sorted(set(state) - set(ref))
+    if missing or unexpected:
+        raise UsageError(f"--init {src}: does not match this model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); use `edgeseg import` for other layouts")
+    reset = [k for k in ref if tuple(state[k].shape) != tuple(ref[k].shape)]
+    with torch.no_grad():
+        for k, v in ref.items():
+            if k not in reset:
+                v.copy_(state[k].to(v.dtype))
+    if reset:
+        log.warning("--init %s: %d tensor(s) differ in shape (class count?) and start fresh: %s", src, len(reset),
+                    ", ".join(reset[:6]) + (" ..." if len(reset) > 6 else ""))
+    return reset
+
+
 def fit(model: str | nn.Module, data, *, model_name: str | None = None, model_kwargs: dict | None = None,
         fmt: str | None = None, train_split: str = "train", val_split: str | None = "val", val_data=None,
         iters: int | None = None, epochs: int | None = None, batch_size: int = 8,
@@ -239,13 +270,14 @@ def fit(model: str | nn.Module, data, *, model_name: str | None = None, model_kw
         augment_on_device: bool = True, amp: bool | None = None, channels_last: bool | None = None,
         val_batch_size: int | None = None, skip_bad: bool = False, stop_after: int | None = None,
         time_limit_s: float | None = None, progress: bool = True, spec_overrides: dict | None = None,
-        on_step: Callable[[int], None] | None = None) -> dict:
+        init: str | Path | None = None, on_step: Callable[[int], None] | None = None) -> dict:
     """Train `model` (a registered name, or a module with `model_name` given) on `data` (dataset folder,
     `.npz` pack or dataset object). Exactly one of `iters` / `epochs` sets the length (default 1000 iters).
 
     `stop_after` / `time_limit_s` end this invocation early (after that many total steps / seconds) with a
     save, for chunked training; call again with `resume=True` to continue. `on_step(step)` is called after
-    every completed step (tests use it to simulate a crash). Returns a summary dict (steps, best and last
+    every completed step (tests use it to simulate a crash). `init` starts from the weights of an edgeseg
+    checkpoint or an official state-dict file (`init_weights`) instead of a random init. Returns a summary dict (steps, best and last
     validation metrics, images/s, paths).
     """
     t_start = time.time()
@@ -326,6 +358,8 @@ def fit(model: str | nn.Module, data, *, model_name: str | None = None, model_kw
             model_name = model
             _seed_all(seed)
             net = create_model(model, num_classes=info.num_classes, **(model_kwargs or {}))
+            if init is not None and not resume:
+                init_weights(net, init)
         else:
             if not model_name:
                 raise UsageError("fit: pass model_name= with a model object (it goes into model.json)")
@@ -340,7 +374,8 @@ def fit(model: str | nn.Module, data, *, model_name: str | None = None, model_kw
                   "head_lr_mult": head_lr_mult, "weight_decay": weight_decay, "warmup_iters": warmup_iters,
                   "power": power, "seed": seed, "world_size": world, "scale_range": list(scale_range),
                   "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
-                  "train_split": train_split, "val_split": val_split, "num_train": int(n_train)}
+                  "train_split": train_split, "val_split": val_split, "num_train": int(n_train),
+                  "init": str(init) if init is not None else None}
 
         step, best_miou, best_metrics, last_metrics = 0, -1.0, None, None
         if resume:
