@@ -85,7 +85,11 @@ def _isolated_main() -> None:
     import sys
 
     req = json.loads(Path(sys.argv[1]).read_text())
-    logging.basicConfig(level=req["log_level"], format="%(message)s")
+    logging.basicConfig(level=req["log_level"], format=req.get("log_prefix", "").replace("%", "%%") + "%(message)s")
+    if req.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(req["threads"]))
     try:
         mod, name = req["func"].split(":")
         msg = ["ok", str(getattr(importlib.import_module(mod), name)(*req["args"], **req["kwargs"]))]
@@ -94,10 +98,11 @@ def _isolated_main() -> None:
     Path(req["result"]).write_text(json.dumps(msg))
 
 
-def call_isolated(func: str, *args: Any, **kwargs: Any) -> str:
+def call_isolated(func: str, *args: Any, _threads: int | None = None, _log_prefix: str = "", **kwargs: Any) -> str:
     """Call `func` ("module:function") with JSON-able arguments (paths become strings) in a fresh Python process
     and return `str()` of its result. A fresh interpreter via subprocess rather than multiprocessing, whose spawn
-    start re-imports the caller's `__main__` (breaking scripts without a main guard).
+    start re-imports the caller's `__main__` (breaking scripts without a main guard). `_threads` caps the child's
+    OpenMP/torch threads (concurrent children share the cores); `_log_prefix` starts each of its log lines.
 
     Raises:
         ArtifactError with the child's one-line error, or naming the signal that killed the child.
@@ -113,9 +118,13 @@ def call_isolated(func: str, *args: Any, **kwargs: Any) -> str:
     with tempfile.TemporaryDirectory(prefix="edgeseg-call-") as d:
         req, res = Path(d) / "request.json", Path(d) / "result.json"
         req.write_text(json.dumps({"func": func, "args": list(args), "kwargs": kwargs, "result": str(res),
-                                   "log_level": logging.getLogger().getEffectiveLevel()}, default=str))
+                                   "log_level": logging.getLogger().getEffectiveLevel(), "log_prefix": _log_prefix,
+                                   "threads": _threads}, default=str))
+        env = dict(os.environ)
+        if _threads:
+            env["OMP_NUM_THREADS"] = str(_threads)
         proc = subprocess.run([sys.executable, "-c", "from edgeseg.pipeline import _isolated_main; _isolated_main()",
-                               str(req)], stdin=subprocess.DEVNULL)
+                               str(req)], stdin=subprocess.DEVNULL, env=env)
         msg = json.loads(res.read_text()) if res.is_file() else None
     if msg is None:
         code = proc.returncode
@@ -126,11 +135,17 @@ def call_isolated(func: str, *args: Any, **kwargs: Any) -> str:
     return msg[1]
 
 
-def export_isolated(*args: Any, **kwargs: Any) -> Path:
+def export_isolated(*args: Any, _threads: int | None = None, _log_prefix: str = "", **kwargs: Any) -> Path:
     """`edgeseg.export.export_checkpoint` in its own process, so that a vendor converter that crashes the
     interpreter (seen here: a segfault inside openvino 2026.4.1's `Core.query_model` on test_segnext) fails only
     its own target instead of the whole run."""
-    return Path(call_isolated("edgeseg.export:export_checkpoint", *args, **kwargs))
+    return Path(call_isolated("edgeseg.export:export_checkpoint", *args, _threads=_threads, _log_prefix=_log_prefix,
+                              **kwargs))
+
+
+# Relative export cost per target (measured on offseg_t at 192x256): the longest start first, so that concurrent
+# export processes finish together (longest-processing-time-first scheduling).
+EXPORT_COST = {"executorch-xnnpack": 6.0, "coreml": 4.0, "onnx": 1.5, "jetson-tensorrt": 1.5, "openvino": 1.0}
 
 
 def _target_precisions(targets: Sequence[str] | None, precisions: Sequence[str]
@@ -169,7 +184,8 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
                  targets: Sequence[str] | None = None, out: str | Path = "runs/pipeline", force: bool = False, *,
                  precisions: Sequence[str] = PRECISIONS, split: str = "val", max_images: int | None = None,
                  threads: int | None = None, warmup: int = 2, runs: int = 10, num_maps: int = 2,
-                 isolate_exports: bool = True, progress: bool = True) -> PipelineResult:
+                 isolate_exports: bool = True, export_jobs: int | None = None,
+                 progress: bool = True) -> PipelineResult:
     """Export, validate, bench and report in one go.
 
     Args:
@@ -186,7 +202,10 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
         warmup, runs: bench warm-up and timed runs per artifact.
         num_maps: label maps saved per artifact for the disagreement plots.
         isolate_exports: run each export in its own process (a converter that crashes the interpreter then
-            fails only its own row); False runs them in this process.
+            fails only its own row); False runs them in this process, one after the other.
+        export_jobs: exports running at once (isolated processes; default: the CPU count, at most 4). Most of an
+            export is single-threaded graph work (torch.export, partitioning, conversion), so on 2 cores two at
+            once take about half the wall time; each process gets cpu_count // export_jobs threads.
         progress: tqdm step bar on stderr.
     Returns:
         PipelineResult; `exit_code` is 1 if any target failed to export, validate or bench, or failed a check.
@@ -249,22 +268,54 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
         failed_exports: list[dict[str, Any]] = [failed_record(f["target"], f["precision"], f["reason"])
                                                 for f in profile_failures]
         t = time.perf_counter()
-        for target, precision in jobs:
-            step(f"export {target} {precision}")
+        ncpu = os.cpu_count() or 1
+        njobs = max(1, min(export_jobs or min(4, ncpu), len(jobs) or 1)) if isolate_exports else 1
+        per_job_threads = max(1, ncpu // njobs) if njobs > 1 else None
+        order = sorted(jobs, key=lambda j: -EXPORT_COST.get(j[0], 1.0) * (1.5 if j[1] == "int8" else 1.0))
+        results: dict[tuple[str, str], Any] = {}
+
+        def one_export(job: tuple[str, str]) -> tuple[tuple[str, str], Any, float]:
+            target, precision = job
             dest = tmp / "artifacts" / f"{target}-{precision}"
             t0 = time.perf_counter()
+            log.info("export %s %s: started", target, precision)
+            kw = dict(calib=calib_root if precision == "int8" else None, out=dest, force=True, progress=False,
+                      **PIPELINE_OPTIONS.get((target, precision), {}))
             try:
-                export = export_isolated if isolate_exports else export_checkpoint
-                art = export(ckpt, target, precision, calib=calib_root if precision == "int8" else None,
-                             out=dest, force=True, progress=False, **PIPELINE_OPTIONS.get((target, precision), {}))
-                artifacts.append(art)
-                log.info("export %s %s: ok (%.1f s)", target, precision, time.perf_counter() - t0)
+                if isolate_exports:
+                    art = export_isolated(ckpt, target, precision, _threads=per_job_threads,
+                                          _log_prefix=f"[{target} {precision}] " if njobs > 1 else "", **kw)
+                else:
+                    art = export_checkpoint(ckpt, target, precision, **kw)
+                return job, art, time.perf_counter() - t0
             except Exception as e:  # a failed target is a FAILED row and a non-zero exit, never dropped
                 log.debug("export %s %s failed", target, precision, exc_info=True)
-                reason = f"export: {_one_line(e)}"
-                log.error("export %s %s: FAILED: %s", target, precision, reason)
-                failed_exports.append(failed_record(target, precision, reason, artifact=dest))
-            bar.update(1)
+                return job, e, time.perf_counter() - t0
+
+        if njobs > 1:
+            log.info("exporting %d artifacts, %d at once (%d thread(s) each)", len(order), njobs, per_job_threads)
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(max_workers=njobs) as pool:  # threads only wait on the export processes
+            futures = [pool.submit(one_export, j) for j in order]
+            for fut in as_completed(futures):
+                (target, precision), res, secs = fut.result()
+                step(f"export {target} {precision}")
+                results[(target, precision)] = res
+                if isinstance(res, Exception):
+                    reason = f"export: {_one_line(res)}"
+                    log.error("export %s %s: FAILED: %s (%.1f s)", target, precision, reason, secs)
+                else:
+                    log.info("export %s %s: ok (%.1f s)", target, precision, secs)
+                bar.update(1)
+        # rows in the profiles' order, whatever order the exports finished in
+        for target, precision in jobs:
+            res = results[(target, precision)]
+            if isinstance(res, Exception):
+                failed_exports.append(failed_record(target, precision, f"export: {_one_line(res)}",
+                                                    artifact=tmp / "artifacts" / f"{target}-{precision}"))
+            else:
+                artifacts.append(res)
         steps["export"] = time.perf_counter() - t
 
         # 3. validate (reference: each artifact's source checkpoint, eager PyTorch)

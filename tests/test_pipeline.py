@@ -78,3 +78,24 @@ def test_isolated_call_survives_a_crashing_converter():
         call_isolated("ctypes:string_at", 0)
     with pytest.raises(ArtifactError, match="checkpoint not found"):
         call_isolated("edgeseg.export:export_checkpoint", "/nonexistent/ckpt", "onnx")
+
+
+def test_concurrent_exports_real_targets(tmp_path, camvid_root, caplog):
+    """Two exports at once (isolated processes), real ONNX Runtime and OpenVINO: every fp32 row agrees with eager
+    PyTorch, rows come back in the profiles' order whatever order the exports finished in, the report is
+    written."""
+    from edgeseg.pipeline import run_pipeline
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    data = few_camvid(camvid_root, tmp_path / "camvid", n_train=1, n_val=2)
+    caplog.set_level("INFO", logger="edgeseg.pipeline")
+    res = run_pipeline(ckpt, data, targets=["openvino", "onnx"], precisions=["fp32"], out=tmp_path / "run",
+                       progress=False, export_jobs=2, runs=2, warmup=1, threads=1)
+    assert "2 at once" in caplog.text
+    assert res.exit_code == 0, res.failures
+    assert [(r["target"], r["precision"], r["status"]) for r in res.rows] == [("openvino", "fp32", "ok"),
+                                                                           ("onnx", "fp32", "ok")]
+    assert all(r["agreement"] >= 0.999 and r["num_images"] == 2 for r in res.rows)
+    assert (tmp_path / "run" / "report" / "report.md").is_file()
+    summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert summary["step_seconds"]["export"] > 0 and len(summary["rows"]) == 2

@@ -19,19 +19,28 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--max-images", type=int, metavar="N", help="validate on the first N images only")
     p.add_argument("--threads", type=int, metavar="N", help="bench threads (default: min(4, CPU count))")
+    p.add_argument("--jobs", type=int, metavar="N", help="exports running at once, each in its own process "
+                   "(default: the CPU count, at most 4; 1 = one after the other)")
     p.add_argument("--runs", type=int, default=10, metavar="N", help="bench timed runs (default: 10)")
     p.add_argument("--json", metavar="OUT", help="also write the final rows as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
+    from edgeseg.errors import UsageError
+
+    for flag in ("jobs", "runs", "threads", "max_images"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {v}: must be >= 1")
     from edgeseg.fileio import write_json
     from edgeseg.pipeline import run_pipeline
     from edgeseg.report.render import text_table
 
     res = run_pipeline(checkpoint=args.checkpoint, data=args.data, targets=args.targets, out=args.out,
                        force=args.force, precisions=args.precisions, split=args.split, max_images=args.max_images,
-                       threads=args.threads, runs=args.runs, progress=not args.no_progress)
+                       threads=args.threads, runs=args.runs, export_jobs=args.jobs,
+                       progress=not args.no_progress)
     print(text_table(res.rows))
     for n in res.notes:
         print(f"note: {n}")
