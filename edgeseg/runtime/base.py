@@ -33,6 +33,7 @@ class Session(ABC):
         manifest: the artifact's Manifest (for a checkpoint, a Manifest synthesised from model.json).
         path: the artifact (or checkpoint) folder.
         num_threads: CPU threads the runtime may use (None = runtime default).
+        notes: lines for the validation record about how this host runs the artifact (set by `_load`).
     """
 
     def __init__(self, path: str | Path, manifest, num_threads: int | None = None, **kwargs: Any):
@@ -40,6 +41,7 @@ class Session(ABC):
         self.manifest = manifest
         self.num_threads = num_threads
         self.kwargs = kwargs
+        self.notes: list[str] = []
         self._load()
 
     # -- to implement ------------------------------------------------------------------------------------------
