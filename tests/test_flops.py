@@ -96,3 +96,59 @@ def test_models_command(tmp_path, capsys):
     assert r["gmac_input"]["gmac_total"] < g["gmac_total"]  # 384x480 < 512x512
     assert main(["models", "--pattern", "no_such_*"]) == 2
     assert "matches no model" in capsys.readouterr().err
+
+
+class NeedsData(nn.Module):
+    """A forward that reads a value (as some models do): impossible on the meta device."""
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv(x) * float(x.abs().sum() >= 0)
+
+
+def test_meta_count_equals_cpu_count(caplog):
+    """`count_registered` builds on the meta device (shapes only) and must give the real forward's numbers."""
+    from edgeseg.models import create_model, list_models
+    from edgeseg.models.flops import count_registered
+
+    # one variant per family of hard modules (SegNeXt: NMF; OffSeg backbone + FreqFusion + offset learning + AFM);
+    # meta kernels are slow Python, so not all six
+    names = ["test_segnext", "test_offseg_afm"]
+    assert set(names) <= set(list_models("test_*"))
+    sizes = [(64, 96)]
+    for name in names:
+        with caplog.at_level("DEBUG", logger="edgeseg.models.flops"):
+            caplog.clear()
+            fast = count_registered(name, 11, sizes)
+        assert not [r for r in caplog.records if "counting on the CPU" in r.getMessage()], (name, caplog.text)
+        torch.manual_seed(0)
+        cpu = create_model(name, num_classes=11)
+        assert fast == [count(cpu, hw) for hw in sizes], name
+
+
+def test_segnext_builds_on_meta_and_cpu_bases_are_the_seeded_draw():
+    from edgeseg.models import create_model
+    from edgeseg.models.ham_head import default_bases
+
+    with torch.device("meta"):
+        m = create_model("test_segnext", num_classes=11)
+    assert {t.device.type for t in (*m.parameters(), *m.buffers())} == {"meta"}
+    ham = create_model("test_segnext", num_classes=11).decode_head.hamburger.ham
+    assert ham.bases.device.type == "cpu" and torch.equal(ham.bases, default_bases(ham.S, ham.D, ham.R))
+
+
+def test_model_that_needs_data_falls_back_to_the_cpu(monkeypatch, caplog):
+    from edgeseg.models import registry
+    from edgeseg.models.flops import count_registered
+
+    monkeypatch.setattr(registry, "create_model", lambda name, num_classes, **kw: NeedsData(num_classes))
+    import edgeseg.models as models_pkg
+
+    monkeypatch.setattr(models_pkg, "create_model", lambda name, num_classes, **kw: NeedsData(num_classes))
+    with caplog.at_level("DEBUG", logger="edgeseg.models.flops"):
+        (r,) = count_registered("needs_data", 2, [(8, 8)])
+    assert "counting on the CPU" in caplog.text
+    assert r == count(NeedsData(2), (8, 8)) and r["gmac_conv"] * 1e9 == pytest.approx(64 * 3 * 2)

@@ -26,14 +26,13 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
 
-    import torch
     from tqdm import tqdm
 
     from edgeseg.commands.train import parse_hw
     from edgeseg.errors import UsageError
     from edgeseg.fileio import write_json
-    from edgeseg.models import create_model, get_entry, list_models
-    from edgeseg.models.flops import count
+    from edgeseg.models import get_entry, list_models
+    from edgeseg.models.flops import count_registered
 
     names = list_models(args.pattern)
     if not names:
@@ -48,19 +47,16 @@ def run(args) -> int:
         counted_hw = (-(-hw[0] // 32) * 32, -(-hw[1] // 32) * 32)
     rows = []
     for name in tqdm(names, desc="counting", unit="model", disable=args.no_progress, file=sys.stderr):
-        torch.manual_seed(0)
-        model = create_model(name, num_classes=args.num_classes)
-        at512 = count(model, (512, 512))
+        at512, *at_input = count_registered(name, args.num_classes, [(512, 512)] + ([counted_hw] if hw else []))
         row = {"name": name, "description": get_entry(name).description, "params": at512["params"],
                "num_classes": args.num_classes,
                "gmac_512": {k: at512[k] for k in ("gmac_total", "gmac_conv", "gmac_matmul")}}
         if hw:
-            r = count(model, counted_hw)
+            r = at_input[0]
             row["input_hw"] = list(hw)
             row["counted_hw"] = list(counted_hw)
             row["gmac_input"] = {k: r[k] for k in ("gmac_total", "gmac_conv", "gmac_matmul")}
         rows.append(row)
-        del model
 
     head = f"{'model':<22}{'params':>9}  {'GMAC@512² (conv+matmul)':>26}"
     if hw:

@@ -12,12 +12,20 @@ eval mode under `no_grad`, on the CPU. Buckets (aten ops seen by the dispatcher;
   table lacks and is added here with the same formula: the two batched matmuls Q·Kᵀ and A·V).
 - `gmac_total`: everything the counter saw (the two buckets above; element-wise ops, norms, resizes,
   softmax and FFTs are not counted by torch's counter and appear in no bucket).
+
+`count_registered` builds a registered variant on the meta device (no weight initialisation, no arithmetic:
+the counter only needs shapes) and falls back to a real CPU forward for a model that needs data. The counts are
+the same either way (tested).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
 from torch.utils import flop_counter as _fc
+
+log = logging.getLogger(__name__)
 
 _CONV_OPS = ("convolution", "_convolution", "cudnn_convolution", "convolution_overrideable",
              "_slow_conv2d_forward")
@@ -83,3 +91,22 @@ def count(model: nn.Module, input_hw: tuple[int, int] | int = (512, 512)) -> dic
         "gmac_matmul": matmul / 2 / 1e9,
         "input_hw": [h, w],
     }
+
+
+def count_registered(name: str, num_classes: int, sizes, **model_kwargs) -> list[dict]:
+    """`count` of the registered model `name` at each of `sizes` ((H, W) pairs); one model is built.
+
+    Built and run on the meta device where the model allows it (its __init__ and forward need no tensor data);
+    otherwise (any error on meta) built with seed 0 and run on the CPU, where a real error surfaces again.
+    """
+    from edgeseg.models import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes, **model_kwargs)
+        return [count(model, hw) for hw in sizes]
+    except Exception as e:  # noqa: BLE001  (the CPU path below re-raises whatever is a real error)
+        log.debug("%s: counting on the CPU (meta device: %s: %s)", name, type(e).__name__, e)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=num_classes, **model_kwargs)
+    return [count(model, hw) for hw in sizes]

@@ -52,7 +52,10 @@ class ConvModule(nn.Module):
 def default_bases(S: int, D: int, R: int, seed: int = NMF_SEED) -> torch.Tensor:
     """The official draw `F.normalize(torch.rand((S, D, R)), dim=1)` from a generator seeded with `seed`."""
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.rand((S, D, R), generator=g), dim=1)
+    # Drawn on the CPU (where the generator lives) whatever the default device, then moved: under
+    # `with torch.device("meta"|"cuda")` the draw would otherwise meet a CPU generator on another device.
+    b = F.normalize(torch.rand((S, D, R), generator=g, device="cpu"), dim=1)
+    return b.to(torch.get_default_device())
 
 
 class NMF2D(nn.Module):

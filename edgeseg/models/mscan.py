@@ -161,7 +161,7 @@ class MSCAN(nn.Module):
         self.depths = list(depths)
         self.num_stages = num_stages
         self.embed_dims = list(embed_dims)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         cur = 0
         for i in range(num_stages):
             if i == 0:
