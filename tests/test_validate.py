@@ -235,3 +235,21 @@ def test_cli_validate_and_bench(tmp_path, ckpt, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 1 and "FAILED" in out and "threads: 1" in out
     assert json.loads((tmp_path / "b.json").read_text())[0]["latency_ms"]["p50"] > 0
+
+
+def test_read_manifest_dict_is_read_manifest(tmp_path, ckpt):
+    """validate reads manifests through export.base.read_manifest: the same dict, the same checks and messages."""
+    from edgeseg.errors import ArtifactError
+    from edgeseg.eval.validate import read_manifest_dict
+    from edgeseg.export.base import read_manifest
+
+    art = make_artifact(tmp_path / "a", ckpt, "onnx-fp32")
+    assert read_manifest_dict(art) == read_manifest(art).to_json()
+    m = json.loads((art / "manifest.json").read_text())
+    m["model_file"] = str(tmp_path / "elsewhere")  # absolute: read_manifest refuses it, so must validate
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as ours:
+        read_manifest_dict(art)
+    with pytest.raises(ArtifactError) as theirs:
+        read_manifest(art)
+    assert "absolute path" in str(ours.value) and str(ours.value) == str(theirs.value)

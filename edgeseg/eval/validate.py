@@ -117,19 +117,16 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float | int | None]:
 # Artifacts and references
 # ----------------------------------------------------------------------------------------------------------------
 def read_manifest_dict(artifact_dir: str | Path) -> dict[str, Any]:
-    """The raw `manifest.json` of an artifact folder (no hash check; `open_session` does that)."""
-    p = Path(artifact_dir) / MANIFEST
-    if not p.is_file():
-        raise ArtifactError(f"{p}: missing; not an edgeseg artifact folder")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{p}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ArtifactError(f"{p}: not an edgeseg manifest (JSON nested too deeply)") from None
-    if not isinstance(d, dict):
-        raise ArtifactError(f"{p}: not an edgeseg manifest")
-    return d
+    """The artifact's manifest as a dict, parsed and checked by `edgeseg.export.base.read_manifest` (one parser,
+    one set of checks: types, paths inside the folder, model_file hashed); no hash check (`open_session` does
+    that). Fields the file omits hold the Manifest defaults, as the runtimes see them.
+
+    Raises:
+        ArtifactError (one line naming the manifest) for a missing, unparsable or malformed manifest.
+    """
+    from edgeseg.export.base import read_manifest  # imported here: validate stays light until it is used
+
+    return read_manifest(artifact_dir).to_json()
 
 
 def artifact_size_bytes(artifact_dir: str | Path, manifest: dict[str, Any]) -> int:
