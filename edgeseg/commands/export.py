@@ -7,6 +7,7 @@ EPILOG = """examples:
   edgeseg export --checkpoint ckpts/offseg_t_camvid --target executorch-xnnpack --out out/et-fp32
   edgeseg export --checkpoint ckpts/offseg_t_camvid --target onnx --precision int8 --calib data/camvid --out out/onnx-int8
   edgeseg export --checkpoint ckpts/segnext_t --target jetson-tensorrt --precision int8 --input-size 512x512 --force
+  edgeseg export --checkpoint ckpts/offseg_t_camvid --target openvino --precision int8 --max-miou-drop 0.01 --data data/camvid
 """
 
 
@@ -21,6 +22,13 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile option (TOML value syntax, e.g. output=\"argmax\"); repeatable")
+    p.add_argument("--max-miou-drop", type=float, metavar="X",
+                   help="int8 accuracy budget (fraction, 0.01 = one mIoU point): validate on --data's val split "
+                        "against the fp32 checkpoint and keep the most sensitive layers float until the drop "
+                        "is at most X; exit 1 with the round table if it cannot (needs a target that runs here)")
+    p.add_argument("--data", metavar="DIR", help="with --max-miou-drop: dataset root whose val split validates")
+    p.add_argument("--val-images", type=int, metavar="N", help="with --max-miou-drop: validate on the first N "
+                   "images only (default: all)")
     p.add_argument("--list-targets", action="store_true", help="print the target profiles and exit")
     p.add_argument("--json", metavar="OUT", help="write the summary (or the target list) as JSON")
 
@@ -85,6 +93,10 @@ def run(args) -> int:
         return _list_targets(args)
     if not args.checkpoint or not args.target:
         raise UsageError("--checkpoint and --target are required (or --list-targets)")
+    if args.max_miou_drop is not None:
+        return _run_budget(args)
+    if args.data or args.val_images is not None:
+        raise UsageError("--data/--val-images: only used with --max-miou-drop")
     out = export_checkpoint(args.checkpoint, args.target, args.precision,
                             input_hw=_parse_hw(args.input_size) if args.input_size else None, calib=args.calib,
                             out=args.out, force=args.force, **_parse_options(args.option))
@@ -111,4 +123,40 @@ def run(args) -> int:
         print(f"{k:<{width}}  {v}")
     if args.json:
         write_json(args.json, {"artifact": str(out), "manifest": m})
+    return 0
+
+
+def _run_budget(args) -> int:
+    from edgeseg.errors import ArtifactError, UsageError
+    from edgeseg.fileio import write_json
+    from edgeseg.quant.budget import check_budget, check_runnable, format_table, quantize_with_budget
+
+    check_budget(args.max_miou_drop)
+    if args.precision != "int8":
+        raise UsageError("--max-miou-drop: needs --precision int8")
+    if not args.data:
+        raise UsageError("--max-miou-drop: needs --data DIR (the validation set)")
+    check_runnable(args.target)
+    header = format_table([], args.max_miou_drop)
+    print(header, flush=True)
+
+    def show(row):
+        print(format_table([row], args.max_miou_drop).splitlines()[1], flush=True)
+
+    res = quantize_with_budget(args.checkpoint, args.target, args.data, args.max_miou_drop, out=args.out,
+                               force=args.force, input_hw=_parse_hw(args.input_size) if args.input_size else None,
+                               calib=args.calib, max_images=args.val_images, on_round=show,
+                               **_parse_options(args.option))
+    if args.json:
+        write_json(args.json, {k: v for k, v in res.items() if k != "table"})
+    if not res["passed"]:
+        hint = (f"; try --option keep_float=[...] with {', '.join(res['suggested_keep_float'])}"
+                if res["suggested_keep_float"] else "")
+        last = res["rounds"][-1] if res["rounds"] else None
+        raise ArtifactError(
+            f"--max-miou-drop {args.max_miou_drop}: int8 still loses {100 * last['miou_drop']:.2f} mIoU points "
+            f"after {len(res['rounds'])} round(s) ({last['num_float_layers']} layers float); nothing written to "
+            f"the artifact folder; table: {res['json']}{hint}")
+    print(f"artifact  {res['artifact']}  ({len(res['float_layers'])} layers kept float: "
+          f"{', '.join(res['float_layers']) or 'none'}; table: {res['json']})")
     return 0

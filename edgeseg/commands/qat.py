@@ -6,6 +6,7 @@ EPILOG = """examples:
   edgeseg qat --checkpoint ckpts/offseg_t_camvid --target executorch-xnnpack --data data/camvid --iters 2000
   edgeseg qat --checkpoint ckpts/segnext_t --target onnx --data data/camvid --out runs/qat-onnx --resume
   edgeseg export --checkpoint runs/qat-onnx/checkpoint --target onnx --precision int8
+  edgeseg qat --checkpoint ckpts/offseg_t_camvid --target openvino --data data/camvid --max-miou-drop 0.005
 """
 
 
@@ -26,9 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern to keep in float (fnmatch; '!PATTERN' drops a default); repeatable")
     p.add_argument("--max-miou-drop", type=float, metavar="X",
-                   help="accuracy budget (int8 loses at most X mIoU, 0..1): not implemented yet (issue 5), "
-                        "refused before any work; pick layers with `edgeseg quant-report` and pass them to "
-                        "--keep-float")
+                   help="accuracy budget (fraction, 0.01 = one mIoU point): after training, export int8 to "
+                        "<out>/int8, validate it on --data's val split against the fp32 checkpoint; exit 1 with "
+                        "the table if it loses more (no silent retraining; the hint names layers for --keep-float)")
     p.add_argument("--val-interval", type=int, help="validate every N iterations (default: min(iters, 1000))")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
 
@@ -36,13 +37,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from edgeseg.errors import UsageError
+    if args.max_miou_drop is not None:  # checked before a whole training run is spent
+        from edgeseg.quant.budget import check_budget, check_runnable
 
-    if args.max_miou_drop is not None:
-        # TODO(issue 5): quantize_with_budget (export int8, keep the most sensitive layers float until it fits).
-        # Refused up front: a budget that cannot be honoured must not cost a whole training run first.
-        raise UsageError("--max-miou-drop: the accuracy budget is not implemented yet (issue 5); run "
-                         "`edgeseg quant-report` to find the most sensitive layers and pass them to --keep-float")
+        check_budget(args.max_miou_drop)
+        check_runnable(args.target)
 
     from edgeseg.fileio import write_json
     from edgeseg.quant.qat import qat
@@ -60,6 +59,33 @@ def run(args) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    budget = None
+    if args.max_miou_drop is not None:
+        budget = _check_budget(args, res["checkpoint"], out)
+        res["budget"] = {k: v for k, v in budget.items() if k != "table"}
     if args.json:
         write_json(args.json, {k: v for k, v in res.items()})
+    if budget is not None and not budget["passed"]:
+        from edgeseg.errors import ArtifactError
+
+        last = budget["rounds"][-1]
+        hint = (f"; re-run qat with --keep-float for {', '.join(budget['suggested_keep_float'])}"
+                if budget["suggested_keep_float"] else "")
+        raise ArtifactError(f"--max-miou-drop {args.max_miou_drop}: the QAT int8 artifact loses "
+                            f"{100 * last['miou_drop']:.2f} mIoU points; the QAT checkpoint is kept, no artifact "
+                            f"written; table: {budget['json']}{hint}")
     return 0
+
+
+def _check_budget(args, checkpoint, out):
+    """Export the QAT checkpoint to <out>/int8 and validate it against the fp32 checkpoint QAT started from
+    (one round: no retraining here)."""
+    from edgeseg.quant.budget import format_table, quantize_with_budget
+
+    print(format_table([], args.max_miou_drop))
+    res = quantize_with_budget(checkpoint, args.target, args.data, args.max_miou_drop, out=out / "int8",
+                               force=True, json_path=out / "budget.json", reference=args.checkpoint,
+                               on_round=lambda row: print(format_table([row], args.max_miou_drop).splitlines()[1]))
+    if res["passed"]:
+        print(f"int8 artifact  {res['artifact']}  (within the budget; table: {res['json']})")
+    return res

@@ -104,8 +104,12 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
     qat_record = None
     if precision == "int8" and (spec.quant or {}).get("program"):
         # QAT checkpoint (edgeseg qat): export its converted int8 graph, which carries the learned scales
-        from edgeseg.quant.qat import load_qat_program
+        from edgeseg.quant.qat import check_export_target, load_qat_program
 
+        check_export_target(spec.quant, target, str(checkpoint))
+        if tuple(getattr(opts, "keep_float", ()) or ()):
+            raise UsageError(f"options.keep_float: {checkpoint} is a QAT checkpoint whose float modules were fixed "
+                             "in training (edgeseg qat --keep-float); its int8 graph cannot change them")
         model, qat_record = load_qat_program(checkpoint)
         if list(input_hw) != list(qat_record.get("input_hw", input_hw)):
             raise UsageError(f"--input-size: the QAT program of {checkpoint} is for "

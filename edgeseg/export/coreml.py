@@ -10,6 +10,9 @@ Precisions: fp32, fp16 (the default: fp16 compute and weights) and int8, either
     program, restricted to conv/linear/conv_transpose weights so that constants such as grid_sample's base grid
     or the AFM DFT matrices stay float.
 
+A QAT checkpoint (`edgeseg qat --target coreml`, the same CoreMLQuantizer scheme, fake-quantized in training) is
+converted from its converted PT2E graph as is, so the program carries the learned scales (no calibration).
+
 Core ML cannot execute on Linux: here the exporter inspects the saved program (op histogram, weight dtypes,
 quantized ops present) and the manifest says "not executed on this host"; on macOS the same path executes it
 (the proof runs `MLModel.predict`) and lists the ops the compute plan does not place on the Neural Engine.
@@ -269,8 +272,9 @@ def _cached_patterns() -> None:
     utils._edgeseg_cached = True
 
 
-def coreml_quantizer():
-    """Core ML's W8A8 PT2E quantizer: int8 symmetric per-channel weights, uint8 per-tensor activations.
+def coreml_quantizer(per_channel: bool = True):
+    """Core ML's W8A8 PT2E quantizer: int8 symmetric per-channel (or per-tensor) weights, uint8 per-tensor
+    activations. The same object serves PTQ (prepare_pt2e) and QAT (prepare_qat_pt2e, edgeseg.quant.qat).
 
     The returned quantizer also takes `set_filter_function(keep)` (nodes for which `keep(node)` is False stay
     unannotated, i.e. float), which `edgeseg.quant.policy.FloatPolicy.apply_pt2e` uses; executorch 1.5.1's
@@ -300,7 +304,7 @@ def coreml_quantizer():
 
     cfg = LinearQuantizerConfig.from_dict({"global_config": {
         "quantization_scheme": "symmetric", "activation_dtype": torch.quint8, "weight_dtype": torch.qint8,
-        "weight_per_channel": True}})
+        "weight_per_channel": bool(per_channel)}})
     return FilteredCoreMLQuantizer(cfg)
 
 
@@ -425,6 +429,13 @@ def compute_plan_fallbacks(path: Path, compute_units: str) -> list[str] | None:
         return None
 
 
+def _check_w8a8_target(options: CoreMLOptions) -> None:
+    if not re.fullmatch(r"(iOS(1[7-9]|[2-9]\d)|macOS(1[4-9]|[2-9]\d)|tvOS(1[7-9]|[2-9]\d)|watchOS(1[0-9]|[2-9]\d))",
+                        options.minimum_deployment_target):
+        raise UsageError(f"options.minimum_deployment_target: W8A8 needs iOS17/macOS14 or later (quantize/"
+                         f"dequantize ops), not {options.minimum_deployment_target}")
+
+
 class CoreMLExporter(Exporter):
     """Core ML ML program (.mlpackage): fp32, fp16, int8 (W8A8 PT2E or weight-only)."""
 
@@ -451,12 +462,16 @@ class CoreMLExporter(Exporter):
         quant: dict[str, Any] = {}
         t = time.perf_counter()
         source = model
-        w8a8 = precision == "int8" and options.int8_mode == "w8a8"
-        if w8a8:
-            if not re.fullmatch(r"(iOS(1[7-9]|[2-9]\d)|macOS(1[4-9]|[2-9]\d)|tvOS(1[7-9]|[2-9]\d)|"
-                                r"watchOS(1[0-9]|[2-9]\d))", options.minimum_deployment_target):
-                raise UsageError(f"options.minimum_deployment_target: W8A8 needs iOS17/macOS14 or later (quantize/"
-                                 f"dequantize ops), not {options.minimum_deployment_target}")
+        prequantized = getattr(model, "prequantized", None) if precision == "int8" else None
+        w8a8 = precision == "int8" and (options.int8_mode == "w8a8" or bool(prequantized))
+        if prequantized:
+            # QAT graph (edgeseg qat --target coreml): already quantize/dequantize with the learned scales;
+            # ct.convert turns them into quantize/dequantize + int8 constexpr weights, no calibration here
+            _check_w8a8_target(options)
+            quant = {**prequantized, "calibration_images": 0,
+                     "conversion": "ct.convert of the QAT-converted PT2E graph (CoreMLQuantizer scheme)"}
+        elif w8a8:
+            _check_w8a8_target(options)
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: coreml W8A8 needs calibration images")
             policy = export_float_policy(model, options)

@@ -1,5 +1,7 @@
 """OpenVINO exporter: IR (`model.xml` + `model.bin`) through `ov.convert_model`; fp32, fp16 (weights stored fp16),
-int8 through NNCF post-training quantization of the OpenVINO model. Heavy imports stay inside functions.
+int8 through NNCF post-training quantization of the OpenVINO model, or, for a QAT checkpoint (`edgeseg qat
+--target openvino`), the converted PT2E graph as is: `ov.convert_model` turns its quantize/dequantize pairs into
+FakeQuantize nodes with the learned scales and NNCF is not run. Heavy imports stay inside functions.
 
 Conversion route: `torch.export.export(wrapper)` -> `ov.convert_model(ExportedProgram)`. Measured here (openvino
 2026.4.1, torch 2.13): OffSeg-T converts through torch.export but not through the TorchScript module route, so the
@@ -345,7 +347,7 @@ def cpu_flags() -> list[str]:
 
 
 class OpenVINOExporter(Exporter):
-    """OpenVINO IR for Intel CPU/GPU/NPU: fp32, fp16 (fp16 weights), int8 (NNCF PTQ)."""
+    """OpenVINO IR for Intel CPU/GPU/NPU: fp32, fp16 (fp16 weights), int8 (NNCF PTQ, or a QAT checkpoint's graph)."""
 
     name = "openvino"
     precisions = ("fp32", "fp16", "int8")
@@ -368,7 +370,14 @@ class OpenVINOExporter(Exporter):
 
         quant: dict[str, Any] = {}
         float_names: list[str] = []
-        if precision == "int8":
+        prequantized = getattr(model, "prequantized", None) if precision == "int8" else None
+        if prequantized:
+            # QAT graph (edgeseg qat): its q/dq ops with the learned scales became FakeQuantize nodes in
+            # convert_model; NNCF PTQ on top would re-calibrate them and throw the learned scales away.
+            quant = {**prequantized, "calibration_images": 0,
+                     "conversion": "ov.convert_model of the QAT-converted PT2E graph (q/dq -> FakeQuantize); "
+                                   "no NNCF PTQ"}
+        elif precision == "int8":
             t = time.perf_counter()
             policy = export_float_policy(model, options)
             float_names = float_node_names(converted, policy)

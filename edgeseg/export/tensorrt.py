@@ -1,7 +1,9 @@
 """jetson-tensorrt exporter: a TensorRT-friendly ONNX (static shapes, opset >= 18; int8 as QDQ with symmetric
 int8 activations and weights, which is TensorRT's explicit quantization) plus the exact `trtexec` command and a
-small on-device build/run script. The engine is device-specific, so it is built on the Jetson; when `tensorrt`
-is importable and a CUDA GPU is present here, the exporter builds and runs it too.
+small on-device build/run script. A QAT checkpoint (`edgeseg qat --target jetson-tensorrt`, symmetric
+activations) is exported as ONNX QDQ straight from its converted PT2E graph, keeping the learned scales. The engine
+is device-specific, so it is built on the Jetson; when `tensorrt` is importable and a CUDA GPU is present here, the
+exporter builds and runs it too.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseg.errors import UsageError
+from edgeseg.errors import ArtifactError, UsageError
 from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, export_float_policy
 from edgeseg.export.onnx import MIN_OPSET, MODEL_FILE, export_onnx, op_histogram, quantize_qdq
 
@@ -162,11 +164,24 @@ class TensorrtExporter(Exporter):
             raise UsageError(f"--precision: jetson-tensorrt supports {', '.join(self.precisions)}, not {precision}")
         out_dir = Path(out_dir)
         output_name = model.output_contract(spec.num_classes)["name"]
-        fp32_path = out_dir / ("model_fp32.onnx" if precision == "int8" else MODEL_FILE)
+        prequantized = getattr(model, "prequantized", None) if precision == "int8" else None
+        fp32_path = out_dir / ("model_fp32.onnx" if precision == "int8" and not prequantized else MODEL_FILE)
         t = time.perf_counter()
         export_onnx(model, fp32_path, options.opset, output_name)
         quant: dict[str, Any] = {}
-        if precision == "int8":
+        if prequantized:
+            # QAT graph (edgeseg qat --target jetson-tensorrt): its q/dq pairs with the learned scales are the
+            # QDQ nodes TensorRT reads; no ONNX Runtime calibration. TensorRT needs zero points of 0.
+            if not op_histogram(out_dir / MODEL_FILE).get("QuantizeLinear"):
+                raise ArtifactError(f"{out_dir / MODEL_FILE}: the QAT graph exported without QuantizeLinear nodes")
+            asym = asymmetric_quantize_nodes(out_dir / MODEL_FILE)
+            if asym:
+                raise ArtifactError(f"{out_dir / MODEL_FILE}: {len(asym)} QuantizeLinear node(s) with a non-zero zero "
+                                    f"point (e.g. {asym[0]}); TensorRT takes symmetric int8 only: fine-tune with "
+                                    "`edgeseg qat --target jetson-tensorrt`")
+            quant = {**prequantized, "calibration_images": 0,
+                     "conversion": "ONNX QDQ of the QAT-converted PT2E graph (learned scales, symmetric)"}
+        elif precision == "int8":
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: jetson-tensorrt needs calibration images")
             # TensorRT explicit quantization takes symmetric int8 (zero point 0) for activations and weights.
@@ -196,6 +211,27 @@ class TensorrtExporter(Exporter):
                             not_executed_reason=why_not or "TensorRT engine built and run here (see "
                             "inspection.tensorrt); the shipped artifact is the ONNX, rebuilt on the Jetson",
                             quantization=quant, inspection=inspection)
+
+
+def asymmetric_quantize_nodes(path: Path) -> list[str]:
+    """Names of the QuantizeLinear nodes of an ONNX file whose zero point is not all zeros."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    vals = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    vals[n.output[0]] = numpy_helper.to_array(a.t)
+    out = []
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2]:
+            zp = vals.get(n.input[2])
+            if zp is None or np.any(zp != 0):
+                out.append(n.name)
+    return out
 
 
 def _ort_check(path: Path, model) -> dict[str, Any]:

@@ -15,7 +15,10 @@ Flow (PT2E, torchao 0.18 / executorch 1.5.1):
      `torch.export.load` reads that file back as a serialized graph + tensors: it does not unpickle arbitrary
      code (the program is a schema'd graph; weights are tensor payloads).
   5. `edgeseg export --checkpoint <out>/checkpoint --target T --precision int8` finds `quant.program` and hands
-     the converted graph to the exporter (`load_qat_program`), which exports it without its own PTQ.
+     the converted graph to the exporter (`load_qat_program`), which exports it without its own PTQ:
+     executorch/onnx (QDQ), jetson-tensorrt (ONNX QDQ, symmetric: zero points checked), openvino
+     (ov.convert_model: q/dq -> FakeQuantize, no NNCF), coreml (ct.convert: quantize/dequantize + int8
+     constexpr weights). `FAMILY_EXPORTS` says which targets take which QAT scheme.
 
 Must not import export runtimes at module level.
 """
@@ -42,9 +45,29 @@ QAT_TARGETS: dict[str, tuple[str, str]] = {
     "onnx": ("xnnpack", "PT2E QAT int8 (XNNPACKQuantizer scheme), exported as ONNX QDQ"),
     "jetson-tensorrt": ("xnnpack-symmetric", "PT2E QAT int8, symmetric per-tensor activations and per-channel "
                                              "weights (TensorRT explicit quantization), exported as ONNX QDQ"),
-    "openvino": ("openvino", "PT2E QAT int8 with executorch's OpenVINOQuantizer (NNCF scheme)"),
+    "openvino": ("openvino", "PT2E QAT int8 with executorch's OpenVINOQuantizer (NNCF INT8_SYM placement), "
+                             "fake-quantized in training; 7-bit weights (NNCF overflow fix)"),
     "coreml": ("coreml", "PT2E QAT W8A8 with executorch's CoreMLQuantizer (coremltools LinearQuantizerConfig)"),
 }
+
+# quantizer family -> export targets that carry its converted graph faithfully (the jetson-tensorrt ONNX needs
+# zero points of 0, openvino needs float weights behind q/dq pairs, Core ML its own scheme)
+FAMILY_EXPORTS: dict[str, tuple[str, ...]] = {
+    "xnnpack": ("executorch-xnnpack", "onnx"),
+    "xnnpack-symmetric": ("jetson-tensorrt", "onnx", "executorch-xnnpack"),
+    "openvino": ("openvino",),
+    "coreml": ("coreml",),
+}
+
+
+def check_export_target(quant: dict[str, Any], target: str, where: str) -> None:
+    """UsageError unless a QAT checkpoint's graph (its `quant` record) can be exported to `target`."""
+    family = quant.get("quantizer") or QAT_TARGETS.get(quant.get("target", ""), ("",))[0]
+    ok = FAMILY_EXPORTS.get(family, ())
+    if target not in ok:
+        raise UsageError(f"--target {target}: {where} was fine-tuned for {quant.get('target')}'s int8 scheme "
+                         f"({family}), which exports to {', '.join(ok) or 'no target'}; re-run `edgeseg qat "
+                         f"--target {target}`, or export the float checkpoint it came from")
 
 
 def target_quantizer(target: str, per_channel: bool = True, is_qat: bool = True):
@@ -66,20 +89,86 @@ def target_quantizer(target: str, per_channel: bool = True, is_qat: bool = True)
                 cfg = _symmetric_activations(cfg)
             return XNNPACKQuantizer().set_global(cfg)
         if family == "openvino":
-            from executorch.backends.openvino.quantizer import OpenVINOQuantizer
-
-            return OpenVINOQuantizer()
+            return openvino_qat_quantizer()
         if family == "coreml":
-            import coremltools as ct
-            from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+            from edgeseg.export.coreml import coreml_quantizer
 
-            cfg = ct.optimize.torch.quantization.LinearQuantizerConfig.from_dict({"global_config": {
-                "quantization_scheme": "symmetric", "activation_dtype": "quint8", "weight_dtype": "qint8",
-                "weight_per_channel": per_channel}})
-            return CoreMLQuantizer(cfg)
+            # the exporter's quantizer: memoised patterns (one prepare costs ~110 s without) and a node filter
+            # for the float policy (executorch 1.5.1's CoreMLQuantizer has neither)
+            return coreml_quantizer(per_channel=per_channel)
     except ImportError as e:
         raise UsageError(f"--target {target}: its QAT quantizer is not importable here ({e})") from None
     raise UsageError(f"--target {target}: no quantizer")  # pragma: no cover
+
+
+def openvino_qat_quantizer():
+    """executorch's OpenVINOQuantizer (NNCF's INT8_SYM scheme) made usable for PT2E QAT and the float policy.
+
+    * It annotates activations on the producer's output, so a conv's `input_qspec_map` holds only its weight;
+      torchao 0.18's conv-BN QAT fusion maps that dict by position (input, weight, bias) and failed with
+      IndexError on every conv+BN (measured on qat_tiny). An explicit `None` input entry (no extra observer:
+      the producer's output observer still quantizes it) restores the positions.
+    * Its specs name plain observers (HistogramObserver, PerChannelMinMaxObserver), which prepare_qat_pt2e would
+      insert as is: training would then see float activations and weights, not int8. `_fake_quant_spec` swaps
+      in FakeQuantize modules with moving-average observers of the same dtype/range/qscheme (the XNNPACK QAT
+      configuration's choice), so the forward pass rounds like the OpenVINO int8 model will.
+    * `set_filter_function(keep)`: nodes with `keep(node)` False go to NNCF's ignored scope by FX node name
+      (OpenVINOQuantizer has no module-name hook).
+    """
+    from executorch.backends.openvino.quantizer import OpenVINOQuantizer
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    class QatOpenVINOQuantizer(OpenVINOQuantizer):
+        filter_fn = None
+
+        def set_filter_function(self, fn):
+            self.filter_fn = fn
+            return self
+
+        def annotate(self, model):
+            if self.filter_fn is not None:
+                names = [n.name for n in model.graph.nodes if n.op == "call_function" and not self.filter_fn(n)]
+                if names:
+                    self.set_ignored_scope(names=names, validate=False)
+            model = super().annotate(model)
+            for n in model.graph.nodes:
+                qa = n.meta.get("quantization_annotation")
+                if not isinstance(qa, QuantizationAnnotation):
+                    continue
+                qa.input_qspec_map = {k: _fake_quant_spec(v, reduce_weight_range=True)
+                                      for k, v in qa.input_qspec_map.items()}
+                qa.output_qspec = _fake_quant_spec(qa.output_qspec)
+                if (n.op == "call_function" and n.args and "conv" in str(n.target)
+                        and n.args[0] not in qa.input_qspec_map):
+                    qa.input_qspec_map = {n.args[0]: None, **qa.input_qspec_map}
+            return model
+
+    return QatOpenVINOQuantizer()
+
+
+def _fake_quant_spec(spec, reduce_weight_range: bool = False):
+    """A QuantizationSpec whose observer is wrapped in a FakeQuantize (moving-average min/max); other specs
+    (None, shared, derived, already fake-quant) unchanged."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase, FakeQuantize
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    if not isinstance(spec, QuantizationSpec):
+        return spec
+    ctr = spec.observer_or_fake_quant_ctr
+    cls = getattr(getattr(ctr, "p", None), "func", ctr)
+    if isinstance(cls, type) and issubclass(cls, FakeQuantizeBase):
+        return spec
+    extra = {}
+    if spec.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
+        obs = MovingAveragePerChannelMinMaxObserver.with_args(ch_axis=spec.ch_axis or 0)
+        if reduce_weight_range and spec.dtype == torch.int8:
+            # 7-bit weights, as the openvino exporter's NNCF overflow fix ("enable") does for PTQ: u8 x s8 kernels
+            # without VNNI (VPMADDUBSW) saturate their int16 sums with full 8-bit weights
+            extra = {"quant_min": -64, "quant_max": 63}
+    else:
+        obs = MovingAverageMinMaxObserver
+    return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=obs), **extra)
 
 
 def _symmetric_activations(cfg):
@@ -128,14 +217,20 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     return prepared
 
 
-def convert_qat(prepared: nn.Module, input_hw: Sequence[int]) -> "torch.export.ExportedProgram":
-    """Freeze the learned scales: eval mode, convert_pt2e, re-export with a dynamic batch."""
+def convert_qat(prepared: nn.Module, input_hw: Sequence[int], fold_quantize: bool = True
+                ) -> "torch.export.ExportedProgram":
+    """Freeze the learned scales: eval mode, convert_pt2e, re-export with a dynamic batch.
+
+    `fold_quantize=False` keeps float weights behind a quantize/dequantize pair instead of int8 constants with a
+    lone dequantize: openvino 2026.4.1's PyTorch frontend converts the pair to a FakeQuantize but leaves a lone
+    dequantize's int8 constant as is (measured: "Arguments do not have the same element type (i8, f32)" at the
+    first convolution of qat_tiny)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     gm = copy.deepcopy(prepared).cpu()
     move_exported_model_to_eval(gm)
-    converted = convert_pt2e(gm)
+    converted = convert_pt2e(gm, fold_quantize=fold_quantize)
     h, w = int(input_hw[0]), int(input_hw[1])
     batch = torch.export.Dim("batch", min=1, max=1024)
     return torch.export.export(converted, (torch.randn(2, 3, h, w),), dynamic_shapes=({0: batch},), strict=False)
@@ -194,6 +289,10 @@ def load_qat_program(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]
     path = checkpoint / prog
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (named by model.json quant.program)")
+    # registers the quantized_decomposed q/dq ops the program refers to (torch.export.load resolves ops by name;
+    # without it a fresh process fails on `dequantize_per_channel`)
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
     try:
         ep = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001
@@ -237,7 +336,7 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
                   force=force, val_interval=val_interval, progress=progress, seed=seed, channels_last=False,
                   **fit_kwargs)
     prepared = prepared.cpu()
-    ep = convert_qat(prepared, hw)
+    ep = convert_qat(prepared, hw, fold_quantize=QAT_TARGETS[target][0] != "openvino")
     _copy_weights(prepared, model)
     quant = {"target": target, "scheme": QAT_TARGETS[target][1], "quantizer": QAT_TARGETS[target][0],
              "per_channel_weights": per_channel, "program": PROGRAM_FILE, "input_hw": list(hw),
@@ -254,5 +353,6 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
             "observer_scales": observer_scales(prepared)}
 
 
-__all__ = ["QAT_TARGETS", "PROGRAM_FILE", "target_quantizer", "prepare_qat", "convert_qat", "observer_scales",
+__all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
+           "target_quantizer", "prepare_qat", "convert_qat", "observer_scales",
            "program_scales", "load_qat_program", "qat"]
