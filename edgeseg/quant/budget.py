@@ -110,7 +110,7 @@ def quantize_with_budget(checkpoint: str | Path, target: str, data: str | Path, 
         UsageError: bad budget/target/out; ArtifactError: an export or a validation run failed.
     """
     from edgeseg.checkpoint import load_spec
-    from edgeseg.eval.validate import validate
+    from edgeseg.eval.validate import Thresholds, validate
     from edgeseg.export import export_checkpoint
     from edgeseg.fileio import atomic_dir, clean_stale, write_json
 
@@ -154,8 +154,10 @@ def quantize_with_budget(checkpoint: str | Path, target: str, data: str | Path, 
             art = export_checkpoint(checkpoint, target, "int8", input_hw=input_hw, calib=calib,
                                     out=work / f"round{rnd}", force=True, progress=progress,
                                     keep_float=base_float + added, **options)
-            rec = validate([art], data, split, reference=reference or checkpoint,
-                           max_images=max_images, progress=progress)[0]
+            # judged by the budget alone (validate's own int8 rules would log FAILED on a fitting round)
+            rec = validate([art], data, split, reference=reference or checkpoint, max_images=max_images,
+                           progress=progress, thresholds=Thresholds(min_agreement={"int8": 0.0},
+                                                                    max_miou_drop={"int8": budget}))[0]
             if rec["status"] == "not run":
                 raise UsageError(f"--max-miou-drop: {target} artifacts do not run on this host "
                                  f"({'; '.join(rec['notes']) or 'not executed'}); the budget needs a runnable target")
