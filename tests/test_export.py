@@ -1,6 +1,7 @@
 """Exporters, manifests, runtimes: real vendor tools on tiny models at 64x64 (tests/_tiny.py + `test_*` models).
 
-Exports are cached per (target, model, precision) for the module: one conversion serves several tests.
+Exports come from the session's cache (tests/conftest.py `exports`): one conversion serves every test that needs
+it; `@pytest.mark.exports` declares them so that a helper process can make them ahead of the tests.
 """
 from __future__ import annotations
 
@@ -50,35 +51,12 @@ def _require(target: str) -> None:
         pytest.skip(f"{target}: missing {'; '.join(missing)}")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("export")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(workdir):
-    cache: dict[str, Path] = {}
-
-    def get(model: str) -> Path:
-        if model not in cache:
-            cache[model] = _tiny.make_checkpoint(workdir / f"ckpt-{model}", model, HW)
-        return cache[model]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def exported(workdir, checkpoints):
-    cache: dict[tuple, Path] = {}
-
+@pytest.fixture
+def exported(exports):
+    """The session's shared export cache (tests/conftest.py), target first; skips a target whose tools are missing."""
     def get(target: str, model: str = _tiny.TINY, precision: str = "fp32", **options) -> Path:
-        key = (target, model, precision, tuple(sorted(options.items())))
-        if key not in cache:
-            _require(target)
-            torch.set_num_threads(1)
-            out = workdir / f"{target}-{model}-{precision}-{len(cache)}"
-            cache[key] = export_checkpoint(checkpoints(model), target, precision, out=out, **options)
-        return cache[key]
+        _require(target)
+        return exports.get(target, model, precision, **options)
 
     return get
 
@@ -149,6 +127,8 @@ def _cases():
             yield pytest.param(target, model, marks=marks, id=f"{target}-{model}")
 
 
+@pytest.mark.exports(lambda p: [] if (p["target"], p["model"]) in _KNOWN_BROKEN  # the xfail: made in the test
+                      else [(p["target"], p["model"], "fp32")])
 @pytest.mark.parametrize("target, model", list(_cases()))
 def test_fp32_export_manifest_and_runtime_agree_with_eager(target, model, exported, checkpoints):
     art = exported(target, model)
@@ -207,6 +187,7 @@ def test_modified_file_is_caught_by_sha256(target, exported, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # int8
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.exports([("executorch-xnnpack", _tiny.TINY, "int8")])
 def test_executorch_int8_delegates_quantized_ops(exported):
     art = exported("executorch-xnnpack", precision="int8")
     m = json.loads((art / MANIFEST).read_text())
@@ -219,6 +200,7 @@ def test_executorch_int8_delegates_quantized_ops(exported):
     assert m["proof"]["argmax_agreement"] >= 0.8
 
 
+@pytest.mark.exports([("onnx", _tiny.TINY, "int8")])
 def test_onnx_int8_is_qdq_and_close_to_eager(exported):
     art = exported("onnx", precision="int8")
     m = json.loads((art / MANIFEST).read_text())
@@ -235,6 +217,7 @@ def test_onnx_int8_is_qdq_and_close_to_eager(exported):
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98, np.abs(a - b).max()
 
 
+@pytest.mark.exports([("jetson-tensorrt", _tiny.TINY, "int8")])
 def test_jetson_tensorrt_int8_is_symmetric_qdq_with_build_files(exported):
     _require("jetson-tensorrt")
     art = exported("jetson-tensorrt", precision="int8")
@@ -256,6 +239,7 @@ def test_jetson_tensorrt_int8_is_symmetric_qdq_with_build_files(exported):
 # ----------------------------------------------------------------------------------------------------------------
 # In-graph pre/post-processing, --force, interruption, CLI
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.exports([("onnx", _tiny.TINY, "fp32", dict(input_dtype="uint8", input_layout="NHWC", output="argmax"))])
 def test_uint8_nhwc_input_and_argmax_output(exported, checkpoints):
     art = exported("onnx", input_dtype="uint8", input_layout="NHWC", output="argmax")
     m = json.loads((art / MANIFEST).read_text())
@@ -439,6 +423,7 @@ def _onnx_float_violations(path: Path, policy) -> tuple[int, list[str]]:
     return len(region), bad
 
 
+@pytest.mark.exports(lambda p: [("onnx", p["model"], "int8")])
 @pytest.mark.parametrize("model", ["test_segnext", "test_offseg"])
 def test_onnx_int8_keeps_float_policy_modules_float(model, exported):
     """ORT quantize_static gets the float modules' nodes as nodes_to_exclude (test_segnext's NMF bmm used to fail
@@ -459,6 +444,7 @@ def test_onnx_int8_keeps_float_policy_modules_float(model, exported):
 
 
 @pytest.mark.slow
+@pytest.mark.exports([("onnx", "test_segnext", "int8", {"float_defaults": False})])
 def test_onnx_int8_per_channel_matmul_weights_run_in_ort(exported):
     """With the float policy off, NMF's bmm against the stored bases buffer is quantized: its weight must be
     per-tensor (ORT's QLinearMatMul rejects a per-channel zero point on a 3-D B)."""
@@ -502,6 +488,7 @@ def test_executorch_pt2e_filter_leaves_float_modules_unobserved(model, checkpoin
 
 
 @pytest.mark.slow
+@pytest.mark.exports([("executorch-xnnpack", "test_segnext", "int8")])
 def test_executorch_int8_float_policy_end_to_end(exported):
     art = exported("executorch-xnnpack", "test_segnext", "int8")
     q = json.loads((art / MANIFEST).read_text())["quantization"]

@@ -27,7 +27,7 @@ pytest.importorskip("coremltools")
 
 MODELS = [_tiny.TINY] + list_models("test_*")
 # Fast suite: tiny_ops (the hard ops), SegNeXt (NMF) and OffSeg-AFM (OffsetLearning, AFM DFT); the other variants
-# are marked slow. One export per (model, precision, options) is shared by all tests of the module (`exported`).
+# are marked slow. One export per (model, precision, options) is shared by the session (`exported`, conftest.py).
 # W8A8 (PT2E CoreMLQuantizer) costs minutes per process on 2 cores: tiny_ops only in the fast suite.
 FAST = {_tiny.TINY, "test_segnext", "test_offseg_afm"}
 SUBSET = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODELS]
@@ -35,34 +35,11 @@ HW = (64, 64)
 ON_MAC = sys.platform == "darwin"
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("coreml")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(workdir):
-    cache: dict[str, Path] = {}
-
-    def get(model: str) -> Path:
-        if model not in cache:
-            cache[model] = _tiny.make_checkpoint(workdir / f"ckpt-{model}", model, HW)
-        return cache[model]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def exported(workdir, checkpoints):
-    cache: dict[tuple, Path] = {}
-
+@pytest.fixture
+def exported(exports):
+    """The session's shared export cache (tests/conftest.py) for coreml."""
     def get(model: str = _tiny.TINY, precision: str = "fp16", **options) -> Path:
-        key = (model, precision, tuple(sorted(options.items())))
-        if key not in cache:
-            torch.set_num_threads(1)
-            out = workdir / f"{model}-{precision}-{len(cache)}"
-            cache[key] = export_checkpoint(checkpoints(model), "coreml", precision, out=out, **options)
-        return cache[key]
+        return exports.get("coreml", model, precision, **options)
 
     return get
 
@@ -88,6 +65,7 @@ def _weights(insp: dict) -> dict[str, int]:
 _NEVER = ("upsample_bicubic2d", "fft", "complex", "angle")
 
 
+@pytest.mark.exports(lambda p: [("coreml", p["model"], "fp16")])
 @pytest.mark.parametrize("model", SUBSET)
 def test_fp16_program_structure(model, exported):
     art = exported(model, "fp16")
@@ -115,6 +93,7 @@ def test_tiny_ops_program_has_the_hard_ops(exported):
         assert hist.get(op, 0) >= 1, (op, hist)
 
 
+@pytest.mark.exports([("coreml", _tiny.TINY, "fp32")])
 def test_fp32_program_keeps_fp32_weights(exported):
     m = _manifest(exported(_tiny.TINY, "fp32"))
     w = _weights(m["inspection"])
@@ -122,6 +101,7 @@ def test_fp32_program_keeps_fp32_weights(exported):
     assert "cast" not in m["inspection"]["op_histogram"]  # no fp16 casts at the I/O
 
 
+@pytest.mark.exports(lambda p: [("coreml", p["model"], "int8", {"int8_mode": "weights"})])
 @pytest.mark.parametrize("model", [_tiny.TINY, pytest.param("test_offseg", marks=pytest.mark.slow)])
 def test_weight_only_int8_has_int8_constexpr_weights(model, exported):
     m = _manifest(exported(model, "int8", int8_mode="weights"))
@@ -134,6 +114,7 @@ def test_weight_only_int8_has_int8_constexpr_weights(model, exported):
     _check_execution_record(m)
 
 
+@pytest.mark.exports(lambda p: [("coreml", p["model"], "int8", {"int8_mode": "w8a8", "calib_count": 2})])
 @pytest.mark.parametrize("model", [_tiny.TINY, pytest.param("test_segnext", marks=pytest.mark.slow)])
 def test_w8a8_has_quantized_activations_and_int8_weights(model, exported):
     """test_segnext: NMF2D stays float (the float policy); quantized, its calibration saw NaN ("min nan should be
@@ -164,6 +145,7 @@ def test_session_refuses_to_run_off_macos(exported):
                 s.run(x)
 
 
+@pytest.mark.exports([("coreml", _tiny.TINY, "fp16", {"output": "argmax"})])
 def test_argmax_output_converts(exported):
     m = _manifest(exported(_tiny.TINY, "fp16", output="argmax"))
     insp = m["inspection"]

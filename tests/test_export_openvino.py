@@ -1,6 +1,6 @@
 """OpenVINO target: real ov.convert_model / NNCF / OpenVINO CPU runtime on the tiny models at 64x64.
 
-Exports are cached per (model, precision, options) for the module, as in test_export.py.
+Exports come from the session's cache (tests/conftest.py `exports`), as in test_export.py.
 """
 from __future__ import annotations
 
@@ -28,41 +28,18 @@ pytest.importorskip("nncf")
 # Every variant exports fp32 (the proof). fp16/int8 run on a representative subset in the fast suite (tiny_ops; SegNeXt
 # with GroupNorm + NMF, whose IR used to segfault compile_model in openvino 2026.4.1; OffSeg-AFM with OffsetLearning
 # + AFM, the float policy's other modules); the remaining variants are marked slow. One export per
-# (model, precision, options) is shared by every test of this module (the `exported` fixture).
+# (model, precision, options) is shared by every test of the session (the `exported` fixture, conftest.py).
 MODELS = [_tiny.TINY] + list_models("test_*")
 FAST = {_tiny.TINY, "test_segnext", "test_offseg_afm"}
 SUBSET = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODELS]
 HW = (64, 64)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("openvino")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(workdir):
-    cache: dict[str, Path] = {}
-
-    def get(model: str) -> Path:
-        if model not in cache:
-            cache[model] = _tiny.make_checkpoint(workdir / f"ckpt-{model}", model, HW)
-        return cache[model]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def exported(workdir, checkpoints):
-    cache: dict[tuple, Path] = {}
-
+@pytest.fixture
+def exported(exports):
+    """The session's shared export cache (tests/conftest.py) for openvino."""
     def get(model: str = _tiny.TINY, precision: str = "fp32", **options) -> Path:
-        key = (model, precision, tuple(sorted(options.items())))
-        if key not in cache:
-            torch.set_num_threads(1)
-            out = workdir / f"{model}-{precision}-{len(cache)}"
-            cache[key] = export_checkpoint(checkpoints(model), "openvino", precision, out=out, **options)
-        return cache[key]
+        return exports.get("openvino", model, precision, **options)
 
     return get
 
@@ -79,6 +56,7 @@ def _eager(checkpoint: Path, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.exports(lambda p: [("openvino", p["model"], "fp32")])
 @pytest.mark.parametrize("model", MODELS)
 def test_fp32_ir_agrees_with_eager(model, exported, checkpoints):
     art = exported(model, "fp32")
@@ -101,6 +79,7 @@ def test_fp32_ir_agrees_with_eager(model, exported, checkpoints):
     print(f"\n{model} fp32: max|dlogit| {np.abs(got - ref).max():.2e}, proof {m['proof']}")
 
 
+@pytest.mark.exports(lambda p: [("openvino", p["model"], "fp16")])
 @pytest.mark.parametrize("model", [m for m in SUBSET if m != "test_offseg_afm"])
 def test_fp16_ir_has_fp16_weights_and_agrees(model, exported):
     m = _manifest(exported(model, "fp16"))
@@ -111,6 +90,7 @@ def test_fp16_ir_has_fp16_weights_and_agrees(model, exported):
     assert m["proof"]["argmax_agreement"] >= 0.98, m["proof"]
 
 
+@pytest.mark.exports(lambda p: [("openvino", p["model"], "int8")])
 @pytest.mark.parametrize("model", SUBSET)
 def test_int8_nncf_ir_has_fake_quantize_int8_weights_and_runs_int8(model, exported):
     m = _manifest(exported(model, "int8"))
@@ -134,6 +114,8 @@ def test_int8_nncf_ir_has_fake_quantize_int8_weights_and_runs_int8(model, export
     assert m["proof"]["argmax_agreement"] >= 0.8, m["proof"]
 
 
+@pytest.mark.exports([("openvino", _tiny.TINY, "fp32",
+                       dict(input_dtype="uint8", input_layout="NHWC", output="argmax"))])
 def test_uint8_nhwc_input_with_argmax_output(exported, checkpoints):
     art = exported(_tiny.TINY, "fp32", input_dtype="uint8", input_layout="NHWC", output="argmax")
     m = _manifest(art)
@@ -148,7 +130,7 @@ def test_uint8_nhwc_input_with_argmax_output(exported, checkpoints):
     assert cmap.shape == (50, 70) and cmap.max() < len(_tiny.CLASSES)
 
 
-def test_session_sets_inference_threads_and_checks_input(exported):
+def test_session_sets_inference_threads_and_checks_input(exported, tmp_path):
     art = exported(_tiny.TINY, "fp32")
     with open_session(art, num_threads=1) as s:
         assert int(s._compiled.get_property("INFERENCE_NUM_THREADS")) == 1
@@ -156,7 +138,7 @@ def test_session_sets_inference_threads_and_checks_input(exported):
             s.run(np.zeros((1, 3, 32, 32), np.float32))
     # a changed .bin is caught before OpenVINO reads it
     import shutil
-    bad = art.parent / "tampered"
+    bad = tmp_path / "tampered"  # the artifact is shared by the session: change a copy, outside its folder
     shutil.copytree(art, bad)
     with open(bad / "model.bin", "r+b") as f:
         f.seek(100)
