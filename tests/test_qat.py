@@ -229,6 +229,19 @@ def test_jetson_artifact_is_symmetric_qdq_from_qat(tiny_ckpt_nobn, tiny_camvid, 
 
 
 @pytest.mark.slow
+def test_openvino_qat_with_batchnorm(tiny_ckpt, tiny_camvid, tmp_path):
+    """conv+BN under OpenVINOQuantizer QAT (torchao's conv-BN fusion needs the explicit None input entry; minutes:
+    the fusion's pattern tracing): the IR still matches the fake-quant graph."""
+    from edgeseg.export import export_checkpoint
+
+    res = _qat_tiny_run(tiny_ckpt, tiny_camvid, tmp_path / "run", "openvino")
+    art = export_checkpoint(res["checkpoint"], "openvino", "int8", out=tmp_path / "ov", progress=False)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["inspection"]["op_histogram"].get("FakeQuantize") == len(res["observer_scales"])
+    assert m["proof"]["argmax_agreement"] >= 0.999, m["proof"]
+
+
+@pytest.mark.slow
 def test_coreml_program_from_qat_has_quantized_ops(tiny_ckpt_nobn, tiny_camvid, tmp_path):
     """Core ML QAT (CoreMLQuantizer; minutes: its pattern matching) -> ct.convert of the converted graph: the
     program holds activation quantize/dequantize ops and int8 weights (Core ML cannot run on Linux)."""
