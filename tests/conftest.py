@@ -224,7 +224,8 @@ def exports(tmp_path_factory, pytestconfig):
     """`exports.get(target, model, precision, **options) -> artifact dir` and `exports.checkpoint(model)`."""
     plan = pytestconfig.stash.get(_PLAN, [])
     wanted = os.environ.get("EDGESEG_TEST_PREFETCH", "auto")
-    prefetch = len(plan) > 1 and (wanted == "1" or (wanted == "auto" and _idle_cpus() >= 0.75))
+    prefetch = len(plan) > 1 and (wanted == "1" or (wanted == "auto" and (os.cpu_count() or 1) > 1
+                                                    and _idle_cpus() >= 0.75))
     shared = SharedExports(tmp_path_factory.mktemp("exports"), plan, prefetch)
     pytestconfig.stash[_SHARED] = shared
     yield shared
