@@ -234,6 +234,14 @@ def test_jetson_tensorrt_int8_is_symmetric_qdq_with_build_files(exported):
     if not m["executed_here"]:
         assert "TensorRT" in m["not_executed_reason"] or "CUDA" in m["not_executed_reason"]
     assert m["inspection"]["onnxruntime_check"]["argmax_agreement"] >= 0.8
+    # checked here the way TensorRT computes int8 (ORT's reference QDQ arithmetic, not its saturating x86 kernels)
+    assert "reference" in m["inspection"]["onnxruntime_check"]["runtime"]
+    import onnxruntime as ort
+
+    with open_session(art) as sess:
+        assert sess.notes and "TensorRT" in sess.notes[0]
+        level = sess._sess.get_session_options().graph_optimization_level
+        assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
 
 # ----------------------------------------------------------------------------------------------------------------

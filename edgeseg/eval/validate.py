@@ -398,6 +398,7 @@ def _validate_one(art: Path, dataset, indices, reference, refs: _ReferenceCache,
         rec.update(status="not run", executed=False, passed=None, notes=[f"not run: {why}"])
         return rec
     rec["executed"] = True
+    rec["notes"] += list(getattr(session, "notes", []))  # how this host runs it (e.g. the Jetson int8 emulation)
     class_names = list(manifest.get("class_names") or dataset.info.class_names)
     num_classes = len(class_names)
     ignore_index = int(manifest.get("ignore_index", dataset.info.ignore_index))
