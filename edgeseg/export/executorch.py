@@ -73,6 +73,76 @@ def rewrite_last_dim_softmax(ep: "torch.export.ExportedProgram", example_inputs:
     return torch.export.export(gm, example_inputs, strict=False), count
 
 
+def _pixel_shuffle(x, r: int):
+    # torch's own decomposition ends in clone(memory_format=suggest_memory_format(x)): a channels-last clone
+    # when x has channels-last strides (a permuted view), which the XNNPACK partitioner refuses (it takes only
+    # dim-order-preserving clones), splitting the graph. Same values, plain contiguous layout.
+    n, c, h, w = x.shape
+    co = c // (r * r)
+    return x.reshape(n, co, r, r, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, co, h * r, w * r)
+
+
+def _pixel_unshuffle(x, r: int):
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // r, r, w // r, r).permute(0, 1, 3, 5, 2, 4).reshape(n, c * r * r, h // r, w // r)
+
+
+def _group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, cudnn_enabled: bool = True):
+    # XNNPACK has no group norm; its mean is 4-D over the last two axes only: (N, G, C/G, HW) means
+    n, c = x.shape[:2]
+    xg = x.reshape(n, num_groups, c // num_groups, -1)
+    centred = xg - xg.mean(dim=(-2, -1), keepdim=True)
+    var = (centred * centred).mean(dim=(-2, -1), keepdim=True)
+    y = (centred / (var + eps).sqrt()).reshape(x.shape)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def delegate_friendly_decompositions(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":
+    """Decompose the ops that would otherwise leave XNNPACK or split its partitions into ones it takes: GroupNorm
+    (4-D means, sub, mul, sqrt, div), pixel_shuffle / pixel_unshuffle without the channels-last clone. Every
+    op outside the delegate splits the graph into one more partition, and lowering time grows with the
+    partition count (each partition runs the whole XNNPACK pass pipeline; shared constants are deep-copied)."""
+    aten = torch.ops.aten
+    table = {aten.group_norm.default: _group_norm, aten.pixel_shuffle.default: _pixel_shuffle,
+             aten.pixel_unshuffle.default: _pixel_unshuffle}
+    if not any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions(table)
+
+
+def unshare_constants(ep: "torch.export.ExportedProgram") -> tuple["torch.export.ExportedProgram", int]:
+    """Give every user of a parameter / buffer / constant its own copy of it.
+
+    Why: the XNNPACK delegate serialises a constant once, in the form its first consumer wants (a convolution
+    packs and re-lays out its weight, a quantized one stores int8), and every other consumer in the same
+    partition reads that. Seen on executorch 1.5.1: SSA's `conv_seg.weight` used as the classifier conv's weight
+    and as prototype data (segfault / "Propagating input shapes failed" at run time), and FreqFusion's shared
+    one-hot kernels in an int8 graph ("Failed to create convolution node ... invalid_parameter").
+    The copies are small (shared tensors here are one-hot kernels and class embeddings).
+
+    Returns:
+        (the same program, modified in place; number of copies made).
+    """
+    from executorch.exir.backend.canonical_partitioners.duplicate_constant_node_pass import duplicate_constant_node
+    from torch.export.graph_signature import InputKind
+
+    kinds = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+    shared = [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind in kinds]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    copies = 0
+    for name in shared:
+        if name in nodes and len(nodes[name].users) > 1:
+            copies += len(duplicate_constant_node(ep, name))
+    if copies:
+        ep.graph_module.recompile()
+    return ep, copies
+
+
 def non_delegated_ops(program) -> dict[str, int]:
     """Histogram of the call_function ops of a lowered edge program that did not go into a delegate blob
     (`executorch_call_delegate` and `getitem` excluded). These run on ExecuTorch's portable CPU kernels."""
@@ -176,6 +246,10 @@ class ExecutorchExporter(Exporter):
         if options.fix_channels_last_softmax:
             ep, rewritten = rewrite_last_dim_softmax(ep, example)
         t = time.perf_counter()
+        ep = delegate_friendly_decompositions(ep)
+        ep, unshared = unshare_constants(ep)
+        timings["decompose"] = time.perf_counter() - t
+        t = time.perf_counter()
         try:
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
         except Exception as e:  # noqa: BLE001 - the vendor tool's failure becomes one line
@@ -196,7 +270,8 @@ class ExecutorchExporter(Exporter):
         return ExportResult(
             files=[MODEL_FILE], fallback_ops=sorted(hist), executed_here=True, quantization=quant,
             inspection={"delegate_calls": delegates, "non_delegated_op_counts": hist, "timings_s": timings,
-                        "delegated_op_counts": delegated, "softmax_rewritten_for_xnnpack": rewritten})
+                        "delegated_op_counts": delegated, "softmax_rewritten_for_xnnpack": rewritten,
+                        "constants_unshared": unshared})
 
 
 EXPORTER = ExecutorchExporter

@@ -171,18 +171,21 @@ class Attention4D(_BiasTableMixin, nn.Module):
         b, _, h, w = x.shape
         n = h * w
         heads = self.num_heads
-        q = self.q(x).reshape(b, heads, self.key_dim, n).transpose(2, 3)  # B, h, N, kd
-        k = self.k(x).reshape(b, heads, self.key_dim, n)  # B, h, kd, N
+        # heads folded into the batch: 3-D bmm (what a 4-D matmul computes, without the expand ops it adds to
+        # exported graphs, which XNNPACK does not delegate)
+        q = self.q(x).reshape(b * heads, self.key_dim, n).transpose(1, 2)  # B*h, N, kd
+        k = self.k(x).reshape(b * heads, self.key_dim, n)  # B*h, kd, N
         v_map = self.v(x)
         v_loc = self.v_local(v_map)
-        v = v_map.reshape(b, heads, self.d, n).transpose(2, 3)  # B, h, N, d
+        v = v_map.reshape(b * heads, self.d, n).transpose(1, 2)  # B*h, N, d
 
-        attn = (q @ k) * self.scale + self.attention_bias(n, n)
+        attn = torch.bmm(q, k).reshape(b, heads, n, n) * self.scale + self.attention_bias(n, n)
         attn = self.talking_head1(attn)
         attn = attn.softmax(dim=-1)
         attn = self.talking_head2(attn)
 
-        out = (attn @ v).transpose(2, 3).reshape(b, self.dh, h, w) + v_loc
+        out = torch.bmm(attn.reshape(b * heads, n, n), v)  # B*h, N, d
+        out = out.reshape(b, heads, n, self.d).transpose(2, 3).reshape(b, self.dh, h, w) + v_loc
         if self.stride_conv is not None:
             out = F.interpolate(out, scale_factor=float(self.attn_stride), mode="bilinear", align_corners=False)
         return self.proj(out)
@@ -247,15 +250,16 @@ class Attention4DDownsample(_BiasTableMixin, nn.Module):
         q_map = self.q(x)
         h2, w2 = q_map.shape[-2:]
         n2 = h2 * w2
-        q = q_map.reshape(b, heads, self.key_dim, n2).transpose(2, 3)  # B, h, N2, kd
-        k = self.k(x).reshape(b, heads, self.key_dim, n)
+        q = q_map.reshape(b * heads, self.key_dim, n2).transpose(1, 2)  # B*h, N2, kd
+        k = self.k(x).reshape(b * heads, self.key_dim, n)
         v_map = self.v(x)
         v_loc = self.v_local(v_map)
-        v = v_map.reshape(b, heads, self.d, n).transpose(2, 3)
+        v = v_map.reshape(b * heads, self.d, n).transpose(1, 2)  # B*h, N, d
 
-        attn = (q @ k) * self.scale + self.attention_bias(n2, n)
+        attn = torch.bmm(q, k).reshape(b, heads, n2, n) * self.scale + self.attention_bias(n2, n)
         attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(2, 3).reshape(b, self.dh, h2, w2) + v_loc
+        out = torch.bmm(attn.reshape(b * heads, n2, n), v)  # B*h, N2, d
+        out = out.reshape(b, heads, n2, self.d).transpose(2, 3).reshape(b, self.dh, h2, w2) + v_loc
         return self.proj(out)
 
 

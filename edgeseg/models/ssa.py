@@ -67,8 +67,22 @@ class LightHamHeadSSA(LightHamHead):
         self.gt_center_proj = nn.Linear(c, c, bias=False)
         self.feat_proj = nn.Identity()
         self.ssa_loss = _SSALossState(k)
+        # conv_seg's weight as (1, K, C) prototype data, baked by prepare_for_export (not in the state dict)
+        self.register_buffer("_export_proto", None, persistent=False)
+
+    def prepare_for_export(self, input_hw) -> None:
+        """Bake the fixed prototypes (conv_seg's weight) as a separate 3-D constant for the export form: the XNNPACK
+        delegate (executorch 1.5.1) crashes at run time when a 4-D conv weight is also read as data."""
+        k, c = self.num_classes, self.channels
+        self._export_proto = self.conv_seg.weight.detach().reshape(1, k, c).clone()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._export_proto = None  # new weights: the baked copy is stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def classify(self, feat: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._classify_export(feat)
         b, c, h, w = feat.shape
         k = self.num_classes
         coarse = self.cls_seg(feat).reshape(b, k, h * w)  # b, k, hw
@@ -92,3 +106,44 @@ class LightHamHeadSSA(LightHamHead):
         x = _l2n(x.reshape(b, c, h * w), dim=1)
         center = _l2n(center, dim=-1)
         return (center @ x).reshape(b, k, h, w) * SSA_SCALE
+
+    def _classify_export(self, feat: torch.Tensor) -> torch.Tensor:
+        """`classify` as traced graphs should hold it (torch.export / compile), equal up to float rounding: 3-D bmm
+        instead of matmul (no expand ops), softmax only over the last axis, sums over an axis as 4-D means over
+        the last two axes, no expand of a parameter for batch 1 - only ops the XNNPACK delegate takes."""
+        b, c, h, w = feat.shape
+        k, n = self.num_classes, h * w
+        coarse = self.cls_seg(feat).reshape(b, k, n)  # b, k, hw
+        feat_pos = self.get_feat_pos(feat)
+        feat_t = feat.reshape(b, c, n).transpose(1, 2)  # b, hw, c
+
+        # spatial prototype adaptation: class centre positions
+        attn = coarse.softmax(dim=-1)  # over space
+        pos_t = feat_pos.reshape(b, c, n).transpose(1, 2)
+        center_pos = self.center_pos.weight.reshape(1, k, c)
+        if b != 1:
+            center_pos = center_pos.expand(b, -1, -1)
+        center_pos = self.center_pos_proj(torch.cat([center_pos, torch.bmm(attn, pos_t)], dim=-1))  # b, k, c
+
+        # semantic prototype adaptation: class centres from the coarse masks
+        pred = coarse.transpose(1, 2).softmax(dim=-1).transpose(1, 2)  # over classes; b, k, hw
+        pred_proto = torch.bmm(pred, feat_t) / (_sum_last(pred) + 1e-12)  # b, k, c
+        proto = self._export_proto if self._export_proto is not None else self.conv_seg.weight.reshape(1, k, c)
+        if b != 1:
+            proto = proto.expand(b, -1, -1)
+        pred_proto = self.center_content_proj(torch.cat([pred_proto, proto], dim=-1))
+
+        x = self.feat_proj(feat + feat_pos).reshape(b, c, n).transpose(1, 2)  # b, hw, c
+        x = x / (torch.sqrt(_sum_last(x * x)) + 1e-12)
+        center = self.center_proj(pred_proto + center_pos)  # b, k, c
+        center = center / (torch.sqrt(_sum_last(center * center)) + 1e-12)
+        return torch.bmm(center, x.transpose(1, 2)).reshape(b, k, h, w) * SSA_SCALE
+
+
+def _sum_last(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis of a 3-D tensor, keepdim, as a 4-D mean over the last two axes (what XNNPACK's
+    mean takes; it has no sum)."""
+    b, m, n = t.shape
+    # (float(n): an int scalar becomes an int64 constant cast outside the delegate, a 0-dim delegate input that
+    # XNNPACK rejects at run time, "Propagating input shapes failed")
+    return t.reshape(b, m, n, 1).mean(dim=(2, 3), keepdim=True).reshape(b, m, 1) * float(n)

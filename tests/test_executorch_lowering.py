@@ -1,0 +1,137 @@
+"""ExecuTorch/XNNPACK lowering of the model parts that used to split the graph or fail inside the delegate at run
+time (issue #4): small modules, lowered with the exporter's own graph preparation, run in a child process (a
+delegate crash is a segfault, which must fail one test, not the whole run).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("executorch")
+
+from edgeseg.models import create_model  # noqa: E402
+from edgeseg.models.offset_learning import OffsetLearning  # noqa: E402
+
+
+def _lower(module: nn.Module, x: torch.Tensor, tmp_path: Path):
+    """The exporter's path: torch.export, softmax rewrite, delegate-friendly decompositions, unshared constants,
+    to_edge_transform_and_lower(XNNPACK). Returns (path of the .pte, ops left off XNNPACK, delegate calls)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgeseg.export.executorch import (delegate_friendly_decompositions, non_delegated_ops,
+                                           rewrite_last_dim_softmax, unshare_constants)
+
+    ep = torch.export.export(module, (x,), strict=False)
+    ep, _ = rewrite_last_dim_softmax(ep, (x,))
+    ep, _ = unshare_constants(delegate_friendly_decompositions(ep))
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    program = edge.exported_program()
+    calls = sum(1 for n in program.graph_module.graph.nodes
+                if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+    pte = tmp_path / "m.pte"
+    pte.write_bytes(edge.to_executorch().buffer)
+    return pte, non_delegated_ops(program), calls
+
+
+def _run_in_child(pte: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    torch.save(x, tmp_path / "x.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        from executorch.runtime import Runtime
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        out = Runtime.get().load_program({str(pte)!r}).load_method("forward").execute([x])[0]
+        torch.save(out.clone(), {str(tmp_path / 'y.pt')!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"ExecuTorch run failed (rc {proc.returncode}): {proc.stderr[-800:]}"
+    return torch.load(tmp_path / "y.pt")
+
+
+class _SSAClassifier(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, feat):
+        return self.head.classify(feat)
+
+
+def test_ssa_classifier_runs_on_xnnpack(tmp_path):
+    """SSA-Seg's classifier reads conv_seg's 4-D weight as prototype data; lowered as is, the XNNPACK delegate
+    crashed at run time (segfault / "Propagating input shapes failed"). The export form reads a baked copy."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = create_model("test_segnext_ssa", 4).eval()
+    head = model.decode_head
+    head.prepare_for_export((64, 64))
+    feat = torch.randn(1, head.channels, 8, 8)
+    module = _SSAClassifier(head).eval()
+    with torch.no_grad():
+        want = module(feat)
+    pte, off, calls = _lower(module, feat, tmp_path)
+    assert off == {} and calls == 1, (off, calls)
+    got = _run_in_child(pte, feat, tmp_path)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+class _DecoderTail(nn.Module):
+    """OffSeg's decoder in miniature: conv-GroupNorm-ReLU, a channel softmax written as a last-axis softmax
+    between permutes (FreqFusion's kernel normalisation), pixel_unshuffle / pixel_shuffle, offset learning."""
+
+    def __init__(self, c: int = 16, k: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        self.gn = nn.GroupNorm(4, c)
+        self.mix = nn.Conv2d(4 * c, 4 * c, 1)
+        self.ol = OffsetLearning(k, c)
+
+    def forward(self, x):
+        y = F.relu(self.gn(self.conv(x)))
+        y = y.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
+        y = F.pixel_shuffle(self.mix(F.pixel_unshuffle(y, 2)), 2)
+        return self.ol(y)
+
+
+def test_decoder_ops_lower_into_one_xnnpack_partition(tmp_path):
+    """GroupNorm, channels-last clones from pixel_(un)shuffle of a permuted tensor, expand ops of 4-D / batched
+    matmuls, a non-last-axis softmax and a 3-D mean each left XNNPACK and split the graph (31 partitions on
+    OffSeg-T, most of the lowering time). Now: one partition, same values."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    module = _DecoderTail().eval()
+    with torch.no_grad():
+        module.ol.cls_repr.normal_()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        want = module(x)
+    pte, off, calls = _lower(module, x, tmp_path)
+    assert off == {} and calls == 1, (off, calls)
+    got = _run_in_child(pte, x, tmp_path)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_export_forms_match_eager():
+    """The export forms (selected while tracing) compute what eager computes."""
+    torch.manual_seed(0)
+    ol = OffsetLearning(7, 16).eval()
+    with torch.no_grad():
+        ol.cls_repr.normal_()
+        x = torch.randn(2, 16, 6, 10)
+        assert torch.allclose(ol._forward_export(x), ol(x), atol=1e-5)
+    head = create_model("test_segnext_ssa", 4).eval().decode_head
+    feat = torch.randn(2, head.channels, 6, 10)
+    with torch.no_grad():
+        want = head.classify(feat)
+        assert torch.allclose(head._classify_export(feat), want, atol=1e-4)  # not baked: reads the weight
+        head.prepare_for_export((64, 64))
+        assert torch.allclose(head._classify_export(feat), want, atol=1e-4)
+        head.load_state_dict(head.state_dict())  # new weights drop the baked copy
+        assert head._export_proto is None
