@@ -112,17 +112,15 @@ def test_contradicting_profile_is_an_error_naming_the_key(changes, key):
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 export + proof + runtime, per target x model
 # ----------------------------------------------------------------------------------------------------------------
-# executorch 1.5.1: the SSA head's lowered XNNPACK delegate fails at run time ("Propagating input shapes failed
-# with code: xnn_status_invalid_parameter", CALL_DELEGATE at instruction 17); lowering itself succeeds.
-# TODO(#4): find the op (bisect the SSA head's partitions) and keep it off the delegate.
-_KNOWN_BROKEN = {("executorch-xnnpack", "test_segnext_ssa")}
+# (target, model) pairs known to fail, run as strict xfails so that a fix shows up. Empty since the SSA head's
+# XNNPACK run-time failure was fixed (its prototypes are baked at export: tests/test_executorch_lowering.py).
+_KNOWN_BROKEN: set[tuple[str, str]] = set()
 
 
 def _cases():
     for target in RUN_HERE:
         for model in MODELS:
-            marks = [pytest.mark.xfail(strict=True, reason="XNNPACK delegate rejects the SSA head's shapes at run "
-                                                           "time (executorch 1.5.1)")] \
+            marks = [pytest.mark.xfail(strict=True, reason="known to fail with the pinned toolchain")] \
                 if (target, model) in _KNOWN_BROKEN else []
             yield pytest.param(target, model, marks=marks, id=f"{target}-{model}")
 
