@@ -230,6 +230,10 @@ class ExecutorchExporter(Exporter):
 
             t = time.perf_counter()
             quantizer, policy = self.ptq_quantizer(model, options)  # float modules: ops left unannotated
+            # a conv whose weight is shared (FreqFusion's one-hot kernels, content_encoder on hr and lr) is left
+            # unannotated by the XNNPACK quantizer while its input is dequantized: XNNPACK then takes it as a
+            # quantized conv with an fp32 weight and fails at load ("Failed to create convolution node")
+            ep, _ = unshare_constants(ep)
             prepared = prepare_pt2e(ep.module(), quantizer)
             float_ops = sum(1 for n in prepared.graph.nodes if n.op == "call_function" and policy.node_is_float(n))
             with torch.no_grad():
