@@ -55,6 +55,14 @@ def _run_in_child(pte: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     return torch.load(tmp_path / "y.pt")
 
 
+def _assert_one_partition_and_equal(module: nn.Module, x: torch.Tensor, want: torch.Tensor, tmp_path: Path):
+    """Lowered whole into one XNNPACK partition, and the .pte computes `want`."""
+    pte, off, calls = _lower(module, x, tmp_path)
+    assert off == {} and calls == 1, (off, calls)
+    got = _run_in_child(pte, x, tmp_path)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
 class _SSAClassifier(nn.Module):
     def __init__(self, head: nn.Module):
         super().__init__()
@@ -76,10 +84,7 @@ def test_ssa_classifier_runs_on_xnnpack(tmp_path):
     module = _SSAClassifier(head).eval()
     with torch.no_grad():
         want = module(feat)
-    pte, off, calls = _lower(module, feat, tmp_path)
-    assert off == {} and calls == 1, (off, calls)
-    got = _run_in_child(pte, feat, tmp_path)
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    _assert_one_partition_and_equal(module, feat, want, tmp_path)
 
 
 class _DecoderTail(nn.Module):
@@ -112,10 +117,7 @@ def test_decoder_ops_lower_into_one_xnnpack_partition(tmp_path):
     x = torch.randn(1, 16, 8, 8)
     with torch.no_grad():
         want = module(x)
-    pte, off, calls = _lower(module, x, tmp_path)
-    assert off == {} and calls == 1, (off, calls)
-    got = _run_in_child(pte, x, tmp_path)
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    _assert_one_partition_and_equal(module, x, want, tmp_path)
 
 
 def test_export_forms_match_eager():
@@ -135,3 +137,49 @@ def test_export_forms_match_eager():
         assert torch.allclose(head._classify_export(feat), want, atol=1e-4)
         head.load_state_dict(head.state_dict())  # new weights drop the baked copy
         assert head._export_proto is None
+
+
+class _SharedKernel(nn.Module):
+    """One conv weight read by two convolutions, as FreqFusion's one-hot kernels and its content encoder on the
+    high- and low-resolution paths are."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(c, c, 3, 3) * 0.2)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        a = F.conv2d(y, self.weight, padding=1)
+        b = F.conv2d(y, self.weight, stride=2, padding=1)
+        return a + F.interpolate(b, scale_factor=2.0, mode="nearest")
+
+
+def test_int8_shared_conv_weight_loads_and_runs(tmp_path):
+    """Regression (issue #4): a conv weight shared by two convs was left unannotated by the XNNPACK quantizer
+    behind a dequantized input; the int8 .pte then failed at load ("Failed to create convolution node"). The
+    exporter unshares constants before PT2E; the .pte must load, run and match the quantized eager graph."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edgeseg.export.executorch import ExecutorchExporter, unshare_constants
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    module = _SharedKernel().eval()
+    x = torch.randn(1, 3, 16, 16)
+    ep, copies = unshare_constants(torch.export.export(module, (x,), strict=False))
+    assert copies >= 1
+    prepared = prepare_pt2e(ep.module(), ExecutorchExporter().quantizer())
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.randn(1, 3, 16, 16))
+        prepared(x)
+        converted = convert_pt2e(prepared)
+        want = converted(x)
+    convs = [n for n in converted.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
+    assert len(convs) == 3 and all("dequantize" in str(n.args[1].target) for n in convs), "a conv kept fp32 weights"
+    pte, off, calls = _lower(converted, x, tmp_path)
+    got = _run_in_child(pte, x, tmp_path)
+    # int8 arithmetic in XNNPACK vs the simulated q/dq graph: off by a few quantization steps at most
+    step = want.abs().max() / 127
+    assert (got - want).abs().max() <= 3 * step, ((got - want).abs().max(), step)
