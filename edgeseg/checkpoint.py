@@ -25,11 +25,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, force: 
     """Write `path/` atomically. `dtype=torch.float16` stores float weights in fp16 (the shipped defaults)."""
     from safetensors.torch import save_file
 
-    state = {}
+    state, seen = {}, set()
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
+        # safetensors refuses tensors that share memory; a QAT graph's shared observers (one observer module
+        # under several names: concat/add inputs) have them. Each name gets its own copy; loading fills both.
+        key = v.untyped_storage().data_ptr() if v.numel() else None
+        if key in seen:
+            v = v.clone()
+        elif key is not None:
+            seen.add(key)
         state[k] = v
     with atomic_dir(path, force=force) as tmp:
         save_file(state, str(tmp / WEIGHTS))

@@ -254,3 +254,29 @@ def test_coreml_program_from_qat_has_quantized_ops(tiny_ckpt_nobn, tiny_camvid, 
     assert q.get("quantize") and q.get("dequantize") and q.get("constexpr_affine_dequantize"), q
     assert any("INT8" in k for k in m["inspection"]["weight_dtypes"]), m["inspection"]["weight_dtypes"]
     assert m["quantization"]["program"] == "qat_int8.pt2" and m["calibration"] is None
+
+
+def test_checkpoint_with_shared_tensors_saves_and_loads(tmp_path):
+    """A prepared QAT graph shares observer modules between names (concat/add inputs of the SegNeXt head):
+    safetensors refused to save it ("Some tensors share memory") at the end of a real `edgeseg qat` run."""
+    from safetensors.torch import load_file
+
+    from edgeseg.checkpoint import WEIGHTS, save_checkpoint
+    from edgeseg.types import ModelSpec
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.obs_a = nn.Linear(3, 3)
+            self.obs_b = self.obs_a  # one module under two names, as PT2E's shared observers are
+
+    m = Shared()
+    spec = ModelSpec(model="shared", num_classes=2, class_names=("a", "b"), palette=((0, 0, 0), (1, 1, 1)),
+                     ignore_index=255, input_hw=(32, 32))
+    save_checkpoint(tmp_path / "ck", m, spec)
+    sd = load_file(str(tmp_path / "ck" / WEIGHTS))
+    assert set(sd) == set(m.state_dict())
+    assert torch.equal(sd["obs_a.weight"], sd["obs_b.weight"])
+    fresh = Shared()
+    fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(fresh.obs_a.weight, m.obs_a.weight)

@@ -26,7 +26,9 @@ def add_arguments(p) -> None:
                    help="int8 accuracy budget (fraction, 0.01 = one mIoU point): validate on --data's val split "
                         "against the fp32 checkpoint and keep the most sensitive layers float until the drop "
                         "is at most X; exit 1 with the round table if it cannot (needs a target that runs here)")
-    p.add_argument("--data", metavar="DIR", help="with --max-miou-drop: dataset root whose val split validates")
+    p.add_argument("--data", metavar="DIR", help="dataset root: the source of a --calib recipe drawn from \"data\" "
+                                               "(e.g. camvid-train-64), and with --max-miou-drop the val split "
+                                               "that validates")
     p.add_argument("--val-images", type=int, metavar="N", help="with --max-miou-drop: validate on the first N "
                    "images only (default: all)")
     p.add_argument("--list-targets", action="store_true", help="print the target profiles and exit")
@@ -95,11 +97,13 @@ def run(args) -> int:
         raise UsageError("--checkpoint and --target are required (or --list-targets)")
     if args.max_miou_drop is not None:
         return _run_budget(args)
-    if args.data or args.val_images is not None:
-        raise UsageError("--data/--val-images: only used with --max-miou-drop")
+    if args.val_images is not None:
+        raise UsageError("--val-images: only used with --max-miou-drop")
+    if args.data and not args.calib:
+        raise UsageError("--data: only used with a --calib recipe or with --max-miou-drop")
     out = export_checkpoint(args.checkpoint, args.target, args.precision,
                             input_hw=_parse_hw(args.input_size) if args.input_size else None, calib=args.calib,
-                            out=args.out, force=args.force, **_parse_options(args.option))
+                            out=args.out, force=args.force, calib_root=args.data, **_parse_options(args.option))
     m = json.loads((Path(out) / "manifest.json").read_text())
     proof = m.get("proof") or {}
     size_mb = sum((Path(out) / f).stat().st_size for f in m["sha256"]) / 1e6

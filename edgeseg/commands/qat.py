@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=1000, help="fine-tuning iterations (default 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5; head x10)")
+    p.add_argument("--data-size", metavar="HxW", help="resize training pairs to HxW on load, as `edgeseg train "
+                                                      "--data-size` did (default: as stored)")
     p.add_argument("--out", metavar="DIR", help="run folder (default <checkpoint>-qat-<target>); the QAT "
                                                "checkpoint is <out>/checkpoint")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -43,13 +45,14 @@ def run(args) -> int:
         check_budget(args.max_miou_drop)
         check_runnable(args.target)
 
+    from edgeseg.commands.train import parse_hw
     from edgeseg.fileio import write_json
     from edgeseg.quant.qat import qat
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-qat-{args.target}"
     res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
               lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
-              val_interval=args.val_interval)
+              val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size"))
     val = (res["fit"] or {}).get("last") or {}
     rows = [("checkpoint", res["checkpoint"]), ("program", res["program"]), ("target", res["target"]),
             ("scheme", res["scheme"]), ("iterations", str(res["fit"]["step"])),

@@ -54,7 +54,7 @@ def get_exporter(target: str):
 def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None = None,
                       input_hw: tuple[int, int] | None = None, calib: str | Path | None = None,
                       out: str | Path | None = None, force: bool = False, progress: bool = True,
-                      **options: Any) -> Path:
+                      calib_root: str | Path | None = None, **options: Any) -> Path:
     """Export a checkpoint folder to `target` and prove the artifact.
 
     Args:
@@ -67,6 +67,7 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
             images if it is not installed).
         out: artifact folder; None = `<checkpoint>-<target>-<precision>` beside the checkpoint.
         force: overwrite an existing `out`.
+        calib_root: the dataset folder of a recipe whose source is "data" (e.g. camvid-train-64).
         **options: overrides of the profile's options (checked against the exporter's Options).
     Returns:
         The artifact folder, holding the files and manifest.json.
@@ -123,7 +124,7 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
 
     calib_data = None
     if precision == "int8" and qat_record is None:
-        calib_data = build_calibration(wrapper, calib, opts.calib_count, spec)
+        calib_data = build_calibration(wrapper, calib, opts.calib_count, spec, data_root=calib_root)
 
     with atomic_dir(out, force=force) as tmp:
         t0 = time.perf_counter()
@@ -248,7 +249,7 @@ def _calibration_recipe(calib) -> str | None:
     return text if text in list_recipes() else None
 
 
-def build_calibration(wrapper, calib: str | Path | None, count: int, spec):
+def build_calibration(wrapper, calib: str | Path | None, count: int, spec, data_root: str | Path | None = None):
     """CalibrationData for an int8 export: images from `calib` (or the default images) resized to the export
     size, in the wrapper's input contract, with the manifest's `calibration` info (source, count, class coverage
     when labels are available)."""
@@ -260,7 +261,7 @@ def build_calibration(wrapper, calib: str | Path | None, count: int, spec):
     if recipe is not None:  # a calibration/*.toml recipe (edgeseg.quant.calibration): its own selection rules
         from edgeseg.quant.calibration import build_calibration_set
 
-        cset = build_calibration_set(recipe, wrapper.input_hw, spec.mean, spec.std)
+        cset = build_calibration_set(recipe, wrapper.input_hw, spec.mean, spec.std, data_root=data_root)
         return cset.to_calibration_data(wrapper)
     if calib is not None:
         if not Path(calib).exists():

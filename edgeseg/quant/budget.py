@@ -152,7 +152,7 @@ def quantize_with_budget(checkpoint: str | Path, target: str, data: str | Path, 
                 added += new
             t0 = time.perf_counter()
             art = export_checkpoint(checkpoint, target, "int8", input_hw=input_hw, calib=calib,
-                                    out=work / f"round{rnd}", force=True, progress=progress,
+                                    out=work / f"round{rnd}", force=True, progress=progress, calib_root=data,
                                     keep_float=base_float + added, **options)
             # judged by the budget alone (validate's own int8 rules would log FAILED on a fitting round)
             rec = validate([art], data, split, reference=reference or checkpoint, max_images=max_images,

@@ -1,0 +1,138 @@
+"""int8 accuracy per target, PTQ beside QAT, against the fp32 artifact (issue #5's bar: QAT int8 within 0.5 mIoU).
+
+For each checkpoint and each target that runs here, with the CLI a user would type:
+  edgeseg export --precision fp32                        -> fp32 artifact (the reference)
+  edgeseg export --precision int8 --calib RECIPE         -> PTQ int8 artifact
+  edgeseg qat --iters N, then export --precision int8    -> QAT int8 artifact (carries the learned scales)
+  edgeseg validate fp32 ptq qat --reference fp32         -> mIoU on --split, drop, argmax agreement
+and prints one table (also written as JSON and Markdown into --out). Finished steps are kept: re-running the
+same command continues where a stopped run ended (--force starts over).
+
+  python bench/qat_vs_ptq.py --checkpoint runs/offseg_t_camvid_long/best --data ../shared/data/camvid \
+      --qat-iters 100 --out runs/qat_vs_ptq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ("executorch-xnnpack", "openvino", "onnx")
+BAR = 0.005  # mIoU as a fraction: 0.5 points
+
+
+def _run(cmd: list[str], log: Path, ok=(0,)) -> None:
+    """One CLI step; its output goes to `log`. A failure stops the benchmark with the step's last lines."""
+    print("  $", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode not in ok:
+        tail = log.read_text().splitlines()[-5:]
+        sys.exit(f"qat_vs_ptq: step failed (rc {proc.returncode}), see {log}:\n" + "\n".join(tail))
+    print(f"    done in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def _done(path: Path, marker: str) -> bool:
+    return (path / marker).is_file()
+
+
+def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
+    edgeseg = [sys.executable, "-m", "edgeseg"]
+    d = root / ckpt.parent.name / target
+    d.mkdir(parents=True, exist_ok=True)
+    log = d / "steps.log"
+    fp32, ptq, qat_run, qat = d / "fp32", d / "int8-ptq", d / "qat", d / "int8-qat"
+    if not _done(fp32, "manifest.json"):
+        _run(edgeseg + ["export", "--checkpoint", str(ckpt), "--target", target, "--precision", "fp32",
+                        "--out", str(fp32), "--force"], log)
+    if not _done(ptq, "manifest.json"):
+        _run(edgeseg + ["export", "--checkpoint", str(ckpt), "--target", target, "--precision", "int8",
+                        "--calib", args.calib, "--data", args.data, "--out", str(ptq), "--force"], log)
+    if not _done(qat_run / "checkpoint", "model.json"):
+        cmd = edgeseg + ["qat", "--checkpoint", str(ckpt), "--target", target, "--data", args.data,
+                         "--iters", str(args.qat_iters), "--batch-size", str(args.qat_batch_size),
+                         "--lr", str(args.qat_lr), "--val-interval", str(args.qat_iters), "--out", str(qat_run)]
+        if args.data_size:
+            cmd += ["--data-size", args.data_size]
+        resumable = (qat_run / "train" / "train_state.pt").is_file()
+        _run(cmd + (["--resume"] if resumable else ["--force"]), log)
+    if not _done(qat, "manifest.json"):
+        _run(edgeseg + ["export", "--checkpoint", str(qat_run / "checkpoint"), "--target", target,
+                        "--precision", "int8", "--out", str(qat), "--force"], log)
+    js = d / "validate.json"
+    if not js.is_file():
+        cmd = edgeseg + ["validate", str(fp32), str(ptq), str(qat), "--data", args.data, "--split", args.split,
+                         "--reference", str(fp32), "--json", str(js), "--no-progress"]
+        if args.max_images:
+            cmd += ["--max-images", str(args.max_images)]
+        _run(cmd, log, ok=(0, 1))  # 1: an artifact missed validate's own thresholds; the numbers are what we want
+        if not js.is_file():
+            sys.exit(f"qat_vs_ptq: validate wrote no {js}, see {log}")
+    recs = json.loads(js.read_text())
+    recs = recs["records"] if isinstance(recs, dict) else recs
+    by_dir = {Path(r["artifact"]).name: r for r in recs}
+    f, p, q = by_dir["fp32"], by_dir["int8-ptq"], by_dir["int8-qat"]
+    return {"model": ckpt.parent.name, "checkpoint": str(ckpt), "target": target,
+            "fp32_miou": f["miou"], "ptq_miou": p["miou"], "ptq_drop": f["miou"] - p["miou"],
+            "ptq_agreement": p.get("agreement"), "qat_miou": q["miou"], "qat_drop": f["miou"] - q["miou"],
+            "qat_agreement": q.get("agreement"), "qat_within_bar": f["miou"] - q["miou"] <= BAR,
+            "images": f.get("num_images"), "split": args.split, "qat_iters": args.qat_iters}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | target | fp32 mIoU | PTQ int8 mIoU (drop) | PTQ agreement | QAT int8 mIoU (drop) | "
+            "QAT agreement | QAT within 0.5 |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['target']} | {pct(r['fp32_miou'])} | {pct(r['ptq_miou'])} "
+                     f"({100 * r['ptq_drop']:+.2f}) | {pct(r['ptq_agreement'])} % | {pct(r['qat_miou'])} "
+                     f"({100 * r['qat_drop']:+.2f}) | {pct(r['qat_agreement'])} % | "
+                     f"{'yes' if r['qat_within_bar'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", action="append", required=True, help="fp32 checkpoint folder (repeatable)")
+    ap.add_argument("--data", required=True, help="dataset root (train: calibration and QAT; --split: scoring)")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--calib", default="camvid-train-64", help="PTQ calibration recipe (default camvid-train-64)")
+    ap.add_argument("--qat-iters", type=int, default=100)
+    ap.add_argument("--qat-batch-size", type=int, default=8)
+    ap.add_argument("--qat-lr", type=float, default=1e-5)
+    ap.add_argument("--data-size", default="192x256", help="QAT: resize training pairs like training did")
+    ap.add_argument("--max-images", type=int, help="score on the first N images only (smoke runs)")
+    ap.add_argument("--out", default="runs/qat_vs_ptq")
+    ap.add_argument("--force", action="store_true", help="start over (deletes --out)")
+    args = ap.parse_args(argv)
+    root = Path(args.out)
+    if args.force and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ck in args.checkpoint:
+        for target in args.targets:
+            print(f"[{ck} x {target}]", flush=True)
+            rows.append(bench_one(Path(ck), target, args, root))
+    text = table(rows)
+    print(text)
+    tmp = root / f".results.json.{os.getpid()}"
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(root / "results.json")
+    (root / "results.md").write_text(text + "\n")
+    print(f"wrote {root / 'results.json'} and {root / 'results.md'}")
+    return 0 if all(r["qat_within_bar"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
