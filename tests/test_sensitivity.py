@@ -50,3 +50,22 @@ def test_sqnr():
     x = torch.randn(100)
     assert sqnr_db(x, x) == math.inf
     assert 19 < sqnr_db(x, x * 1.1) < 21
+
+
+def test_chunked_float_capture_matches_one_layer_at_a_time(monkeypatch):
+    """Float references are captured for several layers in one pass (bounded by REF_BYTES); the rows equal
+    those of a one-layer-per-pass run, and the model is called fewer times."""
+    import edgeseg.quant.sensitivity as sens
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    xs = [torch.randn(1, 3, 16, 16) for _ in range(3)]
+    calls = []
+    net.register_forward_pre_hook(lambda m, a: calls.append(1))
+    together = layer_sensitivity(net, xs)
+    n_together = len(calls)
+    calls.clear()
+    monkeypatch.setattr(sens, "REF_BYTES", 1)  # every layer its own chunk: the old two passes per layer
+    alone = layer_sensitivity(net, xs)
+    assert together == alone
+    assert n_together == 1 + 3 * (1 + 3) and len(calls) == 1 + 3 * (3 + 3)

@@ -52,6 +52,46 @@ class _Quantized:
         self.h.remove()
 
 
+REF_BYTES = 256 << 20  # float reference outputs held at once
+
+
+def _outputs(model: nn.Module, mods: Sequence[nn.Module], inputs) -> list[list[torch.Tensor]]:
+    """Each module's output for each input, from one pass of the model per input."""
+    outs: list[list[torch.Tensor]] = [[] for _ in mods]
+    hooks = [m.register_forward_hook(lambda _m, _a, y, i=i: outs[i].append(y.detach())) for i, m in enumerate(mods)]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def _chunks(model: nn.Module, mods: dict, names: Sequence[str], inputs, budget: int) -> list[list[str]]:
+    """`names` split into runs whose float outputs over all inputs fit in `budget` bytes (sizes from one pass on
+    the first input; a module called several times counts every call)."""
+    sizes = [0] * len(names)
+    hooks = [mods[n].register_forward_hook(lambda _m, _a, y, i=i: sizes.__setitem__(i, sizes[i] + y.numel() * 4))
+             for i, n in enumerate(names)]
+    try:
+        with torch.no_grad():
+            model(inputs[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    chunks, cur, used = [], [], 0
+    for name, size in zip(names, sizes):
+        need = size * len(inputs)
+        if cur and used + need > budget:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(name)
+        used += need
+    return chunks + ([cur] if cur else [])
+
+
 def layer_sensitivity(model: nn.Module, inputs: Sequence[torch.Tensor],
                       miou_fn: Callable[[nn.Module], float] | None = None, layers: Sequence[str] | None = None,
                       progress: bool = False) -> list[dict[str, Any]]:
@@ -71,23 +111,20 @@ def layer_sensitivity(model: nn.Module, inputs: Sequence[torch.Tensor],
     mods = dict(model.named_modules())
     base = miou_fn(model) if miou_fn else None
     rows = []
-    for name in tqdm(names, desc="layers", disable=not progress):
-        mod = mods[name]
-        ref, got = [], []
-        h = mod.register_forward_hook(lambda m, a, y: ref.append(y.detach()))
-        with torch.no_grad():
-            for x in inputs:
-                model(x)
-        h.remove()
-        with _Quantized(mod):
-            h = mod.register_forward_hook(lambda m, a, y: got.append(y.detach()))
-            with torch.no_grad():
-                for x in inputs:
-                    model(x)
-            h.remove()
-            delta = (miou_fn(model) - base) if miou_fn else None
-        s = sqnr_db(torch.cat([r.flatten() for r in ref]), torch.cat([g.flatten() for g in got]))
-        rows.append({"layer": name, "type": type(mod).__name__, "sqnr_db": s, "miou_delta": delta})
+    bar = tqdm(total=len(names), desc="layers", disable=not progress)
+    # the float outputs do not depend on which layer is quantized: capture them for a chunk of layers in one
+    # pass (chunks bounded in memory), then run one quantized pass per layer
+    for chunk in _chunks(model, mods, names, inputs, REF_BYTES):
+        ref = _outputs(model, [mods[n] for n in chunk], inputs)
+        for name, mod_ref in zip(chunk, ref):
+            mod = mods[name]
+            with _Quantized(mod):
+                (got,) = _outputs(model, [mod], inputs)
+                delta = (miou_fn(model) - base) if miou_fn else None
+            s = sqnr_db(torch.cat([r.flatten() for r in mod_ref]), torch.cat([g.flatten() for g in got]))
+            rows.append({"layer": name, "type": type(mod).__name__, "sqnr_db": s, "miou_delta": delta})
+            bar.update(1)
+    bar.close()
     rows.sort(key=lambda r: ((r["miou_delta"] if r["miou_delta"] is not None else 0.0), r["sqnr_db"]))
     return rows
 
