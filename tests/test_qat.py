@@ -280,3 +280,15 @@ def test_checkpoint_with_shared_tensors_saves_and_loads(tmp_path):
     fresh = Shared()
     fresh.load_state_dict(sd, strict=True)
     assert torch.equal(fresh.obs_a.weight, m.obs_a.weight)
+
+
+def test_onnx_qat_uses_7bit_weights_like_its_ptq():
+    """ONNX Runtime's int8 kernels saturate with full-range weights on AVX2 without VNNI; the onnx exporter's PTQ
+    uses reduce_range, and QAT for onnx must train with the same 7-bit weight range (executorch keeps 8 bits)."""
+    pytest.importorskip("executorch")
+    from edgeseg.quant.qat import target_quantizer
+
+    onnx_w = target_quantizer("onnx").global_config.weight
+    et_w = target_quantizer("executorch-xnnpack").global_config.weight
+    assert (onnx_w.quant_min, onnx_w.quant_max) == (-64, 63)
+    assert et_w.quant_max == 127
