@@ -286,8 +286,10 @@ def test_onnx_qat_uses_7bit_weights_like_its_ptq():
     """ONNX Runtime's int8 kernels saturate with full-range weights on AVX2 without VNNI; the onnx exporter's PTQ
     uses reduce_range, and QAT for onnx must train with the same 7-bit weight range (executorch keeps 8 bits)."""
     pytest.importorskip("executorch")
-    from edgeseg.quant.qat import target_quantizer
+    from edgeseg.quant.qat import QAT_TARGETS, check_export_target, target_quantizer
 
+    for target in QAT_TARGETS:  # every QAT scheme exports at least to the target it was trained for
+        check_export_target({"target": target}, target, "ckpt")
     onnx_w = target_quantizer("onnx").global_config.weight
     et_w = target_quantizer("executorch-xnnpack").global_config.weight
     assert (onnx_w.quant_min, onnx_w.quant_max) == (-64, 63)

@@ -55,6 +55,7 @@ QAT_TARGETS: dict[str, tuple[str, str]] = {
 # zero points of 0, openvino needs float weights behind q/dq pairs, Core ML its own scheme)
 FAMILY_EXPORTS: dict[str, tuple[str, ...]] = {
     "xnnpack": ("executorch-xnnpack", "onnx"),
+    "xnnpack-7bit": ("onnx", "executorch-xnnpack"),
     "xnnpack-symmetric": ("jetson-tensorrt", "onnx", "executorch-xnnpack"),
     "openvino": ("openvino",),
     "coreml": ("coreml",),
