@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from edgeseg.fileio import write_json, write_text
 
 TARGETS = ("executorch-xnnpack", "openvino", "onnx")
 BAR = 0.005  # mIoU as a fraction: 0.5 points
@@ -126,10 +127,8 @@ def main(argv=None) -> int:
             rows.append(bench_one(Path(ck), target, args, root))
     text = table(rows)
     print(text)
-    tmp = root / f".results.json.{os.getpid()}"
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(root / "results.json")
-    (root / "results.md").write_text(text + "\n")
+    write_json(root / "results.json", rows)
+    write_text(root / "results.md", text + "\n")
     print(f"wrote {root / 'results.json'} and {root / 'results.md'}")
     return 0 if all(r["qat_within_bar"] for r in rows) else 1
 

@@ -178,7 +178,7 @@ def test_int8_shared_conv_weight_loads_and_runs(tmp_path):
         want = converted(x)
     convs = [n for n in converted.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
     assert len(convs) == 3 and all("dequantize" in str(n.args[1].target) for n in convs), "a conv kept fp32 weights"
-    pte, off, calls = _lower(converted, x, tmp_path)
+    pte, _, _ = _lower(converted, x, tmp_path)
     got = _run_in_child(pte, x, tmp_path)
     # int8 arithmetic in XNNPACK vs the simulated q/dq graph: off by a few quantization steps at most
     step = want.abs().max() / 127

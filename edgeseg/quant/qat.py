@@ -51,6 +51,11 @@ QAT_TARGETS: dict[str, tuple[str, str]] = {
     "coreml": ("coreml", "PT2E QAT W8A8 with executorch's CoreMLQuantizer (coremltools LinearQuantizerConfig)"),
 }
 
+# 7-bit int8 weights: u8 x s8 kernels on x86 CPUs without VNNI (VPMADDUBSW) saturate their int16 sums with full
+# 8-bit weights (ONNX Runtime and OpenVINO on this machine); the exporters' PTQ uses reduce_range / NNCF's
+# overflow fix for the same reason
+WEIGHT_7BIT = {"quant_min": -64, "quant_max": 63}
+
 # quantizer family -> export targets that carry its converted graph faithfully (the jetson-tensorrt ONNX needs
 # zero points of 0, openvino needs float weights behind q/dq pairs, Core ML its own scheme)
 FAMILY_EXPORTS: dict[str, tuple[str, ...]] = {
@@ -90,10 +95,9 @@ def target_quantizer(target: str, per_channel: bool = True, is_qat: bool = True)
             if family == "xnnpack-symmetric":
                 cfg = _symmetric_activations(cfg)
             if family == "xnnpack-7bit":
-                # ONNX Runtime's u8 x s8 kernels on CPUs without VNNI saturate with full 8-bit weights (measured:
-                # segnext_t_offset QAT int8 agreed 84.5 % with fp32 while its fake-quant model scored within
-                # 0.4 mIoU); the onnx PTQ path uses reduce_range for the same reason
-                cfg = dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, quant_min=-64, quant_max=63))
+                # with 8-bit weights, segnext_t_offset's QAT ONNX agreed 84.5 % with fp32 while its fake-quant
+                # model scored within 0.4 mIoU
+                cfg = dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, **WEIGHT_7BIT))
             return XNNPACKQuantizer().set_global(cfg)
         if family == "openvino":
             return openvino_qat_quantizer()
@@ -170,9 +174,7 @@ def _fake_quant_spec(spec, reduce_weight_range: bool = False):
     if spec.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
         obs = MovingAveragePerChannelMinMaxObserver.with_args(ch_axis=spec.ch_axis or 0)
         if reduce_weight_range and spec.dtype == torch.int8:
-            # 7-bit weights, as the openvino exporter's NNCF overflow fix ("enable") does for PTQ: u8 x s8 kernels
-            # without VNNI (VPMADDUBSW) saturate their int16 sums with full 8-bit weights
-            extra = {"quant_min": -64, "quant_max": 63}
+            extra = WEIGHT_7BIT  # as the openvino exporter's NNCF overflow fix ("enable") does for PTQ
     else:
         obs = MovingAverageMinMaxObserver
     return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=obs), **extra)
