@@ -81,23 +81,26 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
     recs = recs["records"] if isinstance(recs, dict) else recs
     by_dir = {Path(r["artifact"]).name: r for r in recs}
     f, p, q = by_dir["fp32"], by_dir["int8-ptq"], by_dir["int8-qat"]
+    quant = json.loads((qat_run / "checkpoint" / "model.json").read_text()).get("quant") or {}
     return {"model": ckpt.parent.name, "checkpoint": str(ckpt), "target": target,
             "fp32_miou": f["miou"], "ptq_miou": p["miou"], "ptq_drop": f["miou"] - p["miou"],
             "ptq_agreement": p.get("agreement"), "qat_miou": q["miou"], "qat_drop": f["miou"] - q["miou"],
             "qat_agreement": q.get("agreement"), "qat_within_bar": f["miou"] - q["miou"] <= BAR,
-            "images": f.get("num_images"), "split": args.split, "qat_iters": args.qat_iters}
+            "images": f.get("num_images"), "split": args.split, "qat_iters": args.qat_iters,
+            # runs from before BN freezing existed let the statistics follow the QAT batches
+            "qat_bn_stats": quant.get("bn_stats", "updated during QAT")}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | target | fp32 mIoU | PTQ int8 mIoU (drop) | PTQ agreement | QAT int8 mIoU (drop) | "
-            "QAT agreement | QAT within 0.5 |\n|---|---|---|---|---|---|---|---|")
+            "QAT agreement | QAT within 0.5 | QAT BN statistics |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
         lines.append(f"| {r['model']} | {r['target']} | {pct(r['fp32_miou'])} | {pct(r['ptq_miou'])} "
                      f"({100 * r['ptq_drop']:+.2f}) | {pct(r['ptq_agreement'])} % | {pct(r['qat_miou'])} "
                      f"({100 * r['qat_drop']:+.2f}) | {pct(r['qat_agreement'])} % | "
-                     f"{'yes' if r['qat_within_bar'] else 'NO'} |")
+                     f"{'yes' if r['qat_within_bar'] else 'NO'} | {r.get('qat_bn_stats', 'n/a')} |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
                         "<out>/int8, validate it on --data's val split against the fp32 checkpoint; exit 1 with "
                         "the table if it loses more (no silent retraining; the hint names layers for --keep-float)")
     p.add_argument("--val-interval", type=int, help="validate every N iterations (default: min(iters, 1000))")
+    p.add_argument("--update-bn-stats", action="store_true",
+                   help="let BatchNorm running statistics follow the QAT batches (default: keep the float "
+                        "checkpoint's; a short QAT at a small batch otherwise drifts them)")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
 
 
@@ -52,7 +55,8 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-qat-{args.target}"
     res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
               lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
-              val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size"))
+              val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size"),
+              freeze_bn=not args.update_bn_stats)
     val = (res["fit"] or {}).get("last") or {}
     rows = [("checkpoint", res["checkpoint"]), ("program", res["program"]), ("target", res["target"]),
             ("scheme", res["scheme"]), ("iterations", str(res["fit"]["step"])),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -192,8 +193,53 @@ def _symmetric_activations(cfg):
                                output_activation=sym(cfg.output_activation))
 
 
+_BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default",
+           "aten._native_batch_norm_legit_functional.default", "aten.cudnn_batch_norm.default")
+
+
+def _set_bn_stats_frozen(gm: nn.Module) -> int:
+    """Make every batch norm of an exported graph normalize with its running statistics and stop updating them
+    (the `training` argument, index 5, set to False); returns how many were changed."""
+    n_changed = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(n.target) in _BN_OPS and len(n.args) > 5 and n.args[5] is True:
+            args = list(n.args)
+            args[5] = False
+            n.args = tuple(args)
+            n_changed += 1
+    if n_changed:
+        gm.recompile()
+    return n_changed
+
+
+def freeze_bn_stats(prepared: nn.Module) -> nn.Module:
+    """Keep the float model's batch-norm statistics through QAT, like torch.ao's `freeze_bn_stats`.
+
+    Why: a short QAT at a small batch replaces the running statistics with those of the last few batches (momentum
+    0.1); measured on offseg_t, 20 iterations at batch 8 moved the fake-quant graph's CamVid val mIoU 45.87 ->
+    44.30 before any int8 rounding. With frozen statistics the weights fine-tune against the same normalization
+    the exported graph uses. torchao's `.train()` rewrites batch norms back to training mode, so it is wrapped to
+    re-freeze after each switch."""
+    prepared.train = types.MethodType(_train_bn_frozen, prepared)
+    _set_bn_stats_frozen(prepared)
+    prepared.bn_stats_frozen = True
+    return prepared
+
+
+def _train_bn_frozen(self, mode: bool = True):
+    """`.train()` of a prepared graph with frozen BN statistics (a plain function so that deepcopy rebinds it)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    if mode:
+        move_exported_model_to_train(self)
+        _set_bn_stats_frozen(self)
+    else:
+        move_exported_model_to_eval(self)
+    return self
+
+
 def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=None, per_channel: bool = True,
-                example_batch: int = 2) -> nn.Module:
+                example_batch: int = 2, freeze_bn: bool = True) -> nn.Module:
     """Export `model` with a dynamic batch and insert the target's fake quantization.
 
     Args:
@@ -201,6 +247,7 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
         target: export target name (QAT_TARGETS).
         input_hw: static (H, W) of training crops and the export.
         policy: FloatPolicy (modules left in float); None = the model's default policy.
+        freeze_bn: normalize with the float model's running statistics and keep them (freeze_bn_stats).
     Returns:
         The prepared torch.fx.GraphModule; `.train()`/`.eval()` work on it.
     """
@@ -223,6 +270,8 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     allow_exported_model_train_eval(prepared)
     prepared.float_policy = policy
+    if freeze_bn:
+        freeze_bn_stats(prepared)
     return prepared
 
 
@@ -318,8 +367,10 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
         batch_size: int = 8, lr: float = 1e-5, warmup_iters: int = 0, device: str | None = None,
         resume: bool = False, force: bool = False, keep_float: Sequence[str] = (), defaults: bool = True,
         per_channel: bool = True, input_hw: Sequence[int] | None = None, val_interval: int | None = None,
-        progress: bool = True, seed: int = 0, **fit_kwargs) -> dict[str, Any]:
+        progress: bool = True, seed: int = 0, freeze_bn: bool = True, **fit_kwargs) -> dict[str, Any]:
     """QAT fine-tuning of `checkpoint` for `target` on dataset `data`.
+
+    BatchNorm statistics stay those of the float checkpoint unless `freeze_bn=False` (see freeze_bn_stats).
 
     Writes `<out>/train/` (fit's run folder: log.jsonl, train_state.pt for --resume) and `<out>/checkpoint/`
     (the QAT checkpoint: float weights + model.json with `quant` + `qat_int8.pt2`).
@@ -338,7 +389,7 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
     model, spec = load_checkpoint(checkpoint)
     hw = tuple(int(v) for v in (input_hw or spec.input_hw))
     policy = float_policy(model, keep_float, defaults=defaults)
-    prepared = prepare_qat(model, target, hw, policy, per_channel=per_channel)
+    prepared = prepare_qat(model, target, hw, policy, per_channel=per_channel, freeze_bn=freeze_bn)
     summary = fit(prepared, data, model_name=spec.model, model_kwargs=spec.model_kwargs, iters=iters,
                   batch_size=batch_size, crop_hw=hw, input_hw=hw, lr=lr, warmup_iters=warmup_iters,
                   mean=spec.mean, std=spec.std, device=device, out_dir=out / "train", resume=resume,
@@ -351,6 +402,7 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
              "per_channel_weights": per_channel, "program": PROGRAM_FILE, "input_hw": list(hw),
              "output_stride": int(getattr(model, "output_stride", 1)), "float_modules": policy.to_json(),
              "iters": int(summary["step"]), "val": summary.get("last"),
+             "bn_stats": "frozen (float checkpoint's)" if freeze_bn else "updated during QAT",
              "loader": "torch.export.load (serialized graph + tensors, no arbitrary code)"}
     qspec = dataclasses.replace(spec, quant=quant, metrics={**spec.metrics, "qat_val": summary.get("last")})
     ck = out / "checkpoint"
@@ -363,5 +415,5 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
 
 
 __all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
-           "target_quantizer", "prepare_qat", "convert_qat", "observer_scales",
+           "target_quantizer", "freeze_bn_stats", "prepare_qat", "convert_qat", "observer_scales",
            "program_scales", "load_qat_program", "qat"]
