@@ -57,20 +57,27 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
     if not _done(ptq, "manifest.json"):
         _run(edgeseg + ["export", "--checkpoint", str(ckpt), "--target", target, "--precision", "int8",
                         "--calib", args.calib, "--data", args.data, "--out", str(ptq), "--force"], log)
-    if not _done(qat_run / "checkpoint", "model.json"):
-        cmd = edgeseg + ["qat", "--checkpoint", str(ckpt), "--target", target, "--data", args.data,
-                         "--iters", str(args.qat_iters), "--batch-size", str(args.qat_batch_size),
-                         "--lr", str(args.qat_lr), "--val-interval", str(args.qat_iters), "--out", str(qat_run)]
-        if args.data_size:
-            cmd += ["--data-size", args.data_size]
-        resumable = (qat_run / "train" / "train_state.pt").is_file()
-        _run(cmd + (["--resume"] if resumable else ["--force"]), log)
-    if not _done(qat, "manifest.json"):
-        _run(edgeseg + ["export", "--checkpoint", str(qat_run / "checkpoint"), "--target", target,
-                        "--precision", "int8", "--out", str(qat), "--force"], log)
-    js = d / "validate.json"
+    qat_error = None
+    try:  # a failed QAT step still leaves fp32 vs PTQ worth reporting
+        if not _done(qat_run / "checkpoint", "model.json"):
+            cmd = edgeseg + ["qat", "--checkpoint", str(ckpt), "--target", target, "--data", args.data,
+                             "--iters", str(args.qat_iters), "--batch-size", str(args.qat_batch_size),
+                             "--lr", str(args.qat_lr), "--val-interval", str(args.qat_iters), "--out", str(qat_run)]
+            if args.data_size:
+                cmd += ["--data-size", args.data_size]
+            resumable = (qat_run / "train" / "train_state.pt").is_file()
+            _run(cmd + (["--resume"] if resumable else ["--force"]), log)
+        if not _done(qat, "manifest.json"):
+            _run(edgeseg + ["export", "--checkpoint", str(qat_run / "checkpoint"), "--target", target,
+                            "--precision", "int8", "--out", str(qat), "--force"], log)
+    except SystemExit as e:
+        errors = [ln for ln in log.read_text().splitlines() if ln.startswith("edgeseg: error:")]
+        qat_error = (errors[-1] if errors else str(e).splitlines()[0])[:300]
+        print(f"    QAT failed: {qat_error}", flush=True)
+    arts = [fp32, ptq] + ([qat] if qat_error is None else [])
+    js = d / ("validate.json" if qat_error is None else "validate-fp32-ptq.json")
     if not js.is_file():
-        cmd = edgeseg + ["validate", str(fp32), str(ptq), str(qat), "--data", args.data, "--split", args.split,
+        cmd = edgeseg + ["validate", *map(str, arts), "--data", args.data, "--split", args.split,
                          "--reference", str(fp32), "--json", str(js), "--no-progress"]
         if args.max_images:
             cmd += ["--max-images", str(args.max_images)]
@@ -80,15 +87,20 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
     recs = json.loads(js.read_text())
     recs = recs["records"] if isinstance(recs, dict) else recs
     by_dir = {Path(r["artifact"]).name: r for r in recs}
-    f, p, q = by_dir["fp32"], by_dir["int8-ptq"], by_dir["int8-qat"]
-    quant = json.loads((qat_run / "checkpoint" / "model.json").read_text()).get("quant") or {}
+    f, p = by_dir["fp32"], by_dir["int8-ptq"]
+    q = by_dir.get("int8-qat") or {"miou": None}
+    quant = {}
+    if (qat_run / "checkpoint" / "model.json").is_file():
+        quant = json.loads((qat_run / "checkpoint" / "model.json").read_text()).get("quant") or {}
+    qat_drop = None if q["miou"] is None else f["miou"] - q["miou"]
     return {"model": ckpt.parent.name, "checkpoint": str(ckpt), "target": target,
             "fp32_miou": f["miou"], "ptq_miou": p["miou"], "ptq_drop": f["miou"] - p["miou"],
-            "ptq_agreement": p.get("agreement"), "qat_miou": q["miou"], "qat_drop": f["miou"] - q["miou"],
-            "qat_agreement": q.get("agreement"), "qat_within_bar": f["miou"] - q["miou"] <= BAR,
-            "images": f.get("num_images"), "split": args.split, "qat_iters": args.qat_iters,
+            "ptq_agreement": p.get("agreement"), "qat_miou": q["miou"], "qat_drop": qat_drop,
+            "qat_agreement": q.get("agreement"), "qat_within_bar": qat_drop is not None and qat_drop <= BAR,
+            "qat_error": qat_error, "images": f.get("num_images"), "split": args.split,
+            "qat_iters": args.qat_iters,
             # runs from before BN freezing existed let the statistics follow the QAT batches
-            "qat_bn_stats": quant.get("bn_stats", "updated during QAT")}
+            "qat_bn_stats": quant.get("bn_stats", "updated during QAT") if quant else None}
 
 
 def table(rows: list[dict]) -> str:
@@ -96,11 +108,17 @@ def table(rows: list[dict]) -> str:
             "QAT agreement | QAT within 0.5 | QAT BN statistics |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['target']} | FAILED: {r['error'].replace('|', '/')} |||||||")
+            continue
         pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        if r.get("qat_error"):
+            qat_cells = f"QAT FAILED: {r['qat_error'].replace('|', '/')} | | NO | {r.get('qat_bn_stats') or 'n/a'} |"
+        else:
+            qat_cells = (f"{pct(r['qat_miou'])} ({100 * r['qat_drop']:+.2f}) | {pct(r['qat_agreement'])} % | "
+                         f"{'yes' if r['qat_within_bar'] else 'NO'} | {r.get('qat_bn_stats', 'n/a')} |")
         lines.append(f"| {r['model']} | {r['target']} | {pct(r['fp32_miou'])} | {pct(r['ptq_miou'])} "
-                     f"({100 * r['ptq_drop']:+.2f}) | {pct(r['ptq_agreement'])} % | {pct(r['qat_miou'])} "
-                     f"({100 * r['qat_drop']:+.2f}) | {pct(r['qat_agreement'])} % | "
-                     f"{'yes' if r['qat_within_bar'] else 'NO'} | {r.get('qat_bn_stats', 'n/a')} |")
+                     f"({100 * r['ptq_drop']:+.2f}) | {pct(r['ptq_agreement'])} % | " + qat_cells)
     return "\n".join(lines)
 
 
@@ -127,13 +145,18 @@ def main(argv=None) -> int:
     for ck in args.checkpoint:
         for target in args.targets:
             print(f"[{ck} x {target}]", flush=True)
-            rows.append(bench_one(Path(ck), target, args, root))
+            try:
+                rows.append(bench_one(Path(ck), target, args, root))
+            except SystemExit as e:  # one failed step: record it, go on with the other targets
+                print(e, flush=True)
+                rows.append({"model": Path(ck).parent.name, "checkpoint": ck, "target": target,
+                             "error": str(e).splitlines()[-1][:300]})
     text = table(rows)
     print(text)
     write_json(root / "results.json", rows)
     write_text(root / "results.md", text + "\n")
     print(f"wrote {root / 'results.json'} and {root / 'results.md'}")
-    return 0 if all(r["qat_within_bar"] for r in rows) else 1
+    return 0 if all(r.get("qat_within_bar") for r in rows) else 1
 
 
 if __name__ == "__main__":

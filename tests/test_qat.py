@@ -144,12 +144,46 @@ def test_frozen_bn_survives_train_eval_switches_and_deepcopy():
     assert _set_bn_stats_frozen(gm) == 0
 
 
+def test_qat_graph_has_no_stochastic_layers():
+    """DropPath/dropout in train mode would be exported as random ops (segnext_t's DropPath reached a QAT ONNX
+    artifact as RandomUniformLike): prepare_qat switches them off, and a random graph is refused."""
+    from edgeseg.errors import ArtifactError
+    from edgeseg.models.mscan import DropPath
+    from edgeseg.quant.qat import check_deterministic, convert_qat, prepare_qat
+
+    class Drop(nn.Module):
+        output_stride = 1
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.drop_path, self.drop = DropPath(0.5), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x.mean(1, keepdim=True) + self.drop_path(self.conv(x)))
+
+    with pytest.raises(ArtifactError, match="random"):
+        gm = torch.export.export(Drop().train(), (torch.randn(2, 3, 8, 8),), strict=False).module()
+        check_deterministic(gm, "train-mode export")
+    prepared = prepare_qat(Drop(), "executorch-xnnpack", (8, 8))
+    for _ in range(2):  # torchao's train switch would turn the eval-mode dropout into a random one again
+        prepared.train()
+        check_deterministic(prepared, "prepared, train mode")
+        prepared.eval()
+        check_deterministic(prepared, "prepared, eval mode")
+    prepared.train()
+    ep = convert_qat(prepared, (8, 8))
+    check_deterministic(ep.module(), "converted")
+    assert not [n for n in ep.graph.nodes if "bernoulli" in str(n.target) or "rand" in str(n.target)]
+
+
 def test_qat_checkpoint_records_scheme(qat_run):
     from edgeseg.checkpoint import load_checkpoint, load_spec
 
     res, _ = qat_run
     spec = load_spec(res["checkpoint"])
     assert spec.quant["target"] == "executorch-xnnpack" and spec.quant["program"] == "qat_int8.pt2"
+    assert spec.quant["bn_stats"].startswith("frozen")
     load_checkpoint(res["checkpoint"])  # the float weights still load into the eager model
 
 

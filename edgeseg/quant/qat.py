@@ -218,24 +218,74 @@ def freeze_bn_stats(prepared: nn.Module) -> nn.Module:
     Why: a short QAT at a small batch replaces the running statistics with those of the last few batches (momentum
     0.1); measured on offseg_t, 20 iterations at batch 8 moved the fake-quant graph's CamVid val mIoU 45.87 ->
     44.30 before any int8 rounding. With frozen statistics the weights fine-tune against the same normalization
-    the exported graph uses. torchao's `.train()` rewrites batch norms back to training mode, so it is wrapped to
-    re-freeze after each switch."""
-    prepared.train = types.MethodType(_train_bn_frozen, prepared)
-    _set_bn_stats_frozen(prepared)
+    the exported graph uses. torchao's `.train()` rewrites batch norms back to training mode, so `_train_qat`
+    re-freezes after each switch."""
     prepared.bn_stats_frozen = True
+    prepared.train = types.MethodType(_train_qat, prepared)
+    _set_bn_stats_frozen(prepared)
     return prepared
 
 
-def _train_bn_frozen(self, mode: bool = True):
-    """`.train()` of a prepared graph with frozen BN statistics (a plain function so that deepcopy rebinds it)."""
+def _set_dropout_off(gm: nn.Module) -> int:
+    """dropout(x, p, train=True) -> train=False in an exported graph; returns how many were changed."""
+    n_changed = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "dropout" in str(n.target) and len(n.args) > 2 and n.args[2] is True:
+            args = list(n.args)
+            args[2] = False
+            n.args = tuple(args)
+            n_changed += 1
+    if n_changed:
+        gm.recompile()
+    return n_changed
+
+
+def _train_qat(self, mode: bool = True):
+    """`.train()` of a prepared QAT graph: torchao's switch (batch norm and dropout to training mode), then dropout
+    back off (torchao turns the eval-mode dropout that prepare_qat exported into a random one) and, with
+    `bn_stats_frozen`, batch norm back to the running statistics. A plain function so that deepcopy rebinds it."""
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
     if mode:
         move_exported_model_to_train(self)
-        _set_bn_stats_frozen(self)
+        _set_dropout_off(self)
+        if getattr(self, "bn_stats_frozen", False):
+            _set_bn_stats_frozen(self)
     else:
         move_exported_model_to_eval(self)
     return self
+
+
+def _stochastic_layers_off(model: nn.Module) -> int:
+    """Put dropout and stochastic-depth (DropPath) modules in eval mode before the QAT export; returns how many.
+
+    Why: `torch.export` in train mode records their random masks (aten.bernoulli) as graph nodes, torchao's
+    eval switch only rewrites F.dropout patterns, and the converted program keeps them: measured, segnext_t's
+    MSCAN DropPath (rate 0.1) reached the QAT ONNX artifact as 25 RandomUniformLike ops (a different answer on
+    every run) and broke the ExecuTorch lowering (bernoulli is not core ATen). A short QAT fine-tune does not
+    need the regularisation."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ in ("DropPath", "StochasticDepth"):
+            m.eval()
+            n += 1
+    return n
+
+
+_RANDOM_OPS = ("bernoulli", "rand", "dropout", "native_dropout", "feature_dropout", "alpha_dropout",
+               "normal", "multinomial")
+
+
+def check_deterministic(gm: nn.Module, where: str) -> None:
+    """Refuse a QAT graph that still draws random numbers (ArtifactError naming the first such op)."""
+    for n in gm.graph.nodes:
+        parts = str(n.target).split(".")  # "aten.bernoulli.p" -> "bernoulli"
+        op = (parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[-1]).lstrip("_")
+        if "dropout" in op and len(n.args) > 2 and n.args[2] is False:
+            continue  # dropout(x, p, train=False) is the identity
+        if n.op == "call_function" and op.startswith(_RANDOM_OPS):
+            raise ArtifactError(f"{where}: the QAT graph draws random numbers ({n.target} at {n.name}); an int8 "
+                                "artifact must be deterministic")
 
 
 def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=None, per_channel: bool = True,
@@ -260,6 +310,7 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     quantizer = policy.apply_pt2e(target_quantizer(target, per_channel=per_channel, is_qat=True))
     h, w = int(input_hw[0]), int(input_hw[1])
     model = model.train()
+    _stochastic_layers_off(model)
     x = torch.randn(example_batch, 3, h, w)
     batch = torch.export.Dim("batch", min=1, max=1024)
     try:
@@ -268,7 +319,9 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     except Exception as e:  # noqa: BLE001 - the tool's failure becomes one line
         raise ArtifactError(f"qat: preparing {type(model).__name__} for {target} failed: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-    allow_exported_model_train_eval(prepared)
+    check_deterministic(prepared, f"qat: {type(model).__name__} for {target}")
+    allow_exported_model_train_eval(prepared)  # then .train/.eval replaced by _train_qat (same switches, plus)
+    prepared.train = types.MethodType(_train_qat, prepared)
     prepared.float_policy = policy
     if freeze_bn:
         freeze_bn_stats(prepared)
@@ -358,6 +411,7 @@ def load_qat_program(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]
     from torchao.quantization.pt2e import allow_exported_model_train_eval
 
     gm = ep.module()
+    check_deterministic(gm, str(path))  # QAT checkpoints written before stochastic layers were switched off
     allow_exported_model_train_eval(gm)  # ExportWrapper(...).eval() must work on the loaded graph
     gm.output_stride = int(quant.get("output_stride", 1))
     return gm, quant
@@ -415,5 +469,5 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
 
 
 __all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
-           "target_quantizer", "freeze_bn_stats", "prepare_qat", "convert_qat", "observer_scales",
+           "target_quantizer", "freeze_bn_stats", "check_deterministic", "prepare_qat", "convert_qat", "observer_scales",
            "program_scales", "load_qat_program", "qat"]
