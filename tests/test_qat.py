@@ -166,6 +166,10 @@ def test_qat_graph_has_no_stochastic_layers():
         gm = torch.export.export(Drop().train(), (torch.randn(2, 3, 8, 8),), strict=False).module()
         check_deterministic(gm, "train-mode export")
     prepared = prepare_qat(Drop(), "executorch-xnnpack", (8, 8))
+    from edgeseg.models import create_model
+
+    seg = create_model("test_segnext", num_classes=3)  # LightHamHead's NMF draws random bases in training
+    check_deterministic(prepare_qat(seg, "onnx", (32, 32)), "segnext")
     for _ in range(2):  # torchao's train switch would turn the eval-mode dropout into a random one again
         prepared.train()
         check_deterministic(prepared, "prepared, train mode")

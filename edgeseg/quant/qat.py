@@ -262,12 +262,15 @@ def _stochastic_layers_off(model: nn.Module) -> int:
     Why: `torch.export` in train mode records their random masks (aten.bernoulli) as graph nodes, torchao's
     eval switch only rewrites F.dropout patterns, and the converted program keeps them: measured, segnext_t's
     MSCAN DropPath (rate 0.1) reached the QAT ONNX artifact as 25 RandomUniformLike ops (a different answer on
-    every run) and broke the ExecuTorch lowering (bernoulli is not core ATen). A short QAT fine-tune does not
-    need the regularisation."""
+    every run) and broke the ExecuTorch lowering (bernoulli is not core ATen); LightHamHead's NMF draws random
+    bases in training (aten.rand). A short QAT fine-tune needs neither."""
     n = 0
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ in ("DropPath", "StochasticDepth"):
             m.eval()
+            n += 1
+        if getattr(m, "rand_in_train", False):  # LightHamHead's NMF: the stored bases, as inference uses them
+            m.rand_in_train = False
             n += 1
     return n
 
