@@ -71,7 +71,8 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
             _run(edgeseg + ["export", "--checkpoint", str(qat_run / "checkpoint"), "--target", target,
                             "--precision", "int8", "--out", str(qat), "--force"], log)
     except SystemExit as e:
-        errors = [ln for ln in log.read_text().splitlines() if ln.startswith("edgeseg: error:")]
+        errors = ["edgeseg: error:" + ln.split("edgeseg: error:", 1)[1] for ln in log.read_text().splitlines()
+                  if "edgeseg: error:" in ln]
         qat_error = (errors[-1] if errors else str(e).splitlines()[0])[:300]
         print(f"    QAT failed: {qat_error}", flush=True)
     arts = [fp32, ptq] + ([qat] if qat_error is None else [])

@@ -181,6 +181,20 @@ def test_qat_graph_has_no_stochastic_layers():
     assert not [n for n in ep.graph.nodes if "bernoulli" in str(n.target) or "rand" in str(n.target)]
 
 
+def test_openvino_qat_trains_a_model_with_layernorm_and_groupnorm():
+    """OpenVINOQuantizer gives normalisation biases (1-D) a per-channel spec that torchao's per-channel observer
+    cannot flatten: segnext_t_offset's OpenVINO QAT died at its first step with IndexError; they stay float."""
+    pytest.importorskip("nncf")
+    from edgeseg.models import create_model
+    from edgeseg.quant.qat import prepare_qat
+
+    prepared = prepare_qat(create_model("test_segnext_offset", num_classes=11), "openvino", (64, 64))
+    prepared.train()
+    out = prepared(torch.randn(2, 3, 64, 64))
+    out.mean().backward()
+    assert out.shape == (2, 11, 8, 8)
+
+
 def test_qat_checkpoint_records_scheme(qat_run):
     from edgeseg.checkpoint import load_checkpoint, load_spec
 

@@ -126,6 +126,9 @@ def openvino_qat_quantizer():
       configuration's choice), so the forward pass rounds like the OpenVINO int8 model will.
     * `set_filter_function(keep)`: nodes with `keep(node)` False go to NNCF's ignored scope by FX node name
       (OpenVINOQuantizer has no module-name hook).
+    * It gives LayerNorm/GroupNorm biases (1-D) a per-channel weight spec; torchao's per-channel observer
+      flattens from dim 1 and fails on them (IndexError at the first QAT step of segnext_t_offset), so those stay
+      float (`_per_channel_1d`).
     """
     from executorch.backends.openvino.quantizer import OpenVINOQuantizer
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
@@ -148,7 +151,7 @@ def openvino_qat_quantizer():
                 if not isinstance(qa, QuantizationAnnotation):
                     continue
                 qa.input_qspec_map = {k: _fake_quant_spec(v, reduce_weight_range=True)
-                                      for k, v in qa.input_qspec_map.items()}
+                                      for k, v in qa.input_qspec_map.items() if not _per_channel_1d(k, v)}
                 qa.output_qspec = _fake_quant_spec(qa.output_qspec)
                 if (n.op == "call_function" and n.args and "conv" in str(n.target)
                         and n.args[0] not in qa.input_qspec_map):
@@ -156,6 +159,14 @@ def openvino_qat_quantizer():
             return model
 
     return QatOpenVINOQuantizer()
+
+
+def _per_channel_1d(node, spec) -> bool:
+    """True for a per-channel spec on a tensor of fewer than 2 dims (a normalisation's bias)."""
+    if getattr(spec, "qscheme", None) not in (torch.per_channel_symmetric, torch.per_channel_affine):
+        return False
+    val = getattr(node, "meta", {}).get("val")
+    return val is not None and getattr(val, "dim", lambda: 2)() < 2
 
 
 def _fake_quant_spec(spec, reduce_weight_range: bool = False):
