@@ -39,3 +39,12 @@ def default_checkpoint() -> Path:
         raise ArtifactError(f"{p}: the default checkpoint is not shipped in this installation "
                             "(pass --checkpoint DIR, or train one with `edgeseg train`)")
     return p
+
+
+def shipped_artifacts() -> list[Path]:
+    """Export artifacts shipped ready to run (`edgeseg/assets/artifacts/<name>/`, each an export folder with its
+    manifest.json): the QAT int8 variants of the shipped checkpoints, for `edgeseg demo --artifact` / `validate`."""
+    root = ASSETS / "artifacts"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file())
