@@ -128,7 +128,7 @@ def openvino_qat_quantizer():
       (OpenVINOQuantizer has no module-name hook).
     * It gives LayerNorm/GroupNorm biases (1-D) a per-channel weight spec; torchao's per-channel observer
       flattens from dim 1 and fails on them (IndexError at the first QAT step of segnext_t_offset), so those stay
-      float (`_per_channel_1d`).
+      float; so do non-tensor inputs such as the dynamic batch size (`_unobservable`).
     """
     from executorch.backends.openvino.quantizer import OpenVINOQuantizer
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
@@ -151,8 +151,10 @@ def openvino_qat_quantizer():
                 if not isinstance(qa, QuantizationAnnotation):
                     continue
                 qa.input_qspec_map = {k: _fake_quant_spec(v, reduce_weight_range=True)
-                                      for k, v in qa.input_qspec_map.items() if not _per_channel_1d(k, v)}
-                qa.output_qspec = _fake_quant_spec(qa.output_qspec)
+                                      for k, v in qa.input_qspec_map.items() if not _unobservable(k, v)}
+                own = n.meta.get("val")
+                qa.output_qspec = (None if own is not None and not isinstance(own, torch.Tensor)
+                                   else _fake_quant_spec(qa.output_qspec))
                 if (n.op == "call_function" and n.args and "conv" in str(n.target)
                         and n.args[0] not in qa.input_qspec_map):
                     qa.input_qspec_map = {n.args[0]: None, **qa.input_qspec_map}
@@ -161,12 +163,18 @@ def openvino_qat_quantizer():
     return QatOpenVINOQuantizer()
 
 
-def _per_channel_1d(node, spec) -> bool:
-    """True for a per-channel spec on a tensor of fewer than 2 dims (a normalisation's bias)."""
-    if getattr(spec, "qscheme", None) not in (torch.per_channel_symmetric, torch.per_channel_affine):
-        return False
+def _unobservable(node, spec) -> bool:
+    """True where torchao's observers cannot take the input: a value that is not a tensor (the dynamic batch
+    size, a SymInt, which NNCF annotates as an input of offseg_t's shape arithmetic: "'int' object has no
+    attribute 'detach'" at the first QAT step), or a per-channel spec on a tensor of fewer than 2 dims (a
+    normalisation's bias)."""
     val = getattr(node, "meta", {}).get("val")
-    return val is not None and getattr(val, "dim", lambda: 2)() < 2
+    if val is None:
+        return False
+    if not isinstance(val, torch.Tensor):
+        return True
+    return (getattr(spec, "qscheme", None) in (torch.per_channel_symmetric, torch.per_channel_affine)
+            and val.dim() < 2)
 
 
 def _fake_quant_spec(spec, reduce_weight_range: bool = False):
