@@ -626,13 +626,15 @@ def test_sigkill_during_export_leaves_nothing_or_a_complete_artifact(ckpt, onnx_
         assert len(_hidden_leftovers(out)) <= 1 and all(n.startswith(".") for n in _hidden_leftovers(out))
     assert outcomes["0.5s"] == "absent" and outcomes["tmpdir"] == "absent", outcomes
     # SIGINT (Ctrl-C) once the model file is written: exit 130, one line, nothing written, nothing left over
-    for _attempt in range(3):
+    # on a loaded machine the tiny export can finish (or be in interpreter shutdown, where Python drops the
+    # KeyboardInterrupt) between seeing model.onnx and the signal landing: then it must be complete, and the next
+    # attempts signal earlier, as soon as the temporary folder exists (measured: 3 x rc 0 with model.onnx as the
+    # trigger while two QAT benchmarks shared the 2 cores)
+    for trigger in (tmp_with("model.onnx"), lambda t, pid: bool(tmp_dirs(pid)), lambda t, pid: bool(tmp_dirs(pid))):
         errs: list[str] = []
-        rc, _ = _kill_when(cmd, tmp_with("model.onnx"), sig=signal.SIGINT, stderr=errs)
+        rc, _ = _kill_when(cmd, trigger, sig=signal.SIGINT, stderr=errs)
         if rc != 0:
             break
-        # on a loaded machine the tiny export can finish (or be in interpreter shutdown, where Python drops the
-        # KeyboardInterrupt) between seeing model.onnx and the signal landing: then it must be complete; retry
         assert _assert_absent_or_complete(out) == "complete"
         shutil.rmtree(out)
     assert rc == 130 and errs[0].strip().splitlines()[-1] == "edgeseg: interrupted", (rc, errs[0][-2000:])
