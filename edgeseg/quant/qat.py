@@ -216,19 +216,24 @@ _BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default",
            "aten._native_batch_norm_legit_functional.default", "aten.cudnn_batch_norm.default")
 
 
-def _set_bn_stats_frozen(gm: nn.Module) -> int:
-    """Make every batch norm of an exported graph normalize with its running statistics and stop updating them
-    (the `training` argument, index 5, set to False); returns how many were changed."""
+def _set_flag_false(gm: nn.Module, match, index: int) -> int:
+    """Set the boolean argument `index` of every call_function node with `match(str(target))` from True to False
+    in an exported graph; returns how many were changed."""
     n_changed = 0
     for n in gm.graph.nodes:
-        if n.op == "call_function" and str(n.target) in _BN_OPS and len(n.args) > 5 and n.args[5] is True:
+        if n.op == "call_function" and match(str(n.target)) and len(n.args) > index and n.args[index] is True:
             args = list(n.args)
-            args[5] = False
+            args[index] = False
             n.args = tuple(args)
             n_changed += 1
     if n_changed:
         gm.recompile()
     return n_changed
+
+
+def _set_bn_stats_frozen(gm: nn.Module) -> int:
+    """Every batch norm normalizes with its running statistics and stops updating them (`training`, arg 5)."""
+    return _set_flag_false(gm, lambda t: t in _BN_OPS, 5)
 
 
 def freeze_bn_stats(prepared: nn.Module) -> nn.Module:
@@ -246,17 +251,8 @@ def freeze_bn_stats(prepared: nn.Module) -> nn.Module:
 
 
 def _set_dropout_off(gm: nn.Module) -> int:
-    """dropout(x, p, train=True) -> train=False in an exported graph; returns how many were changed."""
-    n_changed = 0
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and "dropout" in str(n.target) and len(n.args) > 2 and n.args[2] is True:
-            args = list(n.args)
-            args[2] = False
-            n.args = tuple(args)
-            n_changed += 1
-    if n_changed:
-        gm.recompile()
-    return n_changed
+    """dropout(x, p, train=True) -> train=False (arg 2)."""
+    return _set_flag_false(gm, lambda t: "dropout" in t, 2)
 
 
 def _train_qat(self, mode: bool = True):
