@@ -32,6 +32,11 @@ RUN_HERE = ("executorch-xnnpack", "onnx")
 # (edgeseg/models/freqfusion.py, selected by prepare_for_export) keeps test_offseg's graph small: the traced CARAFE
 # used to unroll into ~1,600 of ~1,900 nodes and ExecuTorch lowering took > 20 min on 2 shared cores.
 MODELS = [_tiny.TINY, *list_models("test_*")]
+# ExecuTorch lowering is the suite's slowest step (30-130 s per tiny model on 2 cores), so its fp32 round trip runs on
+# the variants that add a distinct op family: the offseg backbone + FreqFusion + offset head, the AFM spectral path,
+# and MSCAN + LightHamHead + offset head. test_segnext and test_offseg_afm only recombine those; the SSA head has its
+# own XNNPACK tests (tests/test_executorch_lowering.py). ONNX still runs every variant.
+ET_MODELS = [_tiny.TINY, "test_offseg", "test_segnext_afm", "test_segnext_offset"]
 HW = (64, 64)
 
 
@@ -119,7 +124,7 @@ _KNOWN_BROKEN: set[tuple[str, str]] = set()
 
 def _cases():
     for target in RUN_HERE:
-        for model in MODELS:
+        for model in (ET_MODELS if target == "executorch-xnnpack" else MODELS):
             marks = [pytest.mark.xfail(strict=True, reason="known to fail with the pinned toolchain")] \
                 if (target, model) in _KNOWN_BROKEN else []
             yield pytest.param(target, model, marks=marks, id=f"{target}-{model}")
@@ -493,9 +498,12 @@ def test_executorch_pt2e_filter_leaves_float_modules_unobserved(model, checkpoin
     assert not bad, bad[:10]
 
 
-@pytest.mark.slow
-@pytest.mark.exports([("executorch-xnnpack", "test_segnext", "int8")])
+@pytest.mark.exports([("executorch-xnnpack", _tiny.TINY, "int8", {"keep_float": ("decode_head.kernel",)})])
 def test_executorch_int8_float_policy_end_to_end(exported):
-    art = exported("executorch-xnnpack", "test_segnext", "int8")
-    q = json.loads((art / MANIFEST).read_text())["quantization"]
-    assert q["float_ops"] > 0 and q["float_modules"]
+    """A kept-float module survives the whole int8 lowering and the manifest counts its float ops (the default
+    policy's selection is checked at prepare time above; test_segnext's int8 lowering took 154 s)."""
+    art = exported("executorch-xnnpack", _tiny.TINY, "int8", keep_float=("decode_head.kernel",))
+    m = json.loads((art / MANIFEST).read_text())
+    q = m["quantization"]
+    assert q["float_ops"] > 0 and "model.decode_head.kernel" in q["float_modules"], q
+    assert m["proof"]["argmax_agreement"] >= 0.8
