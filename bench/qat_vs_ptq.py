@@ -62,7 +62,8 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
         if not _done(qat_run / "checkpoint", "model.json"):
             cmd = edgeseg + ["qat", "--checkpoint", str(ckpt), "--target", target, "--data", args.data,
                              "--iters", str(args.qat_iters), "--batch-size", str(args.qat_batch_size),
-                             "--lr", str(args.qat_lr), "--val-interval", str(args.qat_iters), "--out", str(qat_run)]
+                             "--lr", str(args.qat_lr), "--val-interval", str(args.qat_iters), "--out", str(qat_run),
+                             "--calib", args.calib]  # QAT's ranges start from PTQ's calibration set
             if args.data_size:
                 cmd += ["--data-size", args.data_size]
             resumable = (qat_run / "train" / "train_state.pt").is_file()

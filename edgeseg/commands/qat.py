@@ -36,6 +36,11 @@ def add_arguments(p) -> None:
     p.add_argument("--update-bn-stats", action="store_true",
                    help="let BatchNorm running statistics follow the QAT batches (default: keep the float "
                         "checkpoint's; a short QAT at a small batch otherwise drifts them)")
+    p.add_argument("--calib", metavar="RECIPE", help="images that set the activation ranges before training: a "
+                   "recipe from calibration/ or a .toml (default: up to 64 images of --data's train split, "
+                   "stratified; never its val split)")
+    p.add_argument("--no-range-init", action="store_true",
+                   help="skip that: ranges start from the first training batch (measured worse: see docs)")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
 
 
@@ -56,7 +61,7 @@ def run(args) -> int:
     res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
               lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
               val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size"),
-              freeze_bn=not args.update_bn_stats)
+              freeze_bn=not args.update_bn_stats, calib=args.calib, init_ranges=not args.no_range_init)
     val = (res["fit"] or {}).get("last") or {}
     rows = [("checkpoint", res["checkpoint"]), ("program", res["program"]), ("target", res["target"]),
             ("scheme", res["scheme"]), ("iterations", str(res["fit"]["step"])),
