@@ -449,3 +449,41 @@ def test_qat_run_records_its_range_init(qat_run):
     res, _ = qat_run
     init = load_spec(res["checkpoint"]).quant["range_init"]
     assert init["split"] == "train" and init["count"] == 8 and len(init["files"]) == 8
+
+
+def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
+    """offseg_t's ExecuTorch QAT .pte was refused at load: FreqFusion zero-pads a dequantized tensor whose pad
+    output stays float, XNNPACK's partitioner still takes the pad as quantized ("Failed to create
+    StaticConstantPad node ... xnn_status_invalid_parameter"). convert_qat re-quantizes such pads (exactly)."""
+    pytest.importorskip("executorch.runtime")
+    import torch.nn.functional as F
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from edgeseg.export.executorch import delegate_friendly_decompositions
+    from edgeseg.quant.policy import FloatPolicy
+    from edgeseg.quant.qat import convert_qat, init_observers, prepare_qat
+
+    class PadThenFloat(nn.Module):  # the CARAFE pattern: pad, flatten, shifted slices times a float mask
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n, c, h, w = y.shape
+            p = F.pad(y, (1, 1, 1, 2)).reshape(n, c, -1)
+            return p[:, :, :h * w] * self.b(y).reshape(n, c, -1) + p[:, :, 1:h * w + 1]
+
+    torch.manual_seed(0)
+    prepared = prepare_qat(PadThenFloat(), "executorch-xnnpack", (8, 8), FloatPolicy({}))
+    init_observers(prepared, [torch.randn(1, 3, 8, 8) for _ in range(4)])
+    ep = convert_qat(prepared, (8, 8))
+    pads = [n for n in ep.graph.nodes if "pad" in str(n.target)]
+    assert pads and all(all("quantize_per_tensor" in str(u.target) for u in p.users) for p in pads)
+    prog = to_edge_transform_and_lower(delegate_friendly_decompositions(ep),
+                                       partitioner=[XnnpackPartitioner()]).to_executorch()
+    method = Runtime.get().load_program(prog.buffer).load_method("forward")  # raised before the fix
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(method.execute([x])[0], ep.module()(x), atol=1e-5)

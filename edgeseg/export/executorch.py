@@ -228,6 +228,8 @@ class ExecutorchExporter(Exporter):
                 raise UsageError("--precision int8: executorch-xnnpack needs calibration images")
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+            from edgeseg.quant.passes import requantize_after_zero_pad
+
             t = time.perf_counter()
             quantizer, policy = self.ptq_quantizer(model, options)  # float modules: ops left unannotated
             # a conv whose weight is shared (FreqFusion's one-hot kernels, content_encoder on hr and lr) is left
@@ -240,6 +242,7 @@ class ExecutorchExporter(Exporter):
                 for x in calib_data.inputs:
                     prepared(x)
             converted = convert_pt2e(prepared)
+            requantize_after_zero_pad(converted)  # XNNPACK refuses a "quantized" pad with a float output
             ep = torch.export.export(converted, example, strict=False)
             timings["quantize"] = time.perf_counter() - t
             quant = {"scheme": "PT2E static int8", "quantizer": "XNNPACKQuantizer symmetric",

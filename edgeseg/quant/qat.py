@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from edgeseg.errors import ArtifactError, UsageError
+from edgeseg.quant.passes import requantize_after_zero_pad
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +418,7 @@ def convert_qat(prepared: nn.Module, input_hw: Sequence[int], fold_quantize: boo
     gm = copy.deepcopy(prepared).cpu()
     move_exported_model_to_eval(gm)
     converted = convert_pt2e(gm, fold_quantize=fold_quantize)
+    requantize_after_zero_pad(converted)
     h, w = int(input_hw[0]), int(input_hw[1])
     batch = torch.export.Dim("batch", min=1, max=1024)
     return torch.export.export(converted, (torch.randn(2, 3, h, w),), dynamic_shapes=({0: batch},), strict=False)
@@ -487,6 +489,7 @@ def load_qat_program(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]
 
     gm = ep.module()
     check_deterministic(gm, str(path))  # QAT checkpoints written before stochastic layers were switched off
+    requantize_after_zero_pad(gm)  # QAT checkpoints converted before that pass existed
     allow_exported_model_train_eval(gm)  # ExportWrapper(...).eval() must work on the loaded graph
     gm.output_stride = int(quant.get("output_stride", 1))
     return gm, quant
