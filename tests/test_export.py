@@ -507,3 +507,19 @@ def test_executorch_int8_float_policy_end_to_end(exported):
     q = m["quantization"]
     assert q["float_ops"] > 0 and "model.decode_head.kernel" in q["float_modules"], q
     assert m["proof"]["argmax_agreement"] >= 0.8
+
+
+@pytest.mark.exports([("onnx", _tiny.TINY, "fp32"), ("onnx", _tiny.TINY, "int8")])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_onnx_artifact_names_no_source_files_of_the_exporting_machine(exported, precision):
+    """torch.onnx writes each node's Python stack trace (absolute paths of this checkout and the venv, ~25 % of
+    the file) into the model; an artifact that travels to devices carries neither."""
+    import onnx
+
+    art = exported("onnx", precision=precision)
+    model_file = art / json.loads((art / MANIFEST).read_text())["model_file"]
+    m = onnx.load(str(model_file))
+    keys = {p.key for n in m.graph.node for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys, keys
+    data = model_file.read_bytes()
+    assert str(REPO).encode() not in data and sys.prefix.encode() not in data

@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
                    "stratified; never its val split)")
     p.add_argument("--no-range-init", action="store_true",
                    help="skip that: ranges start from the first training batch (measured worse: see docs)")
+    p.add_argument("--freeze-ranges", action="store_true",
+                   help="keep the initial activation ranges through training (weights' ranges still follow)")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
 
 
@@ -61,7 +63,8 @@ def run(args) -> int:
     res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
               lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
               val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size"),
-              freeze_bn=not args.update_bn_stats, calib=args.calib, init_ranges=not args.no_range_init)
+              freeze_bn=not args.update_bn_stats, calib=args.calib, init_ranges=not args.no_range_init,
+              freeze_ranges=args.freeze_ranges)
     val = (res["fit"] or {}).get("last") or {}
     rows = [("checkpoint", res["checkpoint"]), ("program", res["program"]), ("target", res["target"]),
             ("scheme", res["scheme"]), ("iterations", str(res["fit"]["step"])),

@@ -61,6 +61,46 @@ class OnnxOptions(ExportOptions):
                              "Percentile")
 
 
+# Per-node metadata of torch.onnx's dynamo exporter that only names the exporting machine's source files (absolute
+# paths) and costs ~25 % of an artifact's size; `pkg.torch.onnx.name_scopes` (module paths) stays: the float policy
+# reads it (float_nodes).
+STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+
+def strip_stack_traces(path: Path) -> int:
+    """Remove STRIPPED_METADATA from every node of the ONNX file at `path` (rewritten in place, weights inside);
+    returns the number of entries removed."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    removed = 0
+
+    def strip(graph):
+        nonlocal removed
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key not in STRIPPED_METADATA]
+            if len(keep) != len(node.metadata_props):
+                removed += len(node.metadata_props) - len(keep)
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+            for attr in node.attribute:  # If/Loop/Scan bodies
+                if attr.g is not None and attr.g.node:
+                    strip(attr.g)
+                for g in attr.graphs:
+                    strip(g)
+
+    strip(m.graph)
+    for f in m.functions:
+        for node in f.node:
+            keep = [p for p in node.metadata_props if p.key not in STRIPPED_METADATA]
+            removed += len(node.metadata_props) - len(keep)
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+    if removed:
+        onnx.save(m, str(path))
+    return removed
+
+
 def export_onnx(model, path: Path, opset: int, output_name: str) -> None:
     """Export an ExportWrapper with the dynamo exporter, static shapes, weights inside the file; onnx.checker."""
     import onnx
@@ -71,6 +111,7 @@ def export_onnx(model, path: Path, opset: int, output_name: str) -> None:
         prog = torch.onnx.export(model, example, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                                  output_names=[output_name], external_data=False, verbose=False)
         prog.save(str(path), external_data=False)
+        strip_stack_traces(path)
     except Exception as e:  # noqa: BLE001 - the exporter's failure becomes one line
         raise ArtifactError(f"onnx: torch.onnx.export (dynamo, opset {opset}) failed: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e

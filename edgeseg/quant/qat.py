@@ -382,6 +382,23 @@ def init_observers(prepared: nn.Module, inputs: Sequence, progress: bool = False
     return len(fqs)
 
 
+def freeze_activation_ranges(prepared: nn.Module) -> int:
+    """Stop the activation observers (weights keep theirs: their ranges follow the trained weights). Returns the
+    number frozen. The fake quantization itself stays on, at the ranges it has."""
+    frozen = 0
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or "activation_post_process" not in str(node.target):
+            continue
+        src = node.args[0] if node.args else None
+        if isinstance(src, torch.fx.Node) and src.op == "get_attr":
+            continue  # a weight's fake quant
+        mod = prepared.get_submodule(str(node.target))
+        if hasattr(mod, "disable_observer"):
+            mod.disable_observer()
+            frozen += 1
+    return frozen
+
+
 def qat_calibration_set(calib: str | None, data: str | Path, input_hw: Sequence[int], mean, std,
                         progress: bool = False):
     """The images `init_observers` uses: recipe `calib` (drawn with `data` as its "data" source), or by default up
@@ -500,7 +517,7 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
         resume: bool = False, force: bool = False, keep_float: Sequence[str] = (), defaults: bool = True,
         per_channel: bool = True, input_hw: Sequence[int] | None = None, val_interval: int | None = None,
         progress: bool = True, seed: int = 0, freeze_bn: bool = True, calib: str | None = None,
-        init_ranges: bool = True, **fit_kwargs) -> dict[str, Any]:
+        init_ranges: bool = True, freeze_ranges: bool = False, **fit_kwargs) -> dict[str, Any]:
     """QAT fine-tuning of `checkpoint` for `target` on dataset `data`.
 
     BatchNorm statistics stay those of the float checkpoint unless `freeze_bn=False` (see freeze_bn_stats).
@@ -533,6 +550,8 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
             log.info("qat: resuming; activation ranges come from the saved run")
         else:
             init_observers(prepared, cal.arrays, progress=progress)
+    if freeze_ranges:
+        freeze_activation_ranges(prepared)
     summary = fit(prepared, data, model_name=spec.model, model_kwargs=spec.model_kwargs, iters=iters,
                   batch_size=batch_size, crop_hw=hw, input_hw=hw, lr=lr, warmup_iters=warmup_iters,
                   mean=spec.mean, std=spec.std, device=device, out_dir=out / "train", resume=resume,
@@ -549,6 +568,7 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
              "range_init": ({k: calib_info[k] for k in ("recipe", "source", "split", "count", "files",
                                                         "classes_missing")} if calib_info else
                             "first training batch (init_ranges off)"),
+             "activation_ranges": "fixed after initialisation" if freeze_ranges else "moving average in training",
              "loader": "torch.export.load (serialized graph + tensors, no arbitrary code)"}
     qspec = dataclasses.replace(spec, quant=quant, metrics={**spec.metrics, "qat_val": summary.get("last")})
     ck = out / "checkpoint"
@@ -561,6 +581,6 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
 
 
 __all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
-           "target_quantizer", "freeze_bn_stats", "check_deterministic", "prepare_qat", "init_observers",
+           "target_quantizer", "freeze_bn_stats", "check_deterministic", "prepare_qat", "init_observers", "freeze_activation_ranges",
            "qat_calibration_set", "convert_qat", "observer_scales",
            "program_scales", "load_qat_program", "qat"]
