@@ -66,6 +66,8 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
                              "--calib", args.calib]  # QAT's ranges start from PTQ's calibration set
             if args.data_size:
                 cmd += ["--data-size", args.data_size]
+            if args.freeze_ranges:
+                cmd += ["--freeze-ranges"]
             resumable = (qat_run / "train" / "train_state.pt").is_file()
             _run(cmd + (["--resume"] if resumable else ["--force"]), log)
         if not _done(qat, "manifest.json"):
@@ -102,7 +104,10 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
             "qat_error": qat_error, "images": f.get("num_images"), "split": args.split,
             "qat_iters": args.qat_iters,
             # runs from before BN freezing existed let the statistics follow the QAT batches
-            "qat_bn_stats": quant.get("bn_stats", "updated during QAT") if quant else None}
+            "qat_bn_stats": quant.get("bn_stats", "updated during QAT") if quant else None,
+            "qat_range_init": (quant.get("range_init") or {}).get("recipe") if isinstance(quant.get("range_init"), dict)
+            else quant.get("range_init", "first training batch") if quant else None,
+            "qat_activation_ranges": quant.get("activation_ranges", "moving average in training") if quant else None}
 
 
 def table(rows: list[dict]) -> str:
@@ -135,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-batch-size", type=int, default=8)
     ap.add_argument("--qat-lr", type=float, default=1e-5)
     ap.add_argument("--data-size", default="192x256", help="QAT: resize training pairs like training did")
+    ap.add_argument("--freeze-ranges", action="store_true", help="QAT keeps the calibrated activation ranges")
     ap.add_argument("--max-images", type=int, help="score on the first N images only (smoke runs)")
     ap.add_argument("--out", default="runs/qat_vs_ptq")
     ap.add_argument("--force", action="store_true", help="start over (deletes --out)")
