@@ -45,3 +45,46 @@ def test_shipped_artifact_is_intact_and_agrees_with_its_checkpoint(art, tmp_path
     assert rec["executed"] is True
     assert rec["agreement"] >= 0.93, rec
     assert rec["miou_drop"] <= 0.02, rec
+
+
+def test_non_editable_install_carries_the_defaults(tmp_path):
+    """A wheel of this tree, installed into a plain folder and imported from elsewhere (not the checkout), loads the
+    shipped checkpoints and finds the shipped int8 artifacts: package data is declared, not read from the repo."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    try:  # the venv's own setuptools when it is new enough (offline, fast); else pip fetches the build backend
+        import setuptools
+
+        isolation = [] if int(setuptools.__version__.split(".")[0]) >= 70 else ["--use-pep517"]
+    except ImportError:
+        isolation = ["--use-pep517"]
+    no_iso = ["--no-build-isolation"] if not isolation else []
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *no_iso, "-q", "-w", str(wheels),
+                        str(repo)], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0 and "No module named pip" in p.stderr:
+        pytest.skip("pip is not available in this interpreter")
+    assert p.returncode == 0, p.stderr[-2000:]
+    (whl,) = wheels.glob("edgeseg-*.whl")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    code = ("import json, edgeseg; from edgeseg.data import embedded; from edgeseg.checkpoint import load_checkpoint\n"
+            "ck = embedded.default_checkpoint(); m, spec = load_checkpoint(ck)\n"
+            "names = sorted(p.name for p in (embedded.ASSETS / 'checkpoints').iterdir())\n"
+            "for n in names: load_checkpoint(embedded.ASSETS / 'checkpoints' / n)\n"
+            "print(json.dumps({'module': edgeseg.__file__, 'default': str(ck), 'model': spec.model, 'ckpts': names,"
+            " 'artifacts': [a.name for a in embedded.shipped_artifacts()]}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["module"].startswith(str(site)) and got["default"].startswith(str(site)), got
+    assert got["model"] == "offseg_t" and {"offseg_t_camvid", "segnext_t_offset_camvid"} <= set(got["ckpts"])
+    assert got["artifacts"] == [a.name for a in embedded.shipped_artifacts()] and got["artifacts"]
