@@ -428,6 +428,14 @@ def test_init_observers_sets_the_mean_range_and_restores_the_constants():
     maxes = sorted(float(m.activation_post_process.max_val) for m in fqs
                    if m.activation_post_process.max_val.numel() == 1)
     assert any(abs(v - 4.0) < 1e-5 for v in maxes), maxes
+    # --freeze-ranges: a wider training batch no longer moves the activation ranges; the weight's observer still runs
+    from edgeseg.quant.qat import freeze_activation_ranges
+
+    assert freeze_activation_ranges(prepared) >= 1
+    before = {id(m): float(m.activation_post_process.max_val.max()) for m in fqs}
+    prepared(torch.full((2, 3, 4, 4), 50.0))
+    assert all(float(m.activation_post_process.max_val.max()) == before[id(m)] for m in fqs)
+    assert sum(int(m.observer_enabled) for m in fqs) == 1  # the weight's (ranges follow the trained weights)
 
 
 def test_qat_calibration_set_defaults_to_train_and_refuses_val(tiny_camvid, tmp_path):

@@ -404,10 +404,9 @@ def qat_calibration_set(calib: str | None, data: str | Path, input_hw: Sequence[
     """The images `init_observers` uses: recipe `calib` (drawn with `data` as its "data" source), or by default up
     to 64 images of `data`'s train split (stratified by class presence, seed 0). Either is refused if it overlaps
     `data`'s val split, which QAT validates on."""
-    from edgeseg.quant.calibration import build_calibration_set
-
     from edgeseg.data.datasets import open_dataset
     from edgeseg.errors import EdgesegError
+    from edgeseg.quant.calibration import build_calibration_set
 
     try:
         eval_split = open_dataset(data, split="val").image_paths
