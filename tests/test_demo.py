@@ -118,6 +118,9 @@ def _cli_subprocess(args: list[str], env: dict | None = None, timeout: float = 1
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.register_tiny()\n"
             "from edgeseg.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
+    # SIGINT as a terminal delivers it: a suite started in the background by a shell without job control runs with
+    # SIGINT ignored, which the child would inherit (then Ctrl-C never reaches the demo)
+    kw.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.Popen([sys.executable, "-c", boot, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw), timeout
 
