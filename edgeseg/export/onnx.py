@@ -75,27 +75,20 @@ def strip_stack_traces(path: Path) -> int:
     m = onnx.load(str(path), load_external_data=False)
     removed = 0
 
-    def strip(graph):
+    def strip(nodes):
         nonlocal removed
-        for node in graph.node:
-            keep = [p for p in node.metadata_props if p.key not in STRIPPED_METADATA]
-            if len(keep) != len(node.metadata_props):
-                removed += len(node.metadata_props) - len(keep)
-                del node.metadata_props[:]
-                node.metadata_props.extend(keep)
-            for attr in node.attribute:  # If/Loop/Scan bodies
-                if attr.g is not None and attr.g.node:
-                    strip(attr.g)
-                for g in attr.graphs:
-                    strip(g)
-
-    strip(m.graph)
-    for f in m.functions:
-        for node in f.node:
+        for node in nodes:
             keep = [p for p in node.metadata_props if p.key not in STRIPPED_METADATA]
             removed += len(node.metadata_props) - len(keep)
             del node.metadata_props[:]
             node.metadata_props.extend(keep)
+            for attr in node.attribute:  # If/Loop/Scan bodies
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    strip(g.node)
+
+    strip(m.graph.node)
+    for f in m.functions:
+        strip(f.node)
     if removed:
         onnx.save(m, str(path))
     return removed
