@@ -105,9 +105,14 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
             "qat_iters": args.qat_iters,
             # runs from before BN freezing existed let the statistics follow the QAT batches
             "qat_bn_stats": quant.get("bn_stats", "updated during QAT") if quant else None,
-            "qat_range_init": (quant.get("range_init") or {}).get("recipe") if isinstance(quant.get("range_init"), dict)
-            else quant.get("range_init", "first training batch") if quant else None,
+            # a dict (the calibration set's info) since range initialisation exists; before it, the first batch
+            "qat_range_init": _range_init(quant) if quant else None,
             "qat_activation_ranges": quant.get("activation_ranges", "moving average in training") if quant else None}
+
+
+def _range_init(quant: dict) -> str:
+    init = quant.get("range_init", "first training batch")
+    return init.get("recipe") or "custom" if isinstance(init, dict) else init
 
 
 def table(rows: list[dict]) -> str:

@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
                    "recipe from calibration/ or a .toml (default: up to 64 images of --data's train split, "
                    "stratified; never its val split)")
     p.add_argument("--no-range-init", action="store_true",
-                   help="skip that: ranges start from the first training batch (measured worse: see docs)")
+                   help="skip that: ranges start from the first training batch (measured worse: README, int8 section)")
     p.add_argument("--freeze-ranges", action="store_true",
                    help="keep the initial activation ranges through training (weights' ranges still follow)")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON")
