@@ -41,13 +41,13 @@ def _lower(module: nn.Module, x: torch.Tensor, tmp_path: Path):
     return pte, non_delegated_ops(program), calls
 
 
-def _run_in_child(pte: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def _run_in_child(pte: Path, x: torch.Tensor, tmp_path: Path, output: int = 0) -> torch.Tensor:
     torch.save(x, tmp_path / "x.pt")
     code = textwrap.dedent(f"""
         import torch
         from executorch.runtime import Runtime
         x = torch.load({str(tmp_path / 'x.pt')!r})
-        out = Runtime.get().load_program({str(pte)!r}).load_method("forward").execute([x])[0]
+        out = Runtime.get().load_program({str(pte)!r}).load_method("forward").execute([x])[{output}]
         torch.save(out.clone(), {str(tmp_path / 'y.pt')!r})
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -181,5 +181,50 @@ def test_int8_shared_conv_weight_loads_and_runs(tmp_path):
     pte, _, _ = _lower(converted, x, tmp_path)
     got = _run_in_child(pte, x, tmp_path)
     # int8 arithmetic in XNNPACK vs the simulated q/dq graph: off by a few quantization steps at most
+    step = want.abs().max() / 127
+    assert (got - want).abs().max() <= 3 * step, ((got - want).abs().max(), step)
+
+
+class _LocalGlobalQuery(nn.Module):
+    """EfficientFormerV2's LGQuery pattern: a strided depthwise conv plus AvgPool2d(1, 2) subsampling, its input
+    also a graph output (as the backbone's stage outputs are), and an ordinary 3x3 average pool beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.local = nn.Conv2d(8, 8, 3, 2, 1, groups=8)
+        self.sub = nn.AvgPool2d(1, 2, 0)
+        self.smooth = nn.AvgPool2d(3, 1, 1)
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return y, self.proj(self.local(y) + self.sub(y)) + self.smooth(self.sub(y))
+
+
+def test_int8_one_by_one_average_pool_runs(tmp_path):
+    """Regression (offseg_t's ExecuTorch QAT .pte): XNNPACK takes a quantized 1x1 average pool into its graph and
+    fails at the first run ("Propagating input shapes failed ... xnn_status_invalid_parameter"). The exporter
+    turns a 1x1 unpadded pool into the strided slice it is; wider pools stay pools."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edgeseg.export.executorch import ExecutorchExporter, delegate_friendly_decompositions
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    module = _LocalGlobalQuery().eval()
+    x = torch.randn(1, 3, 16, 16)
+    prepared = prepare_pt2e(torch.export.export(module, (x,), strict=False).module(),
+                            ExecutorchExporter().quantizer())
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.randn(1, 3, 16, 16))
+        converted = convert_pt2e(prepared)
+        want = converted(x)[1]
+    pools = [n.args[1] for n in delegate_friendly_decompositions(torch.export.export(converted, (x,))).graph.nodes
+             if n.op == "call_function" and "avg_pool2d" in str(n.target)]
+    assert pools == [[3, 3]], pools  # the 1x1 pool became a slice, the 3x3 one stayed
+    pte, _, _ = _lower(converted, x, tmp_path)
+    got = _run_in_child(pte, x, tmp_path, output=1)  # failed before the fix
     step = want.abs().max() / 127
     assert (got - want).abs().max() <= 3 * step, ((got - want).abs().max(), step)

@@ -438,6 +438,42 @@ def test_init_observers_sets_the_mean_range_and_restores_the_constants():
     assert sum(int(m.observer_enabled) for m in fqs) == 1  # the weight's (ranges follow the trained weights)
 
 
+def test_eval_mode_freezes_ranges_and_computes_what_convert_freezes():
+    """Validation of the fake-quant graph must not move the activation ranges (it did: torchao's eval switch leaves
+    observers on, offseg_t's ONNX QAT validated at 45.75 mIoU while its converted program scored 45.32), and in
+    eval mode the fake-quant graph must compute what the converted int8 program computes."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    from edgeseg.quant.policy import FloatPolicy
+    from edgeseg.quant.qat import convert_qat, init_observers, prepare_qat
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    prepared = prepare_qat(Net(), "onnx", (8, 8), FloatPolicy({}), freeze_bn=False)
+    init_observers(prepared, [torch.randn(1, 3, 8, 8) for _ in range(4)])
+    fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase)]
+    ranges = lambda: [(m.activation_post_process.min_val.clone(), m.activation_post_process.max_val.clone())
+                      for m in fqs]
+    before = ranges()
+    prepared.eval()
+    x = 5 * torch.randn(2, 3, 8, 8)  # far wider than the calibration inputs
+    with torch.no_grad():
+        fake = prepared(x)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(before, ranges()))
+    converted = convert_qat(prepared, (8, 8)).module()
+    assert torch.allclose(fake, converted(x), atol=1e-5)
+    prepared.train()  # training observes again
+    prepared(x)
+    assert any(not torch.equal(b, d) for (_, b), (_, d) in zip(before, ranges()))
+
+
 def test_qat_calibration_set_defaults_to_train_and_refuses_val(tiny_camvid, tmp_path):
     from edgeseg.errors import DataError
     from edgeseg.quant.qat import qat_calibration_set

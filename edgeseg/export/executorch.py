@@ -102,14 +102,29 @@ def _group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, c
     return y
 
 
+def _avg_pool2d_as_slice(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+                         divisor_override=None):
+    # EfficientFormerV2's LGQuery subsamples with AvgPool2d(1, 2, 0); XNNPACK takes the quantized 1x1 average
+    # pool into its graph and then fails at the first run ("Propagating input shapes failed ...
+    # xnn_status_invalid_parameter", offseg_t's ExecuTorch QAT .pte). A 1x1 window without padding is exactly a
+    # strided slice. Other pools keep the op (NotImplemented: no decomposition).
+    k = list(kernel_size) * (2 // len(kernel_size))
+    pad = [padding] * 2 if isinstance(padding, int) else list(padding) * (2 // len(padding))
+    if k != [1, 1] or any(pad) or ceil_mode or divisor_override is not None:
+        return NotImplemented
+    s = list(stride or kernel_size) * (2 // len(stride or kernel_size))
+    return x[:, :, ::s[0], ::s[1]] if x.dim() == 4 else x[:, ::s[0], ::s[1]]
+
+
 def delegate_friendly_decompositions(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":
-    """Decompose the ops that would otherwise leave XNNPACK or split its partitions into ones it takes: GroupNorm
-    (4-D means, sub, mul, sqrt, div), pixel_shuffle / pixel_unshuffle without the channels-last clone. Every
+    """Decompose the ops that would otherwise leave XNNPACK, split its partitions or fail in it into ones it takes:
+    GroupNorm (4-D means, sub, mul, sqrt, div), pixel_shuffle / pixel_unshuffle without the channels-last clone,
+    a 1x1 average pool as a strided slice. Every
     op outside the delegate splits the graph into one more partition, and lowering time grows with the
     partition count (each partition runs the whole XNNPACK pass pipeline; shared constants are deep-copied)."""
     aten = torch.ops.aten
     table = {aten.group_norm.default: _group_norm, aten.pixel_shuffle.default: _pixel_shuffle,
-             aten.pixel_unshuffle.default: _pixel_unshuffle}
+             aten.pixel_unshuffle.default: _pixel_unshuffle, aten.avg_pool2d.default: _avg_pool2d_as_slice}
     if not any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):
         return ep
     return ep.run_decompositions(table)

@@ -105,7 +105,7 @@ def target_quantizer(target: str, per_channel: bool = True, is_qat: bool = True)
                 # with 8-bit weights, segnext_t_offset's QAT ONNX agreed 84.5 % with fp32 while its fake-quant
                 # model scored within 0.4 mIoU
                 cfg = dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, **WEIGHT_7BIT))
-            return XNNPACKQuantizer().set_global(cfg)
+            return XNNPACKQuantizer().set_global(_unfused_fake_quant(cfg))
         if family == "openvino":
             return openvino_qat_quantizer()
         if family == "coreml":
@@ -206,6 +206,37 @@ def _fake_quant_spec(spec, reduce_weight_range: bool = False):
     return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=obs), **extra)
 
 
+def _unfused_fake_quant(cfg):
+    """A copy of a PT2E QuantizationConfig whose fused fake quants (FusedMovingAvgObsFakeQuantize) are plain
+    FakeQuantize modules over the same moving-average observers.
+
+    Why: the fused kernel picks symmetric scales with ATen's choose_qparams, max(|min| / 128, max / 127) for int8
+    (|min| / 64, max / 63 for 7 bits), while convert_pt2e freezes the observer's max(|min|, max) / 127.5: training
+    then fake-quantized every symmetric weight on a grid up to 0.8 % (7-bit: 1.6 %) off the one exported. The
+    plain FakeQuantize asks its observer, so training and the converted program use the same scales."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    def plain(spec):
+        if not isinstance(spec, QuantizationSpec):
+            return spec
+        ctr = spec.observer_or_fake_quant_ctr
+        partial = getattr(ctr, "p", None)
+        cls = getattr(partial, "func", ctr)
+        if not (isinstance(cls, type) and issubclass(cls, FusedMovingAvgObsFakeQuantize)):
+            return spec
+        kw = dict(getattr(partial, "keywords", None) or {})  # eps
+        kw.pop("observer", None)
+        per_channel = spec.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        obs = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=obs, **kw))
+
+    return dataclasses.replace(cfg, input_activation=plain(cfg.input_activation),
+                               output_activation=plain(cfg.output_activation), weight=plain(cfg.weight),
+                               bias=plain(cfg.bias))
+
+
 def _symmetric_activations(cfg):
     """A copy of a PT2E QuantizationConfig with symmetric per-tensor int8 activations (zero point 0), as
     TensorRT's explicit quantization requires."""
@@ -274,7 +305,42 @@ def _train_qat(self, mode: bool = True):
             _set_bn_stats_frozen(self)
     else:
         move_exported_model_to_eval(self)
+    set_observers(self, mode)
     return self
+
+
+def _eval_qat(self):
+    return self.train(False)
+
+
+def _fake_quants(gm: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(activation, weight) fake-quant modules of a prepared graph; a weight's reads a get_attr node."""
+    acts, weights = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or "activation_post_process" not in str(node.target):
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if not hasattr(mod, "disable_observer"):
+            continue
+        src = node.args[0] if node.args else None
+        (weights if isinstance(src, torch.fx.Node) and src.op == "get_attr" else acts).append(mod)
+    return acts, weights
+
+
+def set_observers(prepared: nn.Module, on: bool) -> None:
+    """Observers update ranges in training only (activation ones not at all once `freeze_activation_ranges` ran).
+
+    Why: torchao's eval switch leaves them on, so every validation image moved the activation ranges (1 % each)
+    and was fake-quantized with a range partly fitted to itself: measured on offseg_t's ONNX QAT, the validation
+    said 45.75 mIoU while the converted program (the same weights, the ranges as validation left them) scored
+    45.32 in PyTorch and in ONNX Runtime alike. With observers off in eval mode the fake-quant graph computes what
+    convert_pt2e freezes, and validation images never reach the exported scales."""
+    acts, weights = _fake_quants(prepared)
+    frozen = getattr(prepared, "activation_ranges_frozen", False)
+    for mod in weights:
+        mod.enable_observer() if on else mod.disable_observer()
+    for mod in acts:
+        mod.enable_observer() if on and not frozen else mod.disable_observer()
 
 
 def _stochastic_layers_off(model: nn.Module) -> int:
@@ -346,6 +412,7 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     check_deterministic(prepared, f"qat: {type(model).__name__} for {target}")
     allow_exported_model_train_eval(prepared)  # then .train/.eval replaced by _train_qat (same switches, plus)
     prepared.train = types.MethodType(_train_qat, prepared)
+    prepared.eval = types.MethodType(_eval_qat, prepared)  # torchao's eval skips train(False)
     prepared.float_policy = policy
     if freeze_bn:
         freeze_bn_stats(prepared)
@@ -369,6 +436,7 @@ def init_observers(prepared: nn.Module, inputs: Sequence, progress: bool = False
     saved = [h.averaging_constant for h in holders]
     was_training = prepared.training
     prepared.eval()
+    set_observers(prepared, True)  # eval mode turned them off; here they are the point
     try:
         with torch.no_grad():
             for k, x in enumerate(tqdm(inputs, desc="qat: initialising observers", disable=not progress)):
@@ -383,20 +451,13 @@ def init_observers(prepared: nn.Module, inputs: Sequence, progress: bool = False
 
 
 def freeze_activation_ranges(prepared: nn.Module) -> int:
-    """Stop the activation observers (weights keep theirs: their ranges follow the trained weights). Returns the
-    number frozen. The fake quantization itself stays on, at the ranges it has."""
-    frozen = 0
-    for node in prepared.graph.nodes:
-        if node.op != "call_module" or "activation_post_process" not in str(node.target):
-            continue
-        src = node.args[0] if node.args else None
-        if isinstance(src, torch.fx.Node) and src.op == "get_attr":
-            continue  # a weight's fake quant
-        mod = prepared.get_submodule(str(node.target))
-        if hasattr(mod, "disable_observer"):
-            mod.disable_observer()
-            frozen += 1
-    return frozen
+    """Stop the activation observers for good (weights keep theirs: their ranges follow the trained weights).
+    Returns the number frozen. The fake quantization itself stays on, at the ranges it has."""
+    prepared.activation_ranges_frozen = True
+    acts, _ = _fake_quants(prepared)
+    for mod in acts:
+        mod.disable_observer()
+    return len(acts)
 
 
 def qat_calibration_set(calib: str | None, data: str | Path, input_hw: Sequence[int], mean, std,
@@ -581,5 +642,5 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
 
 __all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
            "target_quantizer", "freeze_bn_stats", "check_deterministic", "prepare_qat", "init_observers", "freeze_activation_ranges",
-           "qat_calibration_set", "convert_qat", "observer_scales",
+           "qat_calibration_set", "convert_qat", "observer_scales", "set_observers",
            "program_scales", "load_qat_program", "qat"]
