@@ -531,3 +531,44 @@ def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
     method = Runtime.get().load_program(prog.buffer).load_method("forward")  # raised before the fix
     x = torch.randn(1, 3, 8, 8)
     assert torch.allclose(method.execute([x])[0], ep.module()(x), atol=1e-5)
+
+
+def test_executorch_qat_shared_conv_weight_is_quantized_per_use_and_runs():
+    """offseg_t's ExecuTorch QAT .pte (after the zero-pad fix) failed at its first run ("Propagating input shapes
+    failed"): FreqFusion's content encoders run on two inputs, the XNNPACK quantizer left the second conv float
+    behind a dequantized input. prepare_qat gives each extra use a clone of the one trained parameter (gradients
+    still reach it), convert_qat freezes the clone as an int8 constant."""
+    pytest.importorskip("executorch.runtime")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from edgeseg.export.executorch import delegate_friendly_decompositions
+    from edgeseg.quant.policy import FloatPolicy
+    from edgeseg.quant.qat import convert_qat, init_observers, prepare_qat
+
+    class SharedEncoder(nn.Module):  # FreqFusion's content_encoder on the hr and the lr features
+        def __init__(self):
+            super().__init__()
+            self.hr, self.lr = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.encoder = nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.encoder(self.hr(x)) + self.encoder(self.lr(x) * 2)
+
+    torch.manual_seed(0)
+    prepared = prepare_qat(SharedEncoder(), "executorch-xnnpack", (8, 8), FloatPolicy({}), freeze_bn=False)
+    assert sum(1 for p in prepared.parameters()) == 6  # still one encoder weight to train
+    prepared(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert prepared.encoder.weight.grad is not None
+    init_observers(prepared, [torch.randn(1, 3, 8, 8) for _ in range(4)])
+    ep = convert_qat(prepared, (8, 8))
+    convs = [n for n in ep.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 4 and all("dequantize" in str(n.args[1].target) for n in convs), "a conv kept fp32 weights"
+    x = torch.randn(1, 3, 8, 8)
+    gm = ep.module()
+    prog = to_edge_transform_and_lower(delegate_friendly_decompositions(torch.export.export(gm, (x,))),
+                                       partitioner=[XnnpackPartitioner()]).to_executorch()
+    got = Runtime.get().load_program(prog.buffer).load_method("forward").execute([x])[0]  # raised before the fix
+    want = gm(x)
+    assert (got - want).abs().max() <= 3 * want.abs().max() / 127

@@ -378,6 +378,56 @@ def check_deterministic(gm: nn.Module, where: str) -> None:
                                 "artifact must be deterministic")
 
 
+def unshare_weight_uses(gm: torch.fx.GraphModule) -> int:
+    """Give every use of a parameter read by more than one op but its first its own `clone`; returns how many.
+
+    Why: the XNNPACK quantizer leaves a conv unannotated when its weight is already annotated for another conv
+    (FreqFusion's content encoders run on both the high- and the low-res features), so the conv stays float
+    behind a dequantized input, which XNNPACK takes as a quantized conv with an fp32 weight: offseg_t's
+    ExecuTorch QAT .pte failed at its first run ("Propagating input shapes failed"). PTQ copies such constants
+    (export.executorch.unshare_constants); a trained parameter must stay one tensor, so each extra use reads a
+    clone (gradients flow back to the one parameter, each use gets its own weight fake quant, and convert folds
+    the clone into its int8 constant)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_before(user):
+                copy = gm.graph.call_function(torch.ops.aten.clone.default, (node,))
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+            n += 1
+    if n:
+        gm.graph.lint()
+        gm.recompile()
+    return n
+
+
+def _freeze_weight_clones(gm: torch.fx.GraphModule) -> int:
+    """Replace each `clone` of a parameter (unshare_weight_uses) by a constant copy of its trained value, so that
+    convert_pt2e folds its weight quantization into an int8 constant as for any other weight (a quantize of a
+    clone stays in the graph, and ExecuTorch then lacks a kernel for the lone dequantize_per_channel)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.clone.default \
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
+            value = gm.get_parameter(node.args[0].target) if node.args[0].target in dict(gm.named_parameters()) \
+                else gm.get_buffer(node.args[0].target)
+            name = f"_unshared_weight_{n}"
+            gm.register_buffer(name, value.detach().clone())
+            with gm.graph.inserting_before(node):
+                const = gm.graph.get_attr(name)
+            const.meta = dict(node.meta)
+            node.replace_all_uses_with(const)
+            gm.graph.erase_node(node)
+            n += 1
+    if n:
+        gm.graph.lint()
+        gm.recompile()
+    return n
+
+
 def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=None, per_channel: bool = True,
                 example_batch: int = 2, freeze_bn: bool = True) -> nn.Module:
     """Export `model` with a dynamic batch and insert the target's fake quantization.
@@ -405,7 +455,10 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     batch = torch.export.Dim("batch", min=1, max=1024)
     try:
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
-        prepared = prepare_qat_pt2e(ep.module(), quantizer)
+        gm = ep.module()
+        if QAT_TARGETS[target][0] == "xnnpack":
+            unshare_weight_uses(gm)
+        prepared = prepare_qat_pt2e(gm, quantizer)
     except Exception as e:  # noqa: BLE001 - the tool's failure becomes one line
         raise ArtifactError(f"qat: preparing {type(model).__name__} for {target} failed: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -494,6 +547,7 @@ def convert_qat(prepared: nn.Module, input_hw: Sequence[int], fold_quantize: boo
 
     gm = copy.deepcopy(prepared).cpu()
     move_exported_model_to_eval(gm)
+    _freeze_weight_clones(gm)
     converted = convert_pt2e(gm, fold_quantize=fold_quantize)
     requantize_after_zero_pad(converted)
     h, w = int(input_hw[0]), int(input_hw[1])
@@ -641,6 +695,6 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
 
 
 __all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
-           "target_quantizer", "freeze_bn_stats", "check_deterministic", "prepare_qat", "init_observers", "freeze_activation_ranges",
+           "target_quantizer", "freeze_bn_stats", "check_deterministic", "unshare_weight_uses", "prepare_qat", "init_observers", "freeze_activation_ranges",
            "qat_calibration_set", "convert_qat", "observer_scales", "set_observers",
            "program_scales", "load_qat_program", "qat"]
