@@ -10,10 +10,12 @@ Flow (PT2E, torchao 0.18 / executorch 1.5.1):
   2b. `init_observers`: the calibration set (default: up to 64 images of --data's train split, stratified) runs
      through the prepared graph so every activation range starts at the mean of its per-image min/max. Why:
      torchao's moving-average observers otherwise take their first range from the first augmented training batch
-     and move 1 % per step; measured on offseg_t (CamVid val, fake-quant, no training): calibrated 46.09 ONNX /
-     45.91 OpenVINO vs 45.36 / 45.06 after 20 uncalibrated QAT iterations (fp32 45.87).
+     and move 1 % per step; measured on offseg_t (CamVid val, ONNX scheme, no training): calibrated 45.91
+     (converted program) vs 45.36 (fake-quant) after 20 uncalibrated QAT iterations (fp32 45.87).
   3. `edgeseg.train.loop.fit` trains the prepared graph (progress, validation mIoU of the fake-quant model,
-     exact resume) in `<out>/train/`.
+     exact resume) in `<out>/train/`. Observers run in training only (`set_observers`), and the fake quants ask
+     the observers for their scales (`_unfused_fake_quant`), so the validated fake-quant graph computes what
+     convert freezes. For ExecuTorch, extra uses of a shared weight read a clone (`unshare_weight_uses`).
   4. `convert_pt2e` -> `torch.export.export` (dynamic batch) -> `torch.export.save` as
      `<out>/checkpoint/qat_int8.pt2`, beside the fine-tuned float weights (`model.safetensors`) and a
      `model.json` whose `quant` records target, scheme, quantizer, float modules and the program file.
