@@ -697,6 +697,6 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
 
 
 __all__ = ["QAT_TARGETS", "FAMILY_EXPORTS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
-           "target_quantizer", "freeze_bn_stats", "check_deterministic", "unshare_weight_uses", "prepare_qat", "init_observers", "freeze_activation_ranges",
-           "qat_calibration_set", "convert_qat", "observer_scales", "set_observers",
-           "program_scales", "load_qat_program", "qat"]
+           "target_quantizer", "freeze_bn_stats", "check_deterministic", "unshare_weight_uses", "prepare_qat",
+           "init_observers", "freeze_activation_ranges", "set_observers", "qat_calibration_set", "convert_qat",
+           "observer_scales", "program_scales", "load_qat_program", "qat"]
