@@ -43,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="edgeseg " + _version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, modname in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"edgeseg.commands.{modname}")
-        except ModuleNotFoundError as e:
-            if e.name == f"edgeseg.commands.{modname}":
-                continue  # not built yet
-            raise
+        mod = importlib.import_module(f"edgeseg.commands.{modname}")
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, epilog=getattr(mod, "EPILOG", None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -8,6 +8,9 @@ from the first forwards. A test that needs an artifact the helper has not starte
 helper is making waits for it; one the helper failed on is made again in the test, so errors surface there as
 before. The helper starts only if the machine has an idle core when the session starts (EDGESEG_TEST_PREFETCH=1
 forces it, =0 turns it off); the terminal summary says what it made.
+
+Strict runs: with `CI` set (as `.ci/run` does) or EDGESEG_NO_SKIPS=1, a skip is a failure - a missing toolchain,
+missing ../shared data or a missing display tool must turn CI red, never quietly shrink what it checked.
 """
 from __future__ import annotations
 
@@ -27,6 +30,29 @@ SHARED = Path(os.environ.get("EDGESEG_SHARED", REPO.parent / "shared"))
 EXPORT_HW = (64, 64)  # every shared tiny checkpoint and artifact
 
 
+def strict() -> bool:
+    """Skips are failures (CI, or EDGESEG_NO_SKIPS=1)."""
+    return bool(os.environ.get("CI")) or os.environ.get("EDGESEG_NO_SKIPS") == "1"
+
+
+def unavailable(what: str):
+    """Skip for a missing resource here; fail in strict runs (CI must have every resource)."""
+    if strict():
+        pytest.fail(f"{what} (required in CI: skips are failures there)")
+    pytest.skip(what)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Backstop of `unavailable`: in strict runs any other skip (importorskip, skipif, pytest.skip) fails too."""
+    outcome = yield
+    rep = outcome.get_result()
+    if strict() and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped in a strict run (CI / EDGESEG_NO_SKIPS=1), which counts as a failure: {reason}"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
@@ -38,7 +64,7 @@ def _seed_and_threads():
 def camvid_root() -> Path:
     p = SHARED / "data" / "camvid"
     if not p.is_dir():
-        pytest.skip(f"CamVid not present at {p}")
+        unavailable(f"CamVid not present at {p}")
     return p
 
 
@@ -46,7 +72,7 @@ def camvid_root() -> Path:
 def parity_dir() -> Path:
     p = SHARED / "parity"
     if not p.is_dir():
-        pytest.skip(f"parity references not present at {p}")
+        unavailable(f"parity references not present at {p}")
     return p
 
 

@@ -187,7 +187,6 @@ def test_eval_help_has_examples(capsys):
     assert "examples:" in h and "--checkpoint" in h and "--skip-bad" in h and "--json" in h
 
 
-@pytest.mark.skipif("test_offseg" not in list_models("test_offseg"), reason="test_offseg not registered")
 def test_eval_registered_test_offseg(tmp_path):
     from edgeseg.models import create_model
 

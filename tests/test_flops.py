@@ -1,6 +1,8 @@
 """FLOP counting: the conv bucket equals a hand count, the matmul bucket counts known matmuls, CPU SDPA counted."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -68,8 +70,7 @@ def test_cpu_sdpa_counted_as_matmul():
 def test_registered_models_count(name):
     from edgeseg.models import create_model, list_models
 
-    if name not in list_models():
-        pytest.skip(f"{name} not registered")
+    assert name in list_models()
     r = count(create_model(name, num_classes=11), (64, 64))
     assert r["gmac_conv"] > 0 and r["gmac_total"] >= r["gmac_conv"] and r["params"] > 0
 
@@ -80,8 +81,7 @@ def test_models_command(tmp_path, capsys):
     from edgeseg.cli import main
     from edgeseg.models import list_models
 
-    if "test_segnext" not in list_models():
-        pytest.skip("test_segnext not registered")
+    assert "test_segnext" in list_models()
     out = tmp_path / "models.json"
     assert main(["models", "--pattern", "test_segnext", "--input-size", "360x480", "--num-classes", "11",
                  "--json", str(out), "--no-progress"]) == 0
@@ -152,3 +152,34 @@ def test_model_that_needs_data_falls_back_to_the_cpu(monkeypatch, caplog):
         (r,) = count_registered("needs_data", 2, [(8, 8)])
     assert "counting on the CPU" in caplog.text
     assert r == count(NeedsData(2), (8, 8)) and r["gmac_conv"] * 1e9 == pytest.approx(64 * 3 * 2)
+
+
+def _readme_gmac_rows() -> dict[str, list[float]]:
+    """The README's model table: variant -> [params K=150, GMAC 512², conv, matmul, params K=11, GMAC 384×480, conv,
+    matmul]."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"^\| `(\w+)` \| ([\d.]+) \| ([\d.]+) \(([\d.]+) conv \+ ([\d.]+) matmul\) \| ([\d.]+) \| "
+                     r"([\d.]+) \(([\d.]+) \+ ([\d.]+)\) \|$", line)
+        if m:
+            rows[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    return rows
+
+
+@pytest.mark.slow
+def test_readme_gmac_table_matches_the_counter():
+    """Every number of the README's params / GMAC table is what `count_registered` gives (2 decimals)."""
+    from edgeseg.models.flops import count_registered
+
+    rows = _readme_gmac_rows()
+    assert {"offseg_t", "segnext_t", "segnext_t_offset", "segnext_t_ssa", "offseg_t_afm"} <= set(rows), rows
+    for name, want in rows.items():
+        (k150,) = count_registered(name, 150, [(512, 512)])
+        (k11,) = count_registered(name, 11, [(384, 480)])
+        got = []
+        for r in (k150, k11):
+            got += [r["params"] / 1e6, r["gmac_total"], r["gmac_conv"], r["gmac_matmul"]]
+        assert [round(g, 2) for g in got] == pytest.approx(want, abs=0.011), (name, got, want)

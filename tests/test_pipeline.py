@@ -99,3 +99,38 @@ def test_concurrent_exports_real_targets(tmp_path, camvid_root, caplog):
     assert (tmp_path / "run" / "report" / "report.md").is_file()
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert summary["step_seconds"]["export"] > 0 and len(summary["rows"]) == 2
+
+
+def test_split_embedded_is_disjoint_and_covers_every_frame(tmp_path):
+    """The pipeline's default data (the embedded CamVid frames) is split into calibration (every EMBEDDED_CALIB_EVERY-th pair)
+    and evaluation (the rest): disjoint by name and by content, every pair in exactly one part, labels beside their
+    images, and a set too small to split is refused."""
+    import hashlib
+
+    from edgeseg.data.embedded import default_data_dir
+    from edgeseg.errors import DataError
+    from edgeseg.pipeline import EMBEDDED_CALIB_EVERY, split_embedded
+
+    src = default_data_dir()
+    frames = sorted(p.name for p in (src / "val").iterdir())
+    calib, evl, info = split_embedded(src, tmp_path / "split")
+    assert info["calibration_images"] == [f for i, f in enumerate(frames) if i % EMBEDDED_CALIB_EVERY == 0]
+    assert sorted(info["calibration_images"] + info["evaluation_images"]) == frames
+    assert not set(info["calibration_images"]) & set(info["evaluation_images"])
+
+    def digests(root):
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "val").iterdir()}
+
+    assert not digests(calib) & digests(evl)
+    for root, names in ((calib, info["calibration_images"]), (evl, info["evaluation_images"])):
+        assert sorted(p.name for p in (root / "val").iterdir()) == sorted(names)
+        assert len(list((root / "valannot").iterdir())) == len(names)
+        assert len(open_dataset(root, "val")) == len(names)
+    one = tmp_path / "one"
+    for sub in ("val", "valannot"):
+        (one / sub).mkdir(parents=True)
+    shutil.copy2(src / "val" / frames[0], one / "val" / frames[0])
+    lab = sorted((src / "valannot").iterdir())[0]
+    shutil.copy2(lab, one / "valannot" / lab.name)
+    with pytest.raises(DataError, match="too few images"):
+        split_embedded(one, tmp_path / "split1")

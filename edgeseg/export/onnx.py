@@ -30,8 +30,9 @@ class OnnxOptions(ExportOptions):
     Attributes:
         opset: ONNX opset (>= 18).
         activation_type: int8 QDQ activations, "int8" (s8s8 with int8 weights) or "uint8" (u8s8).
-        reduce_range: int8: 7-bit weights. Only needed for u8s8 on x86 CPUs without VNNI, where ORT's u8s8 kernel
-            (VPMADDUBSW) saturates its int16 sums with full 8-bit weights.
+        reduce_range: int8: 7-bit weights, true / false / "auto". Only needed for u8s8 on x86 CPUs without VNNI,
+            where ORT's u8s8 kernel (VPMADDUBSW) saturates its int16 sums with full 8-bit weights; "auto" decides
+            from the exporting CPU's flags (edgeseg.cpu) and the manifest records the choice and why.
         per_channel: int8: per-channel weight scales.
         calibrate_method: int8: "MinMax" | "Entropy" | "Percentile".
     """
@@ -43,9 +44,10 @@ class OnnxOptions(ExportOptions):
     #   u8s8 8-bit weights   0.167  88.1 %  (VPMADDUBSW int16 saturation)
     #   u8s8 reduce_range    0.013  98.8 %
     #   s8s8 8-bit weights   0.054  97.8 %
-    # so u8s8 with 7-bit weights (reduce_range) is the default; s8s8 stays available (activation_type="int8").
+    # so u8s8 with 7-bit weights (reduce_range) is the default on such CPUs; s8s8 stays available
+    # (activation_type="int8"). On VNNI/AMX CPUs u8s8 accumulates in int32 and keeps full 8-bit weights.
     activation_type: str = "uint8"
-    reduce_range: bool = True
+    reduce_range: bool | str = "auto"
     per_channel: bool = True
     calibrate_method: str = "MinMax"
 
@@ -54,6 +56,9 @@ class OnnxOptions(ExportOptions):
         if self.opset < MIN_OPSET:
             raise UsageError(f"{where}.opset: {self.opset} < {MIN_OPSET} (the dynamo exporter at opset 17 "
                              "produced invalid models)")
+        if self.reduce_range not in (True, False, "auto") or isinstance(self.reduce_range, int) and not isinstance(
+                self.reduce_range, bool):
+            raise UsageError(f"{where}.reduce_range: {self.reduce_range!r} is not true, false or \"auto\"")
         if self.activation_type not in ("int8", "uint8"):
             raise UsageError(f"{where}.activation_type: {self.activation_type!r} is not int8 or uint8")
         if self.calibrate_method not in ("MinMax", "Entropy", "Percentile"):
@@ -196,6 +201,18 @@ def unshare_initializers(onnx_model, excluded: list[str]) -> int:
     return len(shared)
 
 
+def resolve_reduce_range(requested: bool | str) -> tuple[bool, str]:
+    """(reduce_range, why) for the option's value; "auto" decides from the host CPU (edgeseg.cpu)."""
+    from edgeseg.cpu import host_cpu
+
+    if requested != "auto":
+        return bool(requested), "set explicitly"
+    cpu = host_cpu()
+    if cpu.int8_saturates:
+        return True, f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
+    return False, f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
+
+
 def per_tensor_weight_overrides(onnx_model, reduce_range: bool) -> dict[str, list[dict[str, Any]]]:
     """ORT `TensorQuantOverrides` that keep per-channel scales to Conv/Gemm-style weights.
 
@@ -299,10 +316,12 @@ class OnnxExporter(Exporter):
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: onnx needs calibration images")
             t = time.perf_counter()
+            reduce_range, why = resolve_reduce_range(options.reduce_range)
             quant = quantize_qdq(target, out_dir / MODEL_FILE, calib_data, activation_type=options.activation_type,
-                                 reduce_range=options.reduce_range, per_channel=options.per_channel,
+                                 reduce_range=reduce_range, per_channel=options.per_channel,
                                  calibrate_method=options.calibrate_method,
                                  policy=export_float_policy(model, options))
+            quant.update(reduce_range=reduce_range, reduce_range_reason=why)
             target.unlink()
             timings["quantize_static"] = time.perf_counter() - t
         hist = op_histogram(out_dir / MODEL_FILE)

@@ -22,7 +22,10 @@ activations and weights; `ov.save_model` stores quantized weights as int8 consta
 AVX2 but without VNNI (this CI host: AMD EPYC, avx2, no avx_vnni/avx512_vnni) run u8 x s8 convolutions with
 VPMADDUBSW, whose int16 pair sums saturate when full 8-bit weights meet large activations (measured: a conv net with
 same-sign weights on full-range data had 35 % relative error with NNCF's default `FIRST_LAYER` fix, 1.6 % with
-`ENABLE`, which quantizes every weight to 7 bits). The default here is therefore `overflow_fix = "enable"`.
+`ENABLE`, which quantizes every weight to 7 bits). The default `overflow_fix = "auto"` therefore resolves from the
+exporting CPU's flags (`edgeseg.cpu`): "enable" where u8 x s8 saturates (AVX2 without VNNI), "disable" (full 8-bit
+weights) on VNNI/AMX CPUs, which accumulate in int32; the manifest records the choice, the CPU and why. An IR meant
+for a different CPU than the exporting one sets the option explicitly.
 
 Fallback ops: the CPU plugin has no fallback device (an op it does not take fails `compile_model`), so a CPU IR
 that compiles has none; everything our models use is supported (grid_sample -> GridSample, unfold, bicubic ->
@@ -55,7 +58,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
-OVERFLOW_FIX = ("enable", "first_layer_only", "disable")
+OVERFLOW_FIX = ("auto", "enable", "first_layer_only", "disable")
 # OpenVINO op types that carry the arithmetic; used for the "still in float" report of int8 IRs.
 _COMPUTE_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData", "FullyConnected")
 
@@ -67,8 +70,9 @@ class OpenVINOOptions(ExportOptions):
     Attributes:
         device: OpenVINO device the fallback query and the proof use ("CPU"; "GPU"/"NPU" where present).
         route: "auto" (torch.export, then the TorchScript module route if that fails), "export" or "module".
-        overflow_fix: int8: NNCF overflow fix, "enable" (7-bit weights everywhere; needed on AVX2 CPUs without
-            VNNI), "first_layer_only" (NNCF's default) or "disable".
+        overflow_fix: int8: NNCF overflow fix, "auto" (from this CPU's flags, see `resolve_overflow_fix`), "enable"
+            (7-bit weights everywhere; needed on AVX2 CPUs without VNNI), "first_layer_only" (NNCF's default) or
+            "disable".
         preset: int8: NNCF preset, "performance" (symmetric activations) or "mixed" (asymmetric activations).
         model_type: int8: "" or "transformer" (NNCF keeps softmax/LayerNorm-adjacent ops float for transformers).
         fast_bias_correction: int8: NNCF's fast bias correction (the slow one needs many more images).
@@ -76,7 +80,7 @@ class OpenVINOOptions(ExportOptions):
 
     device: str = "CPU"
     route: str = "auto"
-    overflow_fix: str = "enable"
+    overflow_fix: str = "auto"
     preset: str = "performance"
     model_type: str = ""
     fast_bias_correction: bool = True
@@ -225,6 +229,18 @@ def float_node_names(converted: Converted, policy) -> list[str]:
     return names
 
 
+def resolve_overflow_fix(requested: str) -> tuple[str, str]:
+    """(NNCF overflow fix, why) for `requested`; "auto" decides from the host CPU (edgeseg.cpu)."""
+    from edgeseg.cpu import host_cpu
+
+    if requested != "auto":
+        return requested, "set explicitly"
+    cpu = host_cpu()
+    if cpu.int8_saturates:
+        return "enable", f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
+    return "disable", f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
+
+
 def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions, ignored: list[str] | None = None):
     """NNCF PTQ of an OV model with the overflow fix of `options`, leaving the nodes named in `ignored` in float
     (NNCF validates that each exists); returns (quantized ov.Model, manifest record)."""
@@ -238,7 +254,8 @@ def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions, ignored
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if ignored:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored), validate=True)
-    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(options.overflow_fix))
+    overflow_fix, why = resolve_overflow_fix(options.overflow_fix)
+    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix))
     try:
         q = nncf.quantize(ov_model, nncf.Dataset(data), preset=nncf.QuantizationPreset(options.preset),
                           subset_size=len(data), fast_bias_correction=options.fast_bias_correction,
@@ -248,9 +265,9 @@ def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions, ignored
     record = {"scheme": "NNCF post-training quantization (OpenVINO FakeQuantize)",
               "activations": "int8 per-tensor " + ("symmetric" if options.preset == "performance" else
                                                    "asymmetric"),
-              "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if options.overflow_fix ==
+              "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if overflow_fix ==
                                                          "enable" else ""),
-              "overflow_fix": options.overflow_fix, "preset": options.preset,
+              "overflow_fix": overflow_fix, "overflow_fix_reason": why, "preset": options.preset,
               "model_type": options.model_type or "default", "fast_bias_correction": options.fast_bias_correction,
               "calibration_images": len(data), "float_nodes": len(ignored or [])}
     return q, record
@@ -332,20 +349,6 @@ def runtime_precisions(compiled) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
-def cpu_flags() -> list[str]:
-    """The int8-relevant x86 flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
-                                                      "avx512_bf16", "amx_bf16"))
-    return []
-
-
 class OpenVINOExporter(Exporter):
     """OpenVINO IR for Intel CPU/GPU/NPU: fp32, fp16 (fp16 weights), int8 (NNCF PTQ, or a QAT checkpoint's graph)."""
 
@@ -357,6 +360,8 @@ class OpenVINOExporter(Exporter):
     def export(self, model, spec, precision, input_hw, calib_data, out_dir: Path, options: OpenVINOOptions
                ) -> ExportResult:
         import openvino as ov
+
+        from edgeseg.cpu import host_cpu
 
         if precision not in self.precisions:
             raise UsageError(f"--precision: openvino supports {', '.join(self.precisions)}, not {precision}")
@@ -395,7 +400,7 @@ class OpenVINOExporter(Exporter):
         saved = core.read_model(str(out_dir / MODEL_FILE))
         hist = op_histogram(saved)
         inspection: dict[str, Any] = {"route": route, "op_histogram": hist, "constant_dtypes": constant_dtypes(saved),
-                                      "device": options.device, "host_cpu_flags": cpu_flags()}
+                                      "device": options.device, "host_cpu": host_cpu().to_json()}
         if precision == "int8":
             if not hist.get("FakeQuantize"):
                 raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no FakeQuantize node")

@@ -12,11 +12,7 @@ from edgeseg.models.registry import create_model, get_entry, list_models, regist
 _FAMILIES = ("offseg", "segnext", "afm_variants")
 
 for _mod in _FAMILIES:
-    try:
-        _importlib.import_module(f"edgeseg.models.{_mod}")
-    except ModuleNotFoundError as _e:  # TODO(#3): drop once every family module has landed
-        if _e.name != f"edgeseg.models.{_mod}":
-            raise
+    _importlib.import_module(f"edgeseg.models.{_mod}")
 
 
 def prepare_for_export(model: _nn.Module, input_hw: tuple[int, int]) -> _nn.Module:

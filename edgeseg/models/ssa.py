@@ -51,6 +51,15 @@ class _SSALossState(nn.Module):
         self.criterion = _SetCriterionState(num_classes)
 
 
+class SSAClassifier(nn.Module):
+    """The scope of the adaptive classifier's ops (no parameters or buffers: the official names stay on the head, so
+    official checkpoints still load strictly). Quantizers see its module path on every op of `classify`, so the
+    mixed-precision policy can keep the whole cosine classifier float (edgeseg.quant.policy)."""
+
+    def forward(self, classify, feat: torch.Tensor) -> torch.Tensor:
+        return classify(feat)
+
+
 class LightHamHeadSSA(LightHamHead):
     """LightHamHead whose classifier is SSA-Seg's semantic/spatial adaptive classifier."""
 
@@ -67,6 +76,7 @@ class LightHamHeadSSA(LightHamHead):
         self.gt_center_proj = nn.Linear(c, c, bias=False)
         self.feat_proj = nn.Identity()
         self.ssa_loss = _SSALossState(k)
+        self.adaptive_classifier = SSAClassifier()
         # conv_seg's weight as (1, K, C) prototype data, baked by prepare_for_export (not in the state dict)
         self.register_buffer("_export_proto", None, persistent=False)
 
@@ -81,6 +91,9 @@ class LightHamHeadSSA(LightHamHead):
         super()._load_from_state_dict(*args, **kwargs)
 
     def classify(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.adaptive_classifier(self._classify, feat)
+
+    def _classify(self, feat: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._classify_export(feat)
         b, c, h, w = feat.shape

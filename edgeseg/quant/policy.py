@@ -10,6 +10,10 @@ Defaults (by module class, so every model family that uses the block gets them):
   * `OffsetLearning` (OffSeg's offset head): softmax + the inline mask LayerNorm (`rsqrt(var + eps)`); int8
     rounds the variance to 0 and rsqrt gives inf (measured on test_offseg: NaN at `decode_head.offset_learning`'s
     rsqrt in the first QAT forward, depending on the input).
+  * `SSAClassifier` (SSA-Seg's adaptive classifier, the scope of all its ops): spatial/class softmaxes, prototype
+    means divided by mask sums, L2 normalisation and a x15 cosine; tiny compute (K x C products). Its int8 OpenVINO
+    IR (NNCF) failed `compile_model` on an AVX-512/VNNI/AMX Intel CPU ("No suitable implementations ... memory
+    descriptors are not compatible") while it compiled on AVX2; float, every SSA-specific op leaves int8.
 
 A user adds module-name patterns (`fnmatch`, e.g. "backbone.stages.3.*") to keep more in float, or removes a
 default with a pattern prefixed by "!" (e.g. "!decode_head.offset_learning").
@@ -43,6 +47,8 @@ DEFAULT_FLOAT_TYPES: dict[str, str] = {
     "AFM": "spectral path: DFT matmuls carry the image's DC energy (one int8 scale cannot hold it)",
     "NMF2D": "NMF multiplicative updates divide by int8-rounded denominators (inf/NaN, measured)",
     "OffsetLearning": "softmax + inline LayerNorm: rsqrt of an int8-rounded variance (inf, measured)",
+    "SSAClassifier": ("cosine classifier: L2 norms and a x15 cosine of int8-rounded prototypes; its int8 OpenVINO IR "
+                      "failed to compile on an AVX-512/AMX Intel CPU (reported)"),
 }
 
 

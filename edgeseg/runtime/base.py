@@ -43,6 +43,7 @@ class Session(ABC):
         self.kwargs = kwargs
         self.notes: list[str] = []
         self._load()
+        self.notes += full_range_int8_notes(getattr(manifest, "quantization", None) or {})
 
     # -- to implement ------------------------------------------------------------------------------------------
     @abstractmethod
@@ -156,3 +157,17 @@ class Session(ABC):
         logits = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None]
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return logits[0].argmax(0).numpy().astype(np.uint8)
+
+
+def full_range_int8_notes(quant: dict[str, Any]) -> list[str]:
+    """A note when an int8 artifact with full 8-bit weights (exported on a VNNI/AMX CPU, or set so explicitly) runs
+    on a CPU whose u8 x s8 kernels saturate with them (x86 AVX2 without VNNI): its accuracy here is not the
+    exporting host's."""
+    from edgeseg.cpu import host_cpu
+
+    full_range = quant.get("reduce_range") is False or quant.get("overflow_fix") in ("disable", "first_layer_only")
+    cpu = host_cpu()
+    if not (full_range and cpu.int8_saturates):
+        return []
+    return [f"int8 weights use the full 8-bit range, but this CPU ({cpu.summary()}) saturates u8 x s8 sums with "
+            "them; re-export here (reduce_range / overflow_fix \"auto\") for this CPU"]
