@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure is still one line unless --debug
         if debug:
             raise
+        from edgeseg.extras import missing_extra
+
+        hint = missing_extra(e.name) if isinstance(e, ModuleNotFoundError) else None
+        if hint:  # a target whose extra is not installed: say which one
+            print(f"edgeseg: error: {hint}", file=sys.stderr)
+            return 1
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"edgeseg: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -152,8 +152,15 @@ def test_format_forcing_and_unknown_layout(tmp_path):
 
 def test_real_camvid(camvid_root):
     val, train = open_dataset(camvid_root, "val"), open_dataset(camvid_root, "train")
-    assert (len(val), len(train)) == (101, 367) and val.fmt == "camvid"
-    for ds in (val, train):
+    holdout, train_all = open_dataset(camvid_root, "holdout"), open_dataset(camvid_root, "train-all")
+    # sequence 0006R0 (101 pairs of train/) is held out: train excludes it, train-all is the whole folder
+    assert (len(val), len(train), len(holdout), len(train_all)) == (101, 266, 101, 367) and val.fmt == "camvid"
+    assert all(p.name.startswith("0006R0_") for p in holdout.image_paths)
+    assert not any(p.name.startswith("0006R0_") for p in train.image_paths)
+    assert {p.name for p in train.image_paths} | {p.name for p in holdout.image_paths} == \
+        {p.name for p in train_all.image_paths}
+    assert "0006R0 held out as 'holdout'" in repr(train)
+    for ds in (val, train, holdout):
         img, lab = ds[0]
         assert img.shape == (360, 480, 3) and lab.shape == (360, 480)
         assert lab.min() >= 0 and lab.max() <= 11

@@ -78,7 +78,10 @@ def test_profile_loads_and_documents_every_key(name):
     text = (REPO / "export_targets" / f"{name}.toml").read_text()
     for line in text.splitlines():
         if re.match(r"^\s*[A-Za-z_]+\s*=", line):
-            assert re.search(r"#\s*\(\w+(\[\w+\])?\)\s+\S", line), f"{name}.toml: key without '# (type) meaning': {line}"
+            # a type is a name, a list of one (list[str]) or a union of those and quoted literals (bool | "auto")
+            typ = r'(\w+(\[\w+\])?|"\w+")'
+            assert re.search(rf"#\s*\({typ}(\s*\|\s*{typ})*\)\s+\S", line), \
+                f"{name}.toml: key without '# (type) meaning': {line}"
     p = load_profile(name)
     assert p.name == name and p.exporter == TARGETS[name].exporter
     assert p.default_precision in p.precisions

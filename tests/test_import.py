@@ -115,3 +115,75 @@ def test_truncated_file_is_an_error(tmp_path, capsys):
     assert main(["import", "--from", "offseg", str(tmp_path / "nope.pth"), "--model", "offseg_t", "--out",
                  str(tmp_path / "o")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+# official SegNeXt checkpoints: the stored NMF bases (edgeseg-only) are filled, every official key stays strict
+SEGNEXT = {  # parity file -> (model, tolerance on max |Δlogits| from shared/parity/README.md)
+    "segnext_t_k150": ("segnext_t", 2e-4),
+    "segnext_t_offset_k150": ("segnext_t_offset", 1e-3),
+}
+BASES = "decode_head.hamburger.ham.bases"
+
+
+@pytest.mark.parametrize("name", sorted(SEGNEXT))
+def test_import_official_segnext(parity_dir, name, tmp_path, capsys):
+    """`edgeseg import --from segnext` on the bare official state dict: strict on the official keys, the NMF bases
+    filled with the seeded draw (= the official run's draw), and the reference logits (OffSeg-T: see
+    test_import_official_offseg_t)."""
+    model_name, tol = SEGNEXT[name]
+    _need_model(model_name)
+    src = parity_dir / f"{name}.state_dict.pt"
+    out = tmp_path / "ckpt"
+    assert main(["import", "--from", "segnext", str(src), "--model", model_name, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "150 classes (ade20k)" in printed and f"filled edgeseg-only buffers (absent from official " \
+        f"checkpoints): {BASES}" in printed
+
+    from edgeseg.checkpoint import load_checkpoint
+
+    model, spec = load_checkpoint(out)
+    assert spec.model == model_name and spec.num_classes == 150 and spec.provenance["filled_keys"] == [BASES]
+    sd = torch.load(src, weights_only=True)
+    w = model.state_dict()
+    assert set(w) - set(sd) == {BASES}
+    assert all(torch.equal(w[k].float(), v.float()) for k, v in sd.items())
+    rand = torch.load(parity_dir / f"{name}.nmf_rand.pt", weights_only=True)
+    # the stored bases already are the official draw: the checkpoint alone reproduces the official run
+    assert torch.equal(w[BASES], torch.nn.functional.normalize(rand, dim=1))
+    model.decode_head.hamburger.ham.set_bases(rand)  # the parity protocol's injection (a no-op here)
+    x = torch.load(parity_dir / "input_512.pt", weights_only=True)
+    ref = torch.load(parity_dir / f"{name}.logits.pt", weights_only=True)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == ref.shape == (1, 150, 64, 64)
+    diff = float((got - ref).abs().max())
+    agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    assert diff <= tol, diff
+    assert agree >= 0.999, agree
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "missing_hamburger"])
+def test_import_segnext_still_strict(parity_dir, change, tmp_path, capsys):
+    """Filling the NMF bases does not loosen anything else: one extra or one missing official key is refused with
+    a one-line error naming it (and the absent bases are never reported)."""
+    _need_model("segnext_t")
+    sd = torch.load(parity_dir / "segnext_t_k150.state_dict.pt", weights_only=True)
+    if change == "extra":
+        key = "decode_head.hamburger.ham.extra_bases"
+        sd[key] = torch.zeros(1, 256, 16)
+        what = "unexpected 1"
+    else:
+        key = "decode_head.hamburger.ham_in.conv.weight" if change == "missing_hamburger" else \
+            "backbone.block2.0.attn.spatial_gating_unit.conv0.weight"
+        assert key in sd
+        sd.pop(key)
+        what = "missing 1"
+    src = tmp_path / "bad.pt"
+    torch.save(sd, src)
+    out = tmp_path / "o"
+    assert main(["import", "--from", "segnext", str(src), "--model", "segnext_t", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("edgeseg: error:")
+    assert f"{what}: {key}" in err and BASES not in err
+    assert not out.exists()

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (model.safetensors + model.json; default: the shipped checkpoint)")
     p.add_argument("--data", metavar="DIR", help="dataset folder (default: the embedded CamVid clip)")
     p.add_argument("--format", choices=FORMATS, help="dataset layout (default: detected from the folder)")
-    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="split to evaluate (default val)")
+    p.add_argument("--split", default="val", help="split to evaluate (default val; CamVid also has "
+                   "'holdout', the unseen sequence 0006R0, and 'train-all')")
     p.add_argument("--input-size", metavar="HxW", help="model input size (default: the checkpoint's input size)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per forward pass (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")

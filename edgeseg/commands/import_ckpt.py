@@ -5,6 +5,8 @@ HELP = "import an official OffSeg/SegNeXt (mmseg) checkpoint as an edgeseg check
 EPILOG = """The file is read without unpickling code (torch.load(weights_only=True); .safetensors also read).
 Key names are the official ones (backbone.*, decode_head.*) and load strictly; mmseg's non-model entries
 (data_preprocessor.*) are dropped. The class count comes from the classifier weight (decode_head.conv_seg).
+Edgeseg-only buffers that official checkpoints lack (SegNeXt's stored NMF bases, which the official head draws
+at every forward) are filled with their documented default (the seeded draw); any other missing key is an error.
 
 examples:
   edgeseg import --from offseg offseg-t_ade20k_160k-512x512.pth --model offseg_t --out ckpt/offseg_t_ade
@@ -32,6 +34,16 @@ def add_arguments(p) -> None:
                    "(default 512x512)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", metavar="OUT", help="write a summary as JSON")
+
+
+def edgeseg_only_keys(model) -> dict:
+    """State keys that edgeseg's modules add beyond the official ones (each module's `EDGESEG_ONLY_BUFFERS`,
+    see edgeseg/models/ham_head.py), mapped to the module whose `fill_edgeseg_only_buffers()` fills them."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for b in getattr(type(mod), "EDGESEG_ONLY_BUFFERS", ()):
+            out[f"{mname}.{b}" if mname else b] = mod
+    return out
 
 
 def _shorten(keys, n: int = 6) -> str:
@@ -79,7 +91,8 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=k)
     ref = model.state_dict()
-    missing = set(ref) - set(state)
+    fillable = {n: m for n, m in edgeseg_only_keys(model).items() if n in ref}
+    missing = set(ref) - set(state) - set(fillable)
     unexpected = set(state) - set(ref)
     if missing or unexpected:
         parts = []
@@ -88,20 +101,28 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {_shorten(unexpected)}")
         raise ArtifactError(f"{src}: does not match model {model_name!r} ({'; '.join(parts)})")
-    bad_shape = [f"{n} {tuple(state[n].shape)} vs {tuple(ref[n].shape)}" for n in ref
+    bad_shape = [f"{n} {tuple(state[n].shape)} vs {tuple(ref[n].shape)}" for n in sorted(state)
                  if tuple(state[n].shape) != tuple(ref[n].shape)]
     if bad_shape:
         raise ArtifactError(f"{src}: shapes differ from model {model_name!r}: {_shorten(bad_shape, 4)}")
     state = {n: v.to(ref[n].dtype) for n, v in state.items()}
+    n_official = len(state)
+    filled = sorted(n for n in fillable if n not in state)
+    for mod in {id(fillable[n]): fillable[n] for n in filled}.values():
+        mod.fill_edgeseg_only_buffers()
+    if filled:
+        now = model.state_dict()
+        state.update({n: now[n] for n in filled})
     model.load_state_dict(state, strict=True)
     model.eval()
     spec = ModelSpec(model=model_name, num_classes=k, class_names=names, palette=palette, ignore_index=ignore,
                      input_hw=tuple(input_hw),
                      provenance={"imported_from": str(src), "family": family, "sha256": sha256_file(src),
-                                 "classes": classes, "dropped_keys": dropped})
+                                 "classes": classes, "dropped_keys": dropped, "filled_keys": filled})
     save_checkpoint(out, model, spec, force=force)
     return {"out": str(out), "model": model_name, "num_classes": k, "classes": classes,
-            "keys_loaded": len(state), "dropped_keys": dropped, "input_hw": list(input_hw)}
+            "keys_loaded": n_official, "dropped_keys": dropped, "filled_keys": filled,
+            "input_hw": list(input_hw)}
 
 
 def run(args) -> int:
@@ -115,6 +136,8 @@ def run(args) -> int:
           f"loaded strictly, input {res['input_hw'][0]}x{res['input_hw'][1]}")
     if res["dropped_keys"]:
         print(f"  dropped non-model entries: {', '.join(res['dropped_keys'])}")
+    if res["filled_keys"]:
+        print(f"  filled edgeseg-only buffers (absent from official checkpoints): {', '.join(res['filled_keys'])}")
     if args.json:
         write_json(args.json, res)
     return 0

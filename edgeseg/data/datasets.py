@@ -8,7 +8,13 @@ checkpoint and artifact.
 Layouts (`root` is the folder given to `--data`):
 
 - `camvid`: `{train,val,test}/*.jpg|png` with labels of the same stem in `{split}annot/*.png`; 11 classes,
-  ignore index 11 (Unlabelled).
+  ignore index 11 (Unlabelled). Held-out sequence (`HOLDOUT_RULES`): split `holdout` is the whole sequence
+  0006R0 (the file-name prefix; 101 pairs in the SegNet train/ folder), read from `train/`; split `train` then
+  EXCLUDES it (266 of the 367 pairs; logged as "train: 266 pairs, sequence 0006R0 held out as 'holdout'"
+  and shown in the dataset's repr), so nothing that trains or calibrates on `train` sees holdout images.
+  Split `train-all` reads every pair of `train/` (holdout included: the SegNet train split). val (all
+  0016E5, a sequence that also supplies 204 train pairs) overstates accuracy on unseen streets; holdout
+  does not. A `train/` folder without 0006R0 files is read whole as `train`, and has no `holdout`.
 - `folder`: `images/` and `masks/` (or `labels/`, `annotations/`), either flat (the same pairs for every
   split) or with one subfolder per split (`images/val/`, `masks/val/`). Masks are single-channel class-index
   PNGs, 255 = ignore. Class names come from `root/classes.txt` (one class per line, optionally followed by
@@ -33,6 +39,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -144,6 +151,56 @@ ADE20K_INFO = DatasetInfo(
 )
 
 FOLDER_IGNORE = 255
+
+
+@dataclass(frozen=True)
+class HoldoutRule:
+    """A split carved out of another split's folder: every file of one recorded sequence (the file-name
+    prefix before the first `_`). Split `source` then excludes it; split `all_split` reads the folder whole."""
+
+    split: str       # name of the held-out split
+    source: str      # split folder it is taken from (and which no longer contains it)
+    sequence: str    # file-name prefix: CamVid names are <sequence>_<frame>
+    all_split: str   # name for the whole source folder, held-out sequence included
+
+    def member(self, p: Path) -> bool:
+        return p.name.startswith(self.sequence + "_")
+
+
+# dataset format -> its held-out splits. The only place that decides what is held out.
+HOLDOUT_RULES: dict[str, tuple[HoldoutRule, ...]] = {
+    "camvid": (HoldoutRule(split="holdout", source="train", sequence="0006R0", all_split="train-all"),),
+}
+
+
+def holdout_splits(fmt: str) -> tuple[str, ...]:
+    """Names of the held-out splits of a layout (() when it has none)."""
+    return tuple(r.split for r in HOLDOUT_RULES.get(fmt, ()))
+
+
+def reads_holdout(fmt: str, split: str) -> bool:
+    """Whether split `split` of layout `fmt` contains held-out images (the holdout itself or the `-all` split)."""
+    return any(split in (r.split, r.all_split) for r in HOLDOUT_RULES.get(fmt, ()))
+
+
+def _apply_holdout(fmt: str, split: str, folder: Path, images: list[Path]) -> tuple[list[Path], str]:
+    """`images` of split folder `folder` narrowed by the layout's HOLDOUT_RULES for `split`, and a note
+    ("" when nothing is held out). DataError for a held-out split with no image of its sequence."""
+    for r in HOLDOUT_RULES.get(fmt, ()):
+        if split == r.split:
+            kept = [p for p in images if r.member(p)]
+            if not kept:
+                raise DataError(f"{folder}: split {split!r} not found (no image of sequence {r.sequence} "
+                                f"({r.sequence}_*) in {r.source}/)")
+            return kept, f"sequence {r.sequence} of {r.source}/"
+        if split == r.source:
+            kept = [p for p in images if not r.member(p)]
+            if len(kept) < len(images):
+                note = f"sequence {r.sequence} held out as {r.split!r}"
+                log.info("%s: %d pairs, %s (%d pairs; split %r reads all %d)", split, len(kept), note,
+                         len(images) - len(kept), r.all_split, len(images))
+                return kept, note
+    return images, ""
 _SPLIT_ALIASES = {"val": ("val", "validation", "valid"), "train": ("train", "training"),
                   "test": ("test", "testing")}
 
@@ -260,9 +317,10 @@ class SegDataset:
 
     def __init__(self, root: Path, split: str, fmt: str, info: DatasetInfo, image_paths: Sequence[Path],
                  label_paths: Sequence[Path], lut: np.ndarray, skip_bad: bool = False,
-                 problems: Sequence[str] = (), raw_valid: str = ""):
+                 problems: Sequence[str] = (), raw_valid: str = "", note: str = ""):
         self.root = Path(root)
         self.split = split
+        self.note = note  # e.g. which sequence this split holds out (HOLDOUT_RULES); "" when none
         self.fmt = fmt
         self.info = info
         self.image_paths = list(image_paths)
@@ -280,7 +338,8 @@ class SegDataset:
 
     def __repr__(self) -> str:
         return (f"SegDataset({self.fmt}, {str(self.root)!r}, split={self.split!r}, {len(self)} pairs, "
-                f"{self.info.num_classes} classes, ignore {self.info.ignore_index})")
+                f"{self.info.num_classes} classes, ignore {self.info.ignore_index}"
+                + (f"; {self.note}" if self.note else "") + ")")
 
     @property
     def num_classes(self) -> int:
@@ -443,19 +502,24 @@ def _nonempty(images: list[Path], folder: Path, split: str) -> None:
 # ------------------------------------------------------------------------------------------------- readers
 
 def _open_camvid(root: Path, split: str, skip_bad: bool) -> SegDataset:
-    img_dir, ann_dir = root / split, root / f"{split}annot"
+    rule = next((r for r in HOLDOUT_RULES["camvid"] if split in (r.split, r.source, r.all_split)), None)
+    folder = rule.source if rule else split
+    img_dir, ann_dir = root / folder, root / f"{folder}annot"
     if not img_dir.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir() and (root / f"{p.name}annot").is_dir())
+        have += [n for r in HOLDOUT_RULES["camvid"] if r.source in have for n in (r.all_split, r.split)]
         raise DataError(f"{img_dir}: split {split!r} not found (CamVid layout; splits here: "
                         f"{', '.join(have) or 'none'})")
     if not ann_dir.is_dir():
         raise DataError(f"{ann_dir}: missing annotation folder for split {split!r} (CamVid layout: "
-                        f"{split}/ images, {split}annot/ labels)")
+                        f"{folder}/ images, {folder}annot/ labels)")
     images = _files(img_dir, IMAGE_EXTS)
+    _nonempty(images, img_dir, split)
+    images, note = _apply_holdout("camvid", split, img_dir, images)
     _nonempty(images, img_dir, split)
     ims, labs, probs = _pair(images, lambda p: [ann_dir / (p.stem + e) for e in LABEL_EXTS], skip_bad, img_dir)
     return SegDataset(root, split, "camvid", CAMVID_INFO, ims, labs, _identity_lut(11, 11), skip_bad, probs,
-                      "valid: 0..10, 11 = Unlabelled/ignore")
+                      "valid: 0..10, 11 = Unlabelled/ignore", note)
 
 
 def _mask_dir(root: Path) -> Path | None:

@@ -277,7 +277,10 @@ class Exporter(ABC):
     def check_environment(self) -> list[str]:
         """Return what is missing to export (and run) this target here, one human-readable item each, e.g.
         ["python package 'onnxruntime'"]. An empty list means ready. Tests skip with this as the reason."""
-        return [f"python package {m!r}" for m in self.tools if not _has_distribution(m)]
+        from edgeseg.extras import extra_for
+
+        return [f"python package {m!r}" + (f" (pip install 'edgeseg[{extra_for(m)}]')" if extra_for(m) else "")
+                for m in self.tools if not _has_distribution(m)]
 
     @abstractmethod
     def export(self, model: "ExportWrapper", spec, precision: str, input_hw: tuple[int, int],
@@ -312,7 +315,10 @@ class Exporter(ABC):
 def _has_distribution(name: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a broken or blocked install counts as missing
+        return False
 
 
 def _distribution_version(name: str) -> str:

@@ -9,7 +9,14 @@ Here the bases are a persistent buffer `hamburger.ham.bases` (S, D, R), already 
 in exported graphs (no random op, the 7 multiplicative-update steps are unrolled). Its default value is the
 draw `torch.rand((1, D, R))` from a generator seeded with 42, which equals the official draw after
 `torch.manual_seed(42)`. Official checkpoints do not contain this key; loading tolerates its absence (the
-buffer keeps its value), so strict loads of official state dicts succeed. `bases_mode="random"` reproduces the
+buffer keeps its value), so strict loads of official state dicts succeed.
+
+Edgeseg-only buffers. A module whose state holds entries that official checkpoints lack lists them in
+`EDGESEG_ONLY_BUFFERS` (buffer name -> how it is filled) and provides `fill_edgeseg_only_buffers()`, which
+resets them to that documented value. `edgeseg import` accepts exactly these keys as absent (every official
+key stays strict), calls the fill, and stores the result in the edgeseg checkpoint. Here: NMF2D `bases` =
+`default_bases(S, D, R)`, the seeded (NMF_SEED) draw that equals the official forward's after
+`torch.manual_seed(42)`. `bases_mode="random"` reproduces the
 official per-forward draw from the global generator (parity mode); in training the bases are drawn at random
 as in the official code unless `rand_in_train=False`.
 
@@ -73,6 +80,14 @@ class NMF2D(nn.Module):
         self.bases_mode = bases_mode
         self.rand_in_train = rand_in_train
         self.register_buffer("bases", default_bases(self.S, self.D, self.R))
+
+    # official checkpoints lack these (the official NMF2D draws its bases per forward); see the module docstring
+    EDGESEG_ONLY_BUFFERS = {"bases": "default_bases(S, D, R): the NMF_SEED-seeded draw, normalised over D"}
+
+    def fill_edgeseg_only_buffers(self) -> None:
+        """Reset `bases` to the documented default (`default_bases`, the official seeded draw)."""
+        with torch.no_grad():
+            self.bases.copy_(default_bases(self.S, self.D, self.R).to(self.bases.device, self.bases.dtype))
 
     # -- bases -----------------------------------------------------------------------------------------
     def set_bases(self, bases: torch.Tensor, normalize: bool = True) -> None:
