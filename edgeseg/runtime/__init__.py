@@ -25,7 +25,7 @@ def open_session(path: str | Path, num_threads: int | None = None, **kwargs: Any
         ArtifactError: not a checkpoint/artifact, a file missing or changed since export, unknown target.
     """
     from edgeseg.export import TARGETS
-    from edgeseg.export.base import MANIFEST, verify_manifest
+    from edgeseg.artifact import MANIFEST, verify_manifest
 
     path = Path(path)
     if (path / MANIFEST).is_file():
