@@ -89,7 +89,9 @@ def test_profile_loads_and_documents_every_key(name):
 
 def _onnx_profile(**changes):
     d = {"name": "onnx", "exporter": "onnx", "precisions": ["fp32", "int8"], "default_precision": "fp32",
-         "input_dtype": "float32", "input_layout": "NCHW", "output": "logits", "options": {"opset": 18}}
+         "input_dtype": "float32", "input_layout": "NCHW", "output": "logits", "options": {"opset": 18},
+         "runtime": "onnx", "thread_control": "intra_op_num_threads", "export_cost": 1.5,
+         "qat": {"scheme": "xnnpack-7bit", "about": "", "exports_from": ["xnnpack-7bit"]}}
     d.update(changes)
     return d
 
@@ -105,6 +107,12 @@ def _onnx_profile(**changes):
     ({"options": {"output": "argmax"}}, "options.output"),
     ({"output": "probabilities"}, "output"),
     ({"colour": "red"}, "colour"),
+    ({"runtime": "nope"}, "runtime"),
+    ({"export_cost": 0}, "export_cost"),
+    ({"thread_control": 2}, "thread_control"),
+    ({"int8_runtime_optimize": "no"}, "int8_runtime_optimize"),
+    ({"qat": {"scheme": "xnnpack", "exports_from": ["openvino"]}}, "qat.exports_from"),
+    ({"qat": {"scheme": "xnnpack", "exports_from": ["xnnpack"], "bits": 7}}, "qat.bits"),
 ])
 def test_contradicting_profile_is_an_error_naming_the_key(changes, key):
     assert parse_profile(_onnx_profile(), "onnx", "x.toml").name == "onnx"

@@ -1,8 +1,8 @@
 """Runtimes: `open_session(path)` opens a checkpoint folder (eager PyTorch, the reference) or an artifact folder
 (checks every file's sha256 against manifest.json first, then opens the target's runtime).
 
-The runtime module of each target comes from `edgeseg.export.TARGETS[target].runtime`; each module in
-edgeseg/runtime/ sets `SESSION = <its Session subclass>`.
+The runtime module of each target is its profile's `runtime` (edgeseg.targets); each module in edgeseg/runtime/
+sets `SESSION = <its Session subclass>`.
 """
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ def open_session(path: str | Path, num_threads: int | None = None, **kwargs: Any
     Raises:
         ArtifactError: not a checkpoint/artifact, a file missing or changed since export, unknown target.
     """
-    from edgeseg.export import TARGETS
     from edgeseg.artifact import MANIFEST, verify_manifest
+    from edgeseg.targets import list_profiles, load_profile
 
     path = Path(path)
     if (path / MANIFEST).is_file():
         manifest = verify_manifest(path)
-        if manifest.target not in TARGETS:
+        if manifest.target not in list_profiles():
             raise ArtifactError(f"{path / MANIFEST}: unknown target {manifest.target!r}; known: "
-                                f"{', '.join(sorted(TARGETS))}")
-        mod = importlib.import_module(f"edgeseg.runtime.{TARGETS[manifest.target].runtime}")
+                                f"{', '.join(list_profiles())}")
+        mod = importlib.import_module(f"edgeseg.runtime.{load_profile(manifest.target).runtime}")
         return mod.SESSION(path, manifest, num_threads=num_threads, **kwargs)
     if (path / "model.json").is_file():
         from edgeseg.runtime.torch import TorchSession

@@ -1,0 +1,205 @@
+"""Targets: one declarative TOML per deployable target in `export_targets/` (installed as the package
+`edgeseg.export_targets`) is the single record of a target, parsed and checked here. Loading never imports a heavy
+runtime. Everything else asks this module: which exporter converts a target and which runtime runs it, how bench
+pins its threads, which QAT scheme it trains for and which QAT checkpoints it exports, how long an export takes.
+
+Adding a target: its profile, its exporter (`edgeseg/export/<exporter>`), its session (`edgeseg/runtime/<runtime>`).
+
+A profile (`export_targets/<name>.toml`):
+
+    name = "onnx"                      # (str) target name; equals the file stem
+    exporter = "onnx"                  # (str) module in edgeseg/export/ that converts it
+    description = "..."                # (str) one line for --list-targets
+    precisions = ["fp32", "int8"]      # (list[str]) precisions this target supports
+    default_precision = "fp32"         # (str) used when --precision is not given; one of precisions
+    input_dtype = "float32"            # (str) "float32" normalised input, or "uint8" with normalisation in graph
+    input_layout = "NCHW"              # (str) "NCHW" | "NHWC"
+    output = "logits"                  # (str) "logits" (stride-s logits) | "argmax" (uint8 map at input size)
+    runtime = "onnx"                   # (str) module in edgeseg/runtime/ that runs the artifact here
+    thread_control = "..."             # (str) how bench pins the runtime's threads (said beside every latency)
+    export_cost = 1.5                  # (float) relative export time; the pipeline starts costly exports first
+    int8_runtime_optimize = true       # (bool) run int8 artifacts with the runtime's graph optimisations
+    host_run_note = "..."              # (str) optional: what running the artifact here stands for
+    [qat]                              # optional: the int8 scheme `edgeseg qat --target NAME` trains for
+    scheme = "xnnpack-7bit"            # (str) quantizer family (edgeseg.quant.qat.target_quantizer)
+    about = "..."                      # (str) the scheme in one line, for manifests
+    exports_from = ["xnnpack"]         # (list[str]) QAT schemes whose checkpoints this target exports
+    [options]                          # target options, checked against the exporter's Options dataclass
+    opset = 18
+
+A profile that contradicts itself (default precision it does not list, an unknown option, an exporter that
+does not exist or cannot produce a listed precision, name != file stem) is a UsageError at load naming the key.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import importlib.util
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeseg.errors import UsageError
+
+PACKAGE = "edgeseg.export_targets"
+_IO_KEYS = ("input_dtype", "input_layout", "output")
+_KEYS = {"name", "exporter", "description", "precisions", "default_precision", *_IO_KEYS, "options", "runtime",
+         "thread_control", "export_cost", "int8_runtime_optimize", "host_run_note", "qat"}
+_QAT_KEYS = {"scheme", "about", "exports_from"}
+
+
+@dataclass(frozen=True)
+class QatScheme:
+    """A profile's `[qat]` table."""
+
+    scheme: str
+    about: str
+    exports_from: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """A parsed `export_targets/<name>.toml`. `io_options()` + `options` feed the exporter's Options."""
+
+    name: str
+    exporter: str
+    description: str
+    precisions: tuple[str, ...]
+    default_precision: str
+    input_dtype: str
+    input_layout: str
+    output: str
+    runtime: str = ""
+    thread_control: str = ""
+    export_cost: float = 1.0
+    int8_runtime_optimize: bool = True
+    host_run_note: str = ""
+    qat: QatScheme | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def io_options(self) -> dict[str, Any]:
+        return {"input_dtype": self.input_dtype, "input_layout": self.input_layout, "output": self.output}
+
+    def exporter_class(self):
+        """The exporter module's `EXPORTER` class (imports the light module, not the vendor tool)."""
+        mod = importlib.import_module(f"edgeseg.export.{self.exporter}")
+        return mod.EXPORTER
+
+
+def _profile_files() -> dict[str, Any]:
+    root = importlib.resources.files(PACKAGE)
+    return {p.name[:-5]: p for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def list_profiles() -> list[str]:
+    """Names of every profile shipped in export_targets/ (sorted)."""
+    return sorted(_profile_files())
+
+
+def load_profile(name: str) -> TargetProfile:
+    """Load and check `export_targets/<name>.toml`.
+
+    Raises:
+        UsageError: unknown target, or a profile that contradicts itself (the message names the key).
+    """
+    files = _profile_files()
+    if name not in files:
+        raise UsageError(f"--target: unknown target {name!r}; known: {', '.join(sorted(files))}")
+    res = files[name]
+    where = f"export_targets/{name}.toml"
+    try:
+        data = tomllib.loads(res.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{where}: not valid TOML ({e})") from None
+    return parse_profile(data, stem=name, where=where)
+
+
+def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
+    """Check a profile dict (see the module docstring) and build a TargetProfile."""
+    from edgeseg.export.base import PRECISIONS, ExportOptions
+
+    def need(key: str, typ: type):
+        if key not in data:
+            raise UsageError(f"{where}: missing key {key!r}")
+        v = data[key]
+        if not isinstance(v, typ):
+            raise UsageError(f"{where}: {key}: expected {getattr(typ, '__name__', 'number')}, got {v!r}")
+        return v
+
+    for k in data:
+        if k not in _KEYS:
+            raise UsageError(f"{where}: {k}: unknown key; known: {', '.join(sorted(_KEYS))}")
+    name = need("name", str)
+    if name != stem:
+        raise UsageError(f"{where}: name: {name!r} must equal the file stem {stem!r}")
+    exporter = need("exporter", str)
+    if not exporter.isidentifier() or importlib.util.find_spec(f"edgeseg.export.{exporter}") is None:
+        raise UsageError(f"{where}: exporter: {exporter!r} is not a module in edgeseg/export/")
+    precisions = need("precisions", list)
+    if not precisions or any(p not in PRECISIONS for p in precisions) or len(set(precisions)) != len(precisions):
+        raise UsageError(f"{where}: precisions: {precisions!r}; expected distinct values from {list(PRECISIONS)}")
+    default = need("default_precision", str)
+    if default not in precisions:
+        raise UsageError(f"{where}: default_precision: {default!r} is not in precisions {precisions}")
+    io = {k: data.get(k, getattr(ExportOptions, k)) for k in _IO_KEYS}
+    for k, choices in ExportOptions._CHOICES.items():
+        if io[k] not in choices:
+            raise UsageError(f"{where}: {k}: {io[k]!r} is not one of {', '.join(choices)}")
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise UsageError(f"{where}: options: expected a table")
+    for k in _IO_KEYS:
+        if k in options:
+            raise UsageError(f"{where}: options.{k}: set it as the top-level key {k!r}, not under [options]")
+    runtime = need("runtime", str)
+    if not runtime.isidentifier() or importlib.util.find_spec(f"edgeseg.runtime.{runtime}") is None:
+        raise UsageError(f"{where}: runtime: {runtime!r} is not a module in edgeseg/runtime/")
+    cost = need("export_cost", (int, float))
+    if isinstance(cost, bool) or cost <= 0:
+        raise UsageError(f"{where}: export_cost: expected a positive number, got {cost!r}")
+    optimize = data.get("int8_runtime_optimize", True)
+    if not isinstance(optimize, bool):
+        raise UsageError(f"{where}: int8_runtime_optimize: expected true or false, got {optimize!r}")
+    profile = TargetProfile(name=name, exporter=exporter, description=str(data.get("description", "")),
+                            precisions=tuple(precisions), default_precision=default, runtime=runtime,
+                            thread_control=need("thread_control", str), export_cost=float(cost),
+                            int8_runtime_optimize=optimize, host_run_note=str(data.get("host_run_note", "")),
+                            qat=_parse_qat(data.get("qat"), where), options=dict(options), source=where, **io)
+    cls = profile.exporter_class()
+    unsupported = [p for p in precisions if p not in cls.precisions]
+    if unsupported:
+        raise UsageError(f"{where}: precisions: exporter {exporter!r} cannot produce {unsupported}")
+    cls.Options.from_dict({**profile.io_options(), **options}, where=f"{where}: options")
+    return profile
+
+
+def _parse_qat(table: Any, where: str) -> QatScheme | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: qat: expected a table")
+    for k in table:
+        if k not in _QAT_KEYS:
+            raise UsageError(f"{where}: qat.{k}: unknown key; known: {', '.join(sorted(_QAT_KEYS))}")
+    scheme, about, accepts = table.get("scheme"), table.get("about", ""), table.get("exports_from")
+    if not isinstance(scheme, str) or not scheme:
+        raise UsageError(f"{where}: qat.scheme: expected a non-empty string, got {scheme!r}")
+    if not isinstance(accepts, list) or not all(isinstance(a, str) for a in accepts) or scheme not in accepts:
+        raise UsageError(f"{where}: qat.exports_from: expected a list of scheme names that includes {scheme!r}")
+    return QatScheme(scheme=scheme, about=str(about), exports_from=tuple(accepts))
+
+
+def all_profiles() -> dict[str, TargetProfile]:
+    """Every profile by name (each checked; the first bad one raises UsageError naming its key)."""
+    return {name: load_profile(name) for name in list_profiles()}
+
+
+def qat_targets() -> dict[str, QatScheme]:
+    """Target -> its QAT scheme, for the targets that have one."""
+    return {n: p.qat for n, p in all_profiles().items() if p.qat is not None}
+
+
+def targets_exporting(scheme: str) -> tuple[str, ...]:
+    """Targets whose exporter takes a QAT checkpoint trained for `scheme`, in profile order."""
+    return tuple(n for n, p in all_profiles().items() if p.qat is not None and scheme in p.qat.exports_from)
