@@ -378,3 +378,29 @@ def test_ddp_two_processes_gloo(data, tmp_path):
     kinds = lambda path: [sorted(json.loads(s)) for s in (path / "log.jsonl").read_text().splitlines()]  # noqa
     assert kinds(out) == kinds(tmp_path / "single")
     assert load_spec(out / "best").provenance["world_size"] == 2
+
+
+def test_holdout_split_is_validated_and_picks_best(data, tmp_path):
+    """With a holdout split, every validation scores val and holdout side by side (log, model.json), and `best/`
+    is the step with the best holdout mIoU, not val's."""
+    import shutil
+
+    from edgeseg.checkpoint import load_spec
+    from edgeseg.train.loop import fit
+
+    other = make_camvid(tmp_path / "other", n_val=4, seed=7)  # different images: a sequence training never saw
+    shutil.copytree(other / "val", data / "test")
+    shutil.copytree(other / "valannot", data / "testannot")
+    out = tmp_path / "run"
+    res = fit(TINY, data, iters=6, val_interval=2, holdout_split="test", out_dir=out, **{**FAST, "lr": 5e-3})
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in recs if "holdout" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6] and all("val" in r for r in vals)
+    assert all(r["holdout"]["num_images"] == 4 and r["val"]["num_images"] == 3 for r in vals)
+    best = max(vals, key=lambda r: r["holdout"]["miou"])  # the first of equal ones, as training keeps it
+    spec = load_spec(out / "best")
+    assert spec.metrics["holdout"]["step"] == best["step"] and spec.metrics["val"]["step"] == best["step"]
+    assert spec.metrics["holdout"]["miou"] == best["holdout"]["miou"]
+    assert spec.provenance["holdout_split"] == "test" and res["selected_on"] == "test"
+    assert res["best_holdout"]["miou"] == best["holdout"]["miou"]
+    assert set(load_spec(out / "last").metrics) == {"val", "holdout"}

@@ -18,6 +18,8 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str | None = "val"        # None: no validation
     val_data: Any = None                 # validation from another dataset folder / pack / object
+    holdout_split: str | None = None     # also validated, and `best/` is picked on it (CamVid: "holdout", a
+                                         # sequence no training image comes from; val shares one with train)
     iters: int | None = None             # exactly one of iters / epochs (default 1000 iters)
     epochs: int | None = None
     batch_size: int = 8                  # global batch, split evenly over DDP processes

@@ -99,6 +99,7 @@ class _Data:
 
     info: Any
     val_ds: Any
+    holdout_ds: Any
     images: torch.Tensor
     labels: torch.Tensor
     n_train: int
@@ -131,6 +132,7 @@ def _open_val(cfg: TrainConfig, data):
 def _load_data(cfg: TrainConfig, data, env: _Env) -> _Data:
     train_ds = open_split(data, cfg.train_split, cfg.fmt, cfg.skip_bad)
     val_ds = _open_val(cfg, data)
+    holdout_ds = open_split(data, cfg.holdout_split, cfg.fmt, cfg.skip_bad) if cfg.holdout_split else None
     images, labels = preload(train_ds, cfg.num_workers, cfg.data_hw, progress=cfg.progress and env.is_main)
     n_train, h, w = images.shape[0], images.shape[1], images.shape[2]
     data_bytes = images.numel() + labels.numel() * labels.element_size()
@@ -153,7 +155,7 @@ def _load_data(cfg: TrainConfig, data, env: _Env) -> _Data:
     if total < 1:
         raise UsageError("--iters/--epochs: must give at least one iteration")
     val_interval = cfg.val_interval or max(1, min(total, 1000))
-    return _Data(info=train_ds.info, val_ds=val_ds, images=images, labels=labels, n_train=int(n_train),
+    return _Data(info=train_ds.info, val_ds=val_ds, holdout_ds=holdout_ds, images=images, labels=labels, n_train=int(n_train),
                  crop_hw=tuple(cfg.crop_hw) if cfg.crop_hw else (_round32(h), _round32(w)),
                  input_hw=tuple(cfg.input_hw) if cfg.input_hw else (_round32(h), _round32(w)),
                  sampler=sampler, per_rank=per_rank, iters_per_epoch=iters_per_epoch, total=total,
@@ -186,7 +188,8 @@ def _run_record(cfg: TrainConfig, name: str, d: _Data, env: _Env, data) -> dict:
             "head_lr_mult": cfg.head_lr_mult, "weight_decay": cfg.weight_decay, "warmup_iters": cfg.warmup_iters,
             "power": cfg.power, "seed": cfg.seed, "world_size": env.world, "scale_range": list(cfg.scale_range),
             "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
-            "train_split": cfg.train_split, "val_split": cfg.val_split, "num_train": d.n_train,
+            "train_split": cfg.train_split, "val_split": cfg.val_split, "holdout_split": cfg.holdout_split,
+            "num_train": d.n_train,
             "init": str(cfg.init) if cfg.init is not None else None}
 
 
@@ -196,6 +199,8 @@ class _Progress:
     best_miou: float = -1.0
     best_metrics: dict | None = None
     last_metrics: dict | None = None
+    best_holdout: dict | None = None     # holdout metrics at the best step (best/ is picked on them when given)
+    last_holdout: dict | None = None
 
 
 def _resume(out: Path, config: dict, net, optimizer, scheduler, env: _Env) -> _Progress:
@@ -222,7 +227,8 @@ def _resume(out: Path, config: dict, net, optimizer, scheduler, env: _Env) -> _P
         truncate_log(out / LOG_FILE, int(state["step"]))
     log.info("resuming %s at step %d of %d", out, int(state["step"]), config["iters"])
     return _Progress(step=int(state["step"]), best_miou=float(state.get("best_miou", -1.0)),
-                     best_metrics=state.get("best_metrics"), last_metrics=state.get("last_metrics"))
+                     best_metrics=state.get("best_metrics"), last_metrics=state.get("last_metrics"),
+                     best_holdout=state.get("best_holdout"), last_holdout=state.get("last_holdout"))
 
 
 def _spec_base(cfg: TrainConfig, name: str, info, input_hw) -> ModelSpec:
@@ -309,6 +315,8 @@ def _train(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, 
     return {
         "out": str(out), "step": progress.step, "total_iters": d.total, "stopped": stopped,
         "best": progress.best_metrics, "last": progress.last_metrics,
+        "best_holdout": progress.best_holdout, "last_holdout": progress.last_holdout,
+        "selected_on": cfg.holdout_split or cfg.val_split,
         "images_per_s": (n * cfg.batch_size / train_time) if train_time > 0 and n else None,
         "seconds": time.time() - t_start, "world_size": env.world,
         "checkpoint_best": str(out / "best") if (out / "best").exists() else None,

@@ -93,19 +93,21 @@ class Saver:
         self.run, self.core, self.optimizer, self.scheduler = run, core, optimizer, scheduler
         self.config, self.spec_base = config, spec_base
 
-    def _spec(self, metrics: dict | None, step: int) -> ModelSpec:
+    def _spec(self, metrics: dict | None, step: int, holdout: dict | None = None) -> ModelSpec:
         prov = dict(self.spec_base.provenance)
         prov.update(trained_by="edgeseg train", step=int(step), torch=torch.__version__,
                     **{k: v for k, v in self.config.items() if k not in ("model", "model_kwargs", "input_hw")})
-        return dataclasses.replace(self.spec_base, metrics={"val": metrics} if metrics else {}, provenance=prov)
+        splits = {k: v for k, v in (("val", metrics), ("holdout", holdout)) if v}
+        return dataclasses.replace(self.spec_base, metrics=splits, provenance=prov)
 
-    def save_model(self, which: str, metrics: dict | None, step: int) -> None:
+    def save_model(self, which: str, metrics: dict | None, step: int, holdout: dict | None = None) -> None:
         from edgeseg.checkpoint import save_checkpoint
 
         if self.run.is_main:
-            save_checkpoint(self.run.out / which, self.core, self._spec(metrics, step), force=True)
+            save_checkpoint(self.run.out / which, self.core, self._spec(metrics, step, holdout), force=True)
 
-    def save_all(self, step: int, epoch: int, best_miou: float, best_metrics, last_metrics) -> None:
+    def save_all(self, step: int, epoch: int, best_miou: float, best_metrics, last_metrics,
+                 best_holdout: dict | None = None, last_holdout: dict | None = None) -> None:
         """`last/` first, then `train_state.pt` (the resume point), each written atomically. Every rank
         contributes its RNG state; rank 0 writes."""
         rng = rng_state()
@@ -115,13 +117,14 @@ class Saver:
             rng = gathered
         if not self.run.is_main:
             return
-        self.save_model("last", last_metrics, step)
+        self.save_model("last", last_metrics, step, last_holdout)
         state = {
             "format": "edgeseg-train-state", "version": 1, "step": int(step), "epoch": int(epoch),
             "model": {k: v.detach().cpu() for k, v in self.core.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": _clean_sched(self.scheduler.state_dict()),
             "rng": rng, "config": self.config, "best_miou": float(best_miou),
             "best_metrics": best_metrics, "last_metrics": last_metrics,
+            "best_holdout": best_holdout, "last_holdout": last_holdout,
         }
         with atomic_file(self.run.out / STATE_FILE, "wb") as f:
             torch.save(state, f)

@@ -125,21 +125,33 @@ class Loop:
         self.loss_n, self.t_log, self.imgs_since = 0, now, 0
 
     def validate(self) -> None:
+        """Validate on val (and holdout when given) at the interval; `best/` follows holdout's mIoU when there is
+        a holdout split, else val's."""
         step, d, env, cfg = self.p.step, self.d, self.env, self.cfg
-        if d.val_ds is None or not (step % d.val_interval == 0 or step == d.total):
+        if (d.val_ds is None and d.holdout_ds is None) or not (step % d.val_interval == 0 or step == d.total):
             return
         if env.is_main:
-            res = validate(self.core, d.val_ds, d.input_hw, cfg.mean, cfg.std, env.dev,
-                           batch_size=cfg.val_batch_size or (8 if env.dev.type == "cuda" else 1), progress=False)
-            last = self.p.last_metrics = _metrics_summary(res, step, cfg.val_split or "val", d.input_hw)
-            append_log(self.out / LOG_FILE, {"step": step, "val": last})
-            self.bar.write(f"step {step}: val mIoU {100 * last['miou']:.2f}  aAcc "
-                           f"{100 * last.get('aacc', 0):.2f}", file=sys.stderr)
-            if last["miou"] > self.p.best_miou:
-                self.p.best_miou, self.p.best_metrics = float(last["miou"]), last
-                self.saver.save_model("best", last, step)
+            last = self.p.last_metrics = self._evaluate(d.val_ds, cfg.val_split or "val")
+            hold = self.p.last_holdout = self._evaluate(d.holdout_ds, cfg.holdout_split)
+            append_log(self.out / LOG_FILE, {"step": step, **({"val": last} if last else {}),
+                                             **({"holdout": hold} if hold else {})})
+            self.bar.write(f"step {step}: " + "  ".join(
+                f"{name} mIoU {100 * m['miou']:.2f} aAcc {100 * m.get('aacc', 0):.2f}"
+                for name, m in (("val", last), ("holdout", hold)) if m), file=sys.stderr)
+            chosen = hold or last
+            if chosen["miou"] > self.p.best_miou:
+                self.p.best_miou, self.p.best_metrics, self.p.best_holdout = float(chosen["miou"]), last, hold
+                self.saver.save_model("best", last, step, hold)
         if env.distributed:
             torch.distributed.barrier()
+
+    def _evaluate(self, ds, split: str | None) -> dict | None:
+        if ds is None:
+            return None
+        cfg, env = self.cfg, self.env
+        res = validate(self.core, ds, self.d.input_hw, cfg.mean, cfg.std, env.dev,
+                       batch_size=cfg.val_batch_size or (8 if env.dev.type == "cuda" else 1), progress=False)
+        return _metrics_summary(res, self.p.step, split, self.d.input_hw)
 
     def should_stop(self, t_start: float, interrupted: bool) -> bool:
         cfg, env = self.cfg, self.env
@@ -155,7 +167,8 @@ class Loop:
     def save(self, epoch: int, stop_now: bool) -> None:
         step = self.p.step
         if step % self.d.save_interval == 0 or step == self.d.total or stop_now:
-            self.saver.save_all(step, epoch, self.p.best_miou, self.p.best_metrics, self.p.last_metrics)
+            self.saver.save_all(step, epoch, self.p.best_miou, self.p.best_metrics, self.p.last_metrics,
+                                self.p.best_holdout, self.p.last_holdout)
 
 
 class SigintOnce:
