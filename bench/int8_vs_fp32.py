@@ -13,13 +13,14 @@ little about real models). Targets that cannot execute here (Core ML on Linux) a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from edgeseg.errors import one_line
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -39,12 +40,13 @@ def tiny_checkpoint(path: Path) -> Path:
 
 def side_by_side(fp32_dir: Path, int8_dir: Path, threads: int, warmup: int, runs: int) -> dict:
     """Alternate fp32 / int8 `Session.run` on one input; return both latency stats and the p50 ratio."""
+    from edgeseg.artifact import read_manifest
     from edgeseg.eval.bench import make_input
-    from edgeseg.eval.validate import latency_stats, read_manifest_dict
+    from edgeseg.eval.validate import latency_stats
     from edgeseg.runtime import open_session
 
     sessions = {p: open_session(d, num_threads=threads) for p, d in (("fp32", fp32_dir), ("int8", int8_dir))}
-    inputs = {p: make_input(read_manifest_dict(d)) for p, d in (("fp32", fp32_dir), ("int8", int8_dir))}
+    inputs = {p: make_input(read_manifest(d)) for p, d in (("fp32", fp32_dir), ("int8", int8_dir))}
     times = {"fp32": [], "int8": []}
     for i in range(warmup + runs):
         order = ("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")  # neither always goes first
@@ -62,9 +64,9 @@ def side_by_side(fp32_dir: Path, int8_dir: Path, threads: int, warmup: int, runs
 def main(argv=None) -> int:
     import torch
 
+    from edgeseg.artifact import read_manifest
     from edgeseg.export.profiles import list_profiles, load_profile
-    from edgeseg.eval.validate import read_manifest_dict
-    from edgeseg.pipeline import export_isolated  # a converter that segfaults fails only its own target
+    from edgeseg.isolate import export_isolated  # a converter that segfaults fails only its own target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="checkpoint folder (default: the shipped one, else a tiny test model)")
@@ -73,7 +75,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--json", default="int8_vs_fp32.json", help="output JSON (default: %(default)s)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     args = ap.parse_args(argv)
+    from edgeseg.errors import UsageError
+    from edgeseg.fileio import refuse_existing, write_json
+
+    try:
+        refuse_existing(args.json, "--json", args.force)  # before the exports, not after them
+    except UsageError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="int8_vs_fp32-") as tmp:
@@ -95,17 +105,17 @@ def main(argv=None) -> int:
             try:
                 dirs = {p: export_isolated(ckpt, t, p, out=tmp / f"{t}-{p}", progress=False)
                         for p in ("fp32", "int8")}
-                if not all(read_manifest_dict(d).get("executed_here", True) for d in dirs.values()):
+                if not all(read_manifest(d).executed_here for d in dirs.values()):
                     row["status"] = "not run (cannot execute on this host)"
                 else:
                     row.update(side_by_side(dirs["fp32"], dirs["int8"], args.threads, args.warmup, args.runs))
                     row["status"] = "ok"
             except Exception as e:  # noqa: BLE001 - shown as a FAILED row, and the script exits 1
-                row["status"] = f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+                row["status"] = f"FAILED: {one_line(e, with_type=True)}"
                 failed += 1
             results.append(row)
             print(_line(row), flush=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     print(f"wrote {args.json}")
     return 1 if failed else 0
 

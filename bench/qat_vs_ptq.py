@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgeseg.errors import one_line
 from edgeseg.fileio import write_json, write_text
 
 TARGETS = ("executorch-xnnpack", "openvino", "onnx")
@@ -76,7 +77,7 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
     except SystemExit as e:
         errors = ["edgeseg: error:" + ln.split("edgeseg: error:", 1)[1] for ln in log.read_text().splitlines()
                   if "edgeseg: error:" in ln]
-        qat_error = (errors[-1] if errors else str(e).splitlines()[0])[:300]
+        qat_error = (errors[-1] if errors else one_line(e))[:300]
         print(f"    QAT failed: {qat_error}", flush=True)
     arts = [fp32, ptq] + ([qat] if qat_error is None else [])
     js = d / ("validate.json" if qat_error is None else "validate-fp32-ptq.json")

@@ -1,19 +1,22 @@
 """Checkpoints: a folder with `model.safetensors` (weights) and `model.json` (ModelSpec).
 
 Loading never unpickles: weights come from safetensors; official `.pth` files go through
-`torch.load(weights_only=True)` in `load_state_dict_file`.
+`torch.load(weights_only=True)` in `load_state_dict_file`; a QAT checkpoint's program (`quant.program`) is read by
+`edgeseg.quant.qat_program.load_program_data_only` (JSON graph and raw tensor bytes only). Every path in `model.json` must
+stay inside the checkpoint folder.
 """
 from __future__ import annotations
 
 import json
 import pickle
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from edgeseg.errors import ArtifactError
-from edgeseg.fileio import atomic_dir, atomic_file, write_json
+from edgeseg.errors import ArtifactError, one_line
+from edgeseg.fileio import atomic_dir, write_json
 from edgeseg.types import ModelSpec
 
 WEIGHTS = "model.safetensors"
@@ -21,8 +24,13 @@ SPEC = "model.json"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, force: bool = True,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write `path/` atomically. `dtype=torch.float16` stores float weights in fp16 (the shipped defaults)."""
+                    dtype: torch.dtype | None = None,
+                    extra: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write `path/` atomically. `dtype=torch.float16` stores float weights in fp16 (the shipped defaults).
+
+    `extra` = {file name: writer}: each writer gets the file's path inside the temporary folder (a QAT program),
+    so the folder appears complete or not at all. Raises UsageError if `path` exists and `force` is false.
+    """
     from safetensors.torch import save_file
 
     state, seen = {}, set()
@@ -40,8 +48,33 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, force: 
         state[k] = v
     with atomic_dir(path, force=force) as tmp:
         save_file(state, str(tmp / WEIGHTS))
+        for name, write in (extra or {}).items():
+            write(tmp / name)
         write_json(tmp / SPEC, spec.to_json())
     return Path(path)
+
+
+def contained_file(folder: str | Path, rel, key: str, where: str | Path) -> Path:
+    """`folder / rel` for a path `rel` read from a file (`where`, its field `key`); ArtifactError (one line naming
+    both) unless `rel` is a non-empty relative string without `..` that resolves inside `folder` (symlinks
+    followed): a downloaded checkpoint must not make us read files elsewhere."""
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {key} {rel!r:.200} {why}; it must be a file name inside {folder}")
+
+    if not isinstance(rel, str) or not rel or any(ord(c) < 32 for c in rel):  # control characters: no file of ours
+        raise bad("is not a file path")
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise bad("is an absolute path")
+    if ".." in rel.replace("\\", "/").split("/"):
+        raise bad("climbs out with '..'")
+    try:
+        base = Path(folder).resolve()
+        full = (Path(folder) / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise bad(f"cannot be resolved ({e})") from None
+    if full == base or not full.is_relative_to(base):
+        raise bad("resolves outside the folder")
+    return Path(folder) / rel
 
 
 def load_spec(path: str | Path) -> ModelSpec:
@@ -56,10 +89,12 @@ def load_spec(path: str | Path) -> ModelSpec:
         spec = ModelSpec.from_json(d)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"{one_line(e)})") from None
     why = _spec_problem(spec)
     if why:
         raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({why})")
+    if spec.quant is not None and "program" in spec.quant:
+        contained_file(spec_file.parent, spec.quant["program"], "quant.program", spec_file)
     return spec
 
 
@@ -117,7 +152,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[nn.Mod
         model = create_model(spec.model, num_classes=spec.num_classes, **spec.model_kwargs)
     except (TypeError, ValueError) as e:  # model_kwargs that the model does not take
         raise ArtifactError(f"{path}: cannot build model {spec.model!r} from {SPEC} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"({type(e).__name__}: {one_line(e)})") from None
     ref = model.state_dict()
     state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -143,14 +178,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ArtifactError(f"{path}: corrupted or not a safetensors file ({str(e).splitlines()[0]})") from None
+            raise ArtifactError(f"{path}: corrupted or not a safetensors file ({one_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ArtifactError(f"{path}: refused to load: the pickle holds code or objects other than tensors "
-                            f"(loaded with weights_only=True; {str(e).splitlines()[0]})") from None
+                            f"(loaded with weights_only=True; {one_line(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ArtifactError(f"{path}: truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        raise ArtifactError(f"{path}: truncated or not a PyTorch checkpoint ({one_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -158,22 +193,45 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def ship_half(src: str | Path, dst: str | Path, note: str | None = None) -> Path:
+def ship_half(src: str | Path, dst: str | Path, note: str | None = None, force: bool = False) -> Path:
     """Re-save a checkpoint with fp16 weights (how the embedded defaults are shipped: half the size).
 
-    `note` (e.g. a data licence) is written as LICENSE.md beside the weights.
-    Usage: `python -m edgeseg.checkpoint SRC DST [LICENSE.md]`.
+    `note` (e.g. a data licence) is written as LICENSE.md beside the weights, inside the same atomic folder.
+    Raises UsageError if `dst` exists and `force` is false.
+    Usage: `python -m edgeseg.checkpoint SRC DST [LICENSE.md] [--force]`.
     """
+    from edgeseg.fileio import refuse_existing
+
+    refuse_existing(dst, "DST", force)
     model, spec = load_checkpoint(src)
-    out = save_checkpoint(dst, model, spec, force=True, dtype=torch.float16)
-    if note:
-        with atomic_file(Path(out) / "LICENSE.md", "w") as f:
-            f.write(note)
-    return out
+    extra = {"LICENSE.md": lambda p: p.write_text(note)} if note else None
+    return save_checkpoint(dst, model, spec, force=force, dtype=torch.float16, extra=extra)
 
 
-if __name__ == "__main__":  # python -m edgeseg.checkpoint SRC DST [NOTE_FILE]
+def _main(argv: list[str]) -> int:
     import sys
 
-    _note = Path(sys.argv[3]).read_text() if len(sys.argv) > 3 else None
-    print(ship_half(sys.argv[1], sys.argv[2], _note))
+    from edgeseg.errors import EdgesegError
+
+    force = "--force" in argv
+    args = [a for a in argv if a != "--force"]
+    if not 2 <= len(args) <= 3 or any(a.startswith("-") for a in args):
+        print("usage: python -m edgeseg.checkpoint SRC DST [LICENSE.md] [--force]", file=sys.stderr)
+        return 2
+    try:
+        note = Path(args[2]).read_text() if len(args) > 2 else None
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"edgeseg: error: {args[2]}: cannot read the licence note ({type(e).__name__})", file=sys.stderr)
+        return 1
+    try:
+        print(ship_half(args[0], args[1], note, force=force))
+    except EdgesegError as e:
+        print(f"edgeseg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # python -m edgeseg.checkpoint SRC DST [LICENSE.md] [--force]
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

@@ -3,11 +3,13 @@
 A command module defines `HELP` (one line), `EPILOG` (examples), `add_arguments(parser)` and
 `run(args) -> int`; it holds no logic beyond turning arguments into library calls and printing results.
 Errors reach the user as one line, `edgeseg: error: ...`, exit 2 for usage and 1 for failures; `--debug`
-shows the traceback.
+shows the traceback. The commands in QUIET run inside a vendor log session (edgeseg/vendorlog.py): converter and
+runtime chatter goes to a log file named in the last line, `--verbose` shows it live.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -29,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "pipeline": "pipeline",
 }
+# commands that run converters/runtimes: their third-party output goes to the vendor log
+QUIET = {"export", "pipeline"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgeseg", description=__doc__.splitlines()[0] if __doc__ else None,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true", help="show converter/runtime output live instead of "
+                        "only in the vendor log")
     parser.add_argument("--version", action="version", version="edgeseg " + _version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, modname in COMMANDS.items():
@@ -48,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show full tracebacks on errors")
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show converter/runtime output live instead of only in the vendor log")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -67,16 +75,42 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from edgeseg import vendorlog
+
+    verbose = getattr(args, "verbose", False) or vendorlog.env_verbose()
+    with contextlib.ExitStack() as stack:
+        vlog = stack.enter_context(vendorlog.session(verbose=verbose)) if args.command in QUIET else None
+        if vlog is not None and args.command == "export" and getattr(args, "out", None):
+            vendorlog.place(vendorlog.log_name(args.out))
+        code, error = _run(args, debug)
+        if vlog is not None and error is not None:
+            vlog.dest = None  # a failed command leaves its output folder alone: the log stays where it was written
+    where = vlog.final if vlog is not None else None
+    if error == INTERRUPTED:
+        if where is not None and where == vlog.path:
+            where.unlink(missing_ok=True)
+        print(error, file=sys.stderr)
+    elif error is not None:  # still one line; it names the log, which holds what the converter said
+        print(error + (f" (vendor log: {where})" if where else ""), file=sys.stderr)
+    elif where is not None:
+        print(f"vendor log: {where}", file=sys.stderr)
+    return code
+
+
+INTERRUPTED = "edgeseg: interrupted"
+
+
+def _run(args, debug: bool) -> tuple[int, str | None]:
+    """Run the command: (exit code, None) or (exit code, the one-line error to print)."""
     try:
-        return int(args._run(args) or 0)
+        return int(args._run(args) or 0), None
     except EdgesegError as e:
         if debug:
             raise
-        print(f"edgeseg: error: {e}", file=sys.stderr)
-        return e.exit_code
+        # one line even when a message quotes a multi-line tool error
+        return e.exit_code, "edgeseg: error: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
     except KeyboardInterrupt:
-        print("edgeseg: interrupted", file=sys.stderr)
-        return 130
+        return 130, INTERRUPTED
     except Exception as e:  # an unexpected failure is still one line unless --debug
         if debug:
             raise
@@ -84,11 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hint = missing_extra(e.name) if isinstance(e, ModuleNotFoundError) else None
         if hint:  # a target whose extra is not installed: say which one
-            print(f"edgeseg: error: {hint}", file=sys.stderr)
-            return 1
+            return 1, f"edgeseg: error: {hint}"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"edgeseg: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return 1, f"edgeseg: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

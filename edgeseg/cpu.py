@@ -19,6 +19,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 FORCE_ENV = "EDGESEG_CPU_FLAGS"
 # the flags that decide int8 arithmetic and speed on x86
@@ -89,4 +90,22 @@ def int8_saturates() -> bool:
     return host_cpu().int8_saturates
 
 
-__all__ = ["CpuInfo", "FORCE_ENV", "host_cpu", "int8_saturates"]
+__all__ = ["CpuInfo", "FORCE_ENV", "host_cpu", "int8_saturates", "cpu_label"]
+
+
+def cpu_label(cpu: dict[str, Any] | None) -> str:
+    """'Intel(R) Xeon(R) ... (AVX2, AVX-512, VNNI, AMX)' or 'AMD EPYC 7B13 (AVX2; no AVX-512, no VNNI, no AMX)'
+    from a `CpuInfo.to_json()` record; 'CPU not recorded' for None."""
+    if not cpu:
+        return "CPU not recorded"
+    flags = set(cpu.get("flags") or ())
+    isa = [("AVX2", "avx2" in flags), ("AVX-512", "avx512f" in flags),
+           ("VNNI", bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})), ("AMX", "amx_int8" in flags)]
+    machine = str(cpu.get("machine") or "")
+    if machine and machine not in ("x86_64", "AMD64", "i686"):  # the x86 flags say nothing about other CPUs
+        tail = machine
+    else:
+        tail = ", ".join(n for n, have in isa if have) or "no AVX2"
+        absent = [f"no {n}" for n, have in isa if not have and n != "AVX2"]
+        tail += ("; " + ", ".join(absent)) if absent and any(h for _, h in isa) else ""
+    return f"{cpu.get('model') or 'unknown CPU'} ({tail}{'; flags forced' if cpu.get('forced') else ''})"

@@ -19,3 +19,16 @@ class DataError(EdgesegError):
 
 class ArtifactError(EdgesegError):
     """A checkpoint, artifact or manifest is missing, corrupted, unsafe or does not match its files."""
+
+
+def one_line(e: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message ("" when it has none), prefixed with its type when asked:
+    what a one-line error says about a vendor tool's multi-line failure."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}" if with_type else first
+
+
+def describe(e: BaseException) -> str:
+    """An error as one line for a record or a table row: our own errors say it all, others get their type."""
+    return one_line(e, with_type=not isinstance(e, EdgesegError))

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,8 +17,42 @@ from typing import Iterator
 from edgeseg.errors import UsageError
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}"
+def refuse_existing(path: str | os.PathLike | None, arg: str, force: bool, *, empty_dir_ok: bool = False,
+                    hint: str = "use --force to overwrite") -> None:
+    """Raise UsageError if the output `path` given as `arg` (e.g. "--json") exists and `force` is false.
+
+    Commands call it for every output before the long work, so nothing is overwritten without --force and a
+    refusal costs nothing. `empty_dir_ok`: an existing empty folder counts as absent (run folders).
+    """
+    if path is None or force:
+        return
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        return
+    if empty_dir_ok and p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+        return
+    raise UsageError(f"{arg} {path}: exists ({hint})")
+
+
+def _tmp_name(path: Path, suffix: str = "") -> Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}{suffix}"
+
+
+def temp_sibling(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
+    """A hidden temporary name beside `path` for a writer that is not a context manager (a video recorder):
+    write it, then `publish(tmp, path)`, or remove it on failure. A SIGKILLed writer's leftover is removed by
+    the next write of `path` (clean_stale). `keep_suffix`: end in path's suffix (writers that pick the format
+    from it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    return _tmp_name(path, path.suffix if keep_suffix else "")
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename the finished temporary `tmp` (from temp_sibling) onto `path`."""
+    _replace(Path(tmp), Path(path))
+    return Path(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -42,8 +77,8 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
         for p in path.parent.iterdir():
             if not p.name.startswith(prefix):
                 continue
-            pid = p.name[len(prefix):].split("-", 1)[0]
-            if pid.isdecimal() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            pid = re.match(r"\d*", p.name[len(prefix):]).group()  # `PID`, `PID-*` or `PID.suffix`
+            if pid and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 _remove(p)
                 removed.append(p)
     return removed
@@ -96,7 +131,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+        raise UsageError(f"{path}: exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
@@ -154,7 +189,26 @@ def sha256_tree(path: str | os.PathLike) -> dict[str, str]:
     }
 
 
+def _read_umask() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# Where /proc cannot say, the umask is read once here, at import: reading it with os.umask means setting it,
+# and a umask flipped to 0 while other threads create files would give those files the wrong permissions.
+_IMPORT_UMASK = _read_umask()
+if _IMPORT_UMASK is None:
+    _IMPORT_UMASK = os.umask(0o022)
+    os.umask(_IMPORT_UMASK)
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it (Linux: /proc/self/status; elsewhere: as at import)."""
+    mask = _read_umask()
+    return _IMPORT_UMASK if mask is None else mask

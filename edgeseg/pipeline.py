@@ -15,10 +15,13 @@ Output folder (written under a temporary name and swapped into place at the end;
     validation.json, bench.json       the records of `validate` and `bench`
     maps/*.npz                        a few label maps per artifact for the disagreement plots
     report/report.md, report/*.png    the report (`edgeseg.report.render`)
-    pipeline.json                     rows, failures, timings, choices
+    report/report.html                the same report in one self-contained page (plots inlined)
+    pipeline.json                     rows, failures, timings, choices, the CPU every latency was measured on
+    vendor.log                        converter/runtime output (`edgeseg pipeline` only; edgeseg/vendorlog.py)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -27,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from edgeseg.isolate import export_isolated
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 EMBEDDED_CALIB_EVERY = 3  # every 3rd embedded image calibrates; the rest evaluate
-
 
 @dataclass
 class PipelineResult:
@@ -51,15 +55,15 @@ class PipelineResult:
 
 
 def _one_line(e: BaseException) -> str:
-    from edgeseg.eval.validate import _one_line as f
+    from edgeseg.errors import describe
 
-    return f(e)
+    return describe(e)
 
 
 def split_embedded(data_root: Path, dest: Path, every: int = EMBEDDED_CALIB_EVERY) -> tuple[Path, Path, dict]:
     """Copy a CamVid-layout `val`/`valannot` set into `dest/calib` (every `every`-th pair) and `dest/eval` (the
     rest), both in CamVid layout with split `val`. Returns (calib_root, eval_root, info)."""
-    from edgeseg.data.datasets import open_dataset
+    from edgeseg.data.formats import open_dataset
 
     ds = open_dataset(data_root, split="val")
     calib, evl = dest / "calib", dest / "eval"
@@ -78,78 +82,45 @@ def split_embedded(data_root: Path, dest: Path, every: int = EMBEDDED_CALIB_EVER
     return calib, evl, {"calibration_images": names["calib"], "evaluation_images": names["eval"]}
 
 
-def _isolated_main() -> None:
-    """Entry point of the child process of `call_isolated` (argv[1]: the request JSON file)."""
-    import importlib
-    import json
-    import sys
+@dataclass
+class _Run:
+    """What the steps of one run share: the checkpoint, the temporary output folder, the step bar (with its
+    "[i/n] name" log lines) and each step's seconds."""
 
-    req = json.loads(Path(sys.argv[1]).read_text())
-    logging.basicConfig(level=req["log_level"], format=req.get("log_prefix", "").replace("%", "%%") + "%(message)s")
-    if req.get("threads"):
-        import torch
+    ckpt: Path
+    tmp: Path
+    total: int
+    progress: bool
+    input_hw: tuple[int, int] | None = None  # export size (None: the checkpoint's)
+    seconds: dict[str, float] = field(default_factory=dict)
+    done: int = 0
+    bar: Any = None
 
-        torch.set_num_threads(int(req["threads"]))
-    try:
-        mod, name = req["func"].split(":")
-        msg = ["ok", str(getattr(importlib.import_module(mod), name)(*req["args"], **req["kwargs"]))]
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as one line
-        msg = ["error", _one_line(e)]
-    Path(req["result"]).write_text(json.dumps(msg))
+    def __post_init__(self) -> None:
+        from tqdm import tqdm
 
+        self.bar = tqdm(total=self.total, desc="pipeline", unit="step", disable=not self.progress,
+                        dynamic_ncols=True)
 
-def call_isolated(func: str, *args: Any, _threads: int | None = None, _log_prefix: str = "", **kwargs: Any) -> str:
-    """Call `func` ("module:function") with JSON-able arguments (paths become strings) in a fresh Python process
-    and return `str()` of its result. A fresh interpreter via subprocess rather than multiprocessing, whose spawn
-    start re-imports the caller's `__main__` (breaking scripts without a main guard). `_threads` caps the child's
-    OpenMP/torch threads (concurrent children share the cores); `_log_prefix` starts each of its log lines.
+    def step(self, name: str) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(name)
+        log.info("[%d/%d] %s", self.done, self.total, name)
 
-    Raises:
-        ArtifactError with the child's one-line error, or naming the signal that killed the child.
-    """
-    import json
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
-    from edgeseg.errors import ArtifactError
-
-    with tempfile.TemporaryDirectory(prefix="edgeseg-call-") as d:
-        req, res = Path(d) / "request.json", Path(d) / "result.json"
-        req.write_text(json.dumps({"func": func, "args": list(args), "kwargs": kwargs, "result": str(res),
-                                   "log_level": logging.getLogger().getEffectiveLevel(), "log_prefix": _log_prefix,
-                                   "threads": _threads}, default=str))
-        env = dict(os.environ)
-        if _threads:
-            env["OMP_NUM_THREADS"] = str(_threads)
-        proc = subprocess.run([sys.executable, "-c", "from edgeseg.pipeline import _isolated_main; _isolated_main()",
-                               str(req)], stdin=subprocess.DEVNULL, env=env)
-        msg = json.loads(res.read_text()) if res.is_file() else None
-    if msg is None:
-        code = proc.returncode
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        raise ArtifactError(f"the process crashed ({how}) without an error message")
-    if msg[0] == "error":
-        raise ArtifactError(msg[1])
-    return msg[1]
+    @contextlib.contextmanager
+    def timed(self, key: str, name: str | None = None):
+        """Time a step into `seconds[key]`; with `name`, also announce it and advance the bar once it is done."""
+        if name:
+            self.step(name)
+        t = time.perf_counter()
+        yield
+        self.seconds[key] = time.perf_counter() - t
+        if name:
+            self.bar.update(1)
 
 
-def export_isolated(*args: Any, _threads: int | None = None, _log_prefix: str = "", **kwargs: Any) -> Path:
-    """`edgeseg.export.export_checkpoint` in its own process, so that a vendor converter that crashes the
-    interpreter (seen here: a segfault inside openvino 2026.4.1's `Core.query_model` on test_segnext) fails only
-    its own target instead of the whole run."""
-    return Path(call_isolated("edgeseg.export:export_checkpoint", *args, _threads=_threads, _log_prefix=_log_prefix,
-                              **kwargs))
-
-
-# Relative export cost per target (measured on offseg_t at 192x256): the longest start first, so that concurrent
-# export processes finish together (longest-processing-time-first scheduling).
-EXPORT_COST = {"executorch-xnnpack": 6.0, "coreml": 4.0, "onnx": 1.5, "jetson-tensorrt": 1.5, "openvino": 1.0}
-
-
-def _target_precisions(targets: Sequence[str] | None, precisions: Sequence[str]
-                       ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+def _plan(targets: Sequence[str] | None, precisions: Sequence[str]
+          ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
     """(target, precision) jobs from the profiles, and FAILED rows for targets whose profile does not load."""
     from edgeseg.export.profiles import list_profiles, load_profile
 
@@ -174,10 +145,155 @@ def _target_precisions(targets: Sequence[str] | None, precisions: Sequence[str]
     return jobs, failed
 
 
-# Per-row export options of the main job. Core ML int8 here is weight-only: the W8A8 flow (executorch 1.5.1's
-# CoreMLQuantizer: ~400 pattern re-traces + calibration) takes over 10 minutes on 2 cores, and Core ML cannot run
-# on Linux anyway; `edgeseg export --target coreml --precision int8` still gives W8A8 (the profile default).
-PIPELINE_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {("coreml", "int8"): {"int8_mode": "weights"}}
+def _data(run: _Run, data_root: Path, embedded: bool, split: str, notes: list[str]
+          ) -> tuple[Path, Path, str, dict[str, Any]]:
+    """Step 1: the calibration and evaluation images -> (calib_root, eval_root, eval_split, split_info)."""
+    with run.timed("data", "data"):
+        if embedded:
+            calib_root, eval_root, split_info = split_embedded(data_root, run.tmp / "data")
+            notes.append(f"Embedded default data `{data_root}`: split deterministically into "
+                         f"{len(split_info['calibration_images'])} calibration images (every "
+                         f"{EMBEDDED_CALIB_EVERY}rd) and {len(split_info['evaluation_images'])} evaluation images; "
+                         "calibration and evaluation do not overlap. The set is tiny: numbers are indicative only.")
+            return calib_root, eval_root, "val", split_info
+        notes.append(f"Calibration images come from `{data_root}` (its train split when present; see each "
+                     "manifest's calibration source); evaluation on split "
+                     f"`{split}`.")
+    return data_root, data_root, split, {}
+
+
+def _export_order(jobs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The costliest export first (each profile's `export_cost`, int8 half as costly again), so that concurrent
+    export processes finish together (longest-processing-time-first scheduling)."""
+    from edgeseg.targets import load_profile
+
+    cost = {t: load_profile(t).export_cost for t in dict.fromkeys(t for t, _ in jobs)}
+    return sorted(jobs, key=lambda j: -cost[j[0]] * (1.5 if j[1] == "int8" else 1.0))
+
+
+def _export_one(run: _Run, job: tuple[str, str], calib_root: Path, isolate: bool, njobs: int,
+                threads: int | None) -> tuple[tuple[str, str], Any, float]:
+    """One export -> (job, artifact folder or the exception, seconds)."""
+    from edgeseg.export import export_checkpoint
+    from edgeseg.targets import load_profile
+
+    target, precision = job
+    dest = run.tmp / "artifacts" / f"{target}-{precision}"
+    t0 = time.perf_counter()
+    log.info("export %s %s: started", target, precision)
+    kw = dict(calib=calib_root if precision == "int8" else None, out=dest, force=True, progress=False,
+              input_hw=list(run.input_hw) if run.input_hw else None,
+              **load_profile(target).pipeline_options.get(precision, {}))
+    try:
+        if isolate:
+            art = export_isolated(run.ckpt, target, precision, _threads=threads,
+                                  _log_prefix=f"[{target} {precision}] " if njobs > 1 else "", **kw)
+        else:
+            art = export_checkpoint(run.ckpt, target, precision, **kw)
+        return job, art, time.perf_counter() - t0
+    except Exception as e:  # a failed target is a FAILED row and a non-zero exit, never dropped
+        log.debug("export %s %s failed", target, precision, exc_info=True)
+        return job, e, time.perf_counter() - t0
+
+
+def _export_all(run: _Run, jobs: list[tuple[str, str]], calib_root: Path, isolate: bool,
+                export_jobs: int | None) -> dict[tuple[str, str], Any]:
+    """Step 2: export every (target, precision), `export_jobs` at once -> job -> artifact folder or exception."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    ncpu = os.cpu_count() or 1
+    njobs = max(1, min(export_jobs or min(4, ncpu), len(jobs) or 1)) if isolate else 1
+    per_job_threads = max(1, ncpu // njobs) if njobs > 1 else None
+    order = _export_order(jobs)
+    results: dict[tuple[str, str], Any] = {}
+    if njobs > 1:
+        log.info("exporting %d artifacts, %d at once (%d thread(s) each)", len(order), njobs, per_job_threads)
+    with ThreadPoolExecutor(max_workers=njobs) as pool:  # threads only wait on the export processes
+        futures = [pool.submit(_export_one, run, j, calib_root, isolate, njobs, per_job_threads) for j in order]
+        for fut in as_completed(futures):
+            (target, precision), res, secs = fut.result()
+            run.step(f"export {target} {precision}")
+            results[(target, precision)] = res
+            if isinstance(res, Exception):
+                reason = f"export: {_one_line(res)}"
+                log.error("export %s %s: FAILED: %s (%.1f s)", target, precision, reason, secs)
+            else:
+                log.info("export %s %s: ok (%.1f s)", target, precision, secs)
+            run.bar.update(1)
+    return results
+
+
+def _artifacts(run: _Run, jobs: list[tuple[str, str]], results: dict[tuple[str, str], Any],
+               profile_failures: list[dict[str, Any]]) -> tuple[list[Path], list[dict[str, Any]]]:
+    """(artifact folders, FAILED records) in the profiles' order, whatever order the exports finished in."""
+    from edgeseg.eval.validate import failed_record
+
+    failed = [failed_record(f["target"], f["precision"], f["reason"]) for f in profile_failures]
+    artifacts: list[Path] = []
+    for target, precision in jobs:
+        res = results[(target, precision)]
+        if isinstance(res, Exception):
+            failed.append(failed_record(target, precision, f"export: {_one_line(res)}",
+                                        artifact=run.tmp / "artifacts" / f"{target}-{precision}"))
+        else:
+            artifacts.append(res)
+    return artifacts, failed
+
+
+def _validate_all(run: _Run, artifacts: list[Path], eval_root: Path, eval_split: str, cpu: dict[str, Any],
+                  max_images: int | None, num_maps: int) -> list[dict[str, Any]]:
+    """Step 3: validate every artifact (reference: its source checkpoint, eager PyTorch)."""
+    from edgeseg import vendorlog
+    from edgeseg.eval.validate import validate
+
+    with run.timed("validate", "validate"):
+        with vendorlog.quiet(python_too=False):  # runtimes' native output to the vendor log, our bars stay
+            vrecs = validate(artifacts, eval_root, split=eval_split, max_images=max_images,
+                             maps_dir=run.tmp / "maps", num_maps=num_maps, progress=run.progress) if artifacts else []
+    return [{**r, "cpu": cpu} for r in vrecs]
+
+
+def _bench_all(run: _Run, artifacts: list[Path], cpu: dict[str, Any], threads: int, warmup: int,
+               runs: int) -> list[dict[str, Any]]:
+    """Step 4: bench every artifact."""
+    from edgeseg import vendorlog
+    from edgeseg.eval.bench import bench
+
+    with run.timed("bench", "bench"):
+        with vendorlog.quiet(python_too=False):
+            brecs = bench(artifacts, threads=threads, warmup=warmup, runs=runs,
+                          progress=run.progress) if artifacts else []
+    return [{**r, "cpu": cpu} for r in brecs]  # the host every latency was measured on
+
+
+def _report(run: _Run, out: Path, vrecs: list[dict[str, Any]], brecs: list[dict[str, Any]], notes: list[str]
+            ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 5: validation.json, bench.json and the report, with paths naming the final folder -> (report file
+    name, validation records, bench records)."""
+    from edgeseg.fileio import write_json, write_text
+    from edgeseg.report.render import render
+
+    tmp = run.tmp
+    with run.timed("report", "report"):
+        final = str(out.resolve())
+        vrecs = _rebase(vrecs, str(tmp), final)
+        brecs = _rebase(brecs, str(tmp), final)
+        write_json(tmp / "validation.json", vrecs)
+        write_json(tmp / "bench.json", brecs)
+        # the report reads the npz maps now, from the temporary folder; paths in its JSON name the final folder
+        report = render(_rebase(vrecs, final, str(tmp)), _rebase(brecs, final, str(tmp)), tmp / "report", notes=notes,
+                        title="edgeseg pipeline report")
+        _rebase_file(tmp / "report" / "results.json", str(tmp), final)
+        for page in (tmp / "report" / report.name, tmp / "report" / "report.html"):
+            write_text(page, page.read_text().replace(str(tmp), final))
+    run.bar.close()
+    return report.name, vrecs, brecs
+
+
+def _failures(rows: list[dict[str, Any]]) -> list[str]:
+    """One "target precision: why" line per row that failed or failed a check."""
+    return [f"{r.get('target')} {r.get('precision')}: {r.get('error') or '; '.join(r.get('reasons') or [])}"
+            for r in rows if r["status"] == "failed" or r.get("passed") is False]
 
 
 def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None = None,
@@ -185,7 +301,7 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
                  precisions: Sequence[str] = PRECISIONS, split: str = "val", max_images: int | None = None,
                  threads: int | None = None, warmup: int = 2, runs: int = 10, num_maps: int = 2,
                  isolate_exports: bool = True, export_jobs: int | None = None,
-                 progress: bool = True) -> PipelineResult:
+                 input_hw: Sequence[int] | None = None, progress: bool = True) -> PipelineResult:
     """Export, validate, bench and report in one go.
 
     Args:
@@ -206,19 +322,18 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
         export_jobs: exports running at once (isolated processes; default: the CPU count, at most 4). Most of an
             export is single-threaded graph work (torch.export, partitioning, conversion), so on 2 cores two at
             once take about half the wall time; each process gets cpu_count // export_jobs threads.
+        input_hw: (H, W) every artifact is exported, validated and timed at (multiples of 32); None = the
+            checkpoint's input size. The eager reference runs at the same size.
         progress: tqdm step bar on stderr.
     Returns:
         PipelineResult; `exit_code` is 1 if any target failed to export, validate or bench, or failed a check.
     """
-    from tqdm import tqdm
-
+    from edgeseg import vendorlog
+    from edgeseg.cpu import host_cpu
     from edgeseg.data.embedded import default_checkpoint, default_data_dir
     from edgeseg.errors import UsageError
-    from edgeseg.eval.bench import bench
-    from edgeseg.eval.validate import failed_record, validate
-    from edgeseg.export import export_checkpoint
-    from edgeseg.fileio import atomic_dir, write_json, write_text
-    from edgeseg.report.render import merge, render
+    from edgeseg.fileio import atomic_dir, write_json
+    from edgeseg.report.render import merge
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -230,148 +345,38 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
     embedded = data is None
     data_root = default_data_dir() if embedded else Path(data)
     threads = threads or max(1, min(4, os.cpu_count() or 1))
-    jobs, profile_failures = _target_precisions(targets, precisions)
+    jobs, profile_failures = _plan(targets, precisions)
+    vendorlog.place(out / "vendor.log")
+    cpu = {**host_cpu().to_json(), "summary": host_cpu().summary()}
     notes: list[str] = [f"Checkpoint: `{ckpt}`"]
-    steps: dict[str, float] = {}
 
     with atomic_dir(out, force=force) as tmp:
-        total = 1 + len(jobs) + 3
-        bar = tqdm(total=total, desc="pipeline", unit="step", disable=not progress, dynamic_ncols=True)
-
-        done = [0]
-
-        def step(name: str):
-            done[0] += 1
-            bar.set_postfix_str(name)
-            log.info("[%d/%d] %s", done[0], total, name)
-
-        # 1. data: calibration / evaluation images
-        step("data")
-        t = time.perf_counter()
-        if embedded:
-            calib_root, eval_root, split_info = split_embedded(data_root, tmp / "data")
-            eval_split = "val"
-            notes.append(f"Embedded default data `{data_root}`: split deterministically into "
-                         f"{len(split_info['calibration_images'])} calibration images (every "
-                         f"{EMBEDDED_CALIB_EVERY}rd) and {len(split_info['evaluation_images'])} evaluation images; "
-                         "calibration and evaluation do not overlap. The set is tiny: numbers are indicative only.")
-        else:
-            calib_root, eval_root, eval_split, split_info = data_root, data_root, split, {}
-            notes.append(f"Calibration images come from `{data_root}` (its train split when present; see each "
-                         "manifest's calibration source); evaluation on split "
-                         f"`{split}`.")
-        steps["data"] = time.perf_counter() - t
-        bar.update(1)
-
-        # 2. export every (target, precision)
-        artifacts: list[Path] = []
-        failed_exports: list[dict[str, Any]] = [failed_record(f["target"], f["precision"], f["reason"])
-                                                for f in profile_failures]
-        t = time.perf_counter()
-        ncpu = os.cpu_count() or 1
-        njobs = max(1, min(export_jobs or min(4, ncpu), len(jobs) or 1)) if isolate_exports else 1
-        per_job_threads = max(1, ncpu // njobs) if njobs > 1 else None
-        order = sorted(jobs, key=lambda j: -EXPORT_COST.get(j[0], 1.0) * (1.5 if j[1] == "int8" else 1.0))
-        results: dict[tuple[str, str], Any] = {}
-
-        def one_export(job: tuple[str, str]) -> tuple[tuple[str, str], Any, float]:
-            target, precision = job
-            dest = tmp / "artifacts" / f"{target}-{precision}"
-            t0 = time.perf_counter()
-            log.info("export %s %s: started", target, precision)
-            kw = dict(calib=calib_root if precision == "int8" else None, out=dest, force=True, progress=False,
-                      **PIPELINE_OPTIONS.get((target, precision), {}))
-            try:
-                if isolate_exports:
-                    art = export_isolated(ckpt, target, precision, _threads=per_job_threads,
-                                          _log_prefix=f"[{target} {precision}] " if njobs > 1 else "", **kw)
-                else:
-                    art = export_checkpoint(ckpt, target, precision, **kw)
-                return job, art, time.perf_counter() - t0
-            except Exception as e:  # a failed target is a FAILED row and a non-zero exit, never dropped
-                log.debug("export %s %s failed", target, precision, exc_info=True)
-                return job, e, time.perf_counter() - t0
-
-        if njobs > 1:
-            log.info("exporting %d artifacts, %d at once (%d thread(s) each)", len(order), njobs, per_job_threads)
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        with ThreadPoolExecutor(max_workers=njobs) as pool:  # threads only wait on the export processes
-            futures = [pool.submit(one_export, j) for j in order]
-            for fut in as_completed(futures):
-                (target, precision), res, secs = fut.result()
-                step(f"export {target} {precision}")
-                results[(target, precision)] = res
-                if isinstance(res, Exception):
-                    reason = f"export: {_one_line(res)}"
-                    log.error("export %s %s: FAILED: %s (%.1f s)", target, precision, reason, secs)
-                else:
-                    log.info("export %s %s: ok (%.1f s)", target, precision, secs)
-                bar.update(1)
-        # rows in the profiles' order, whatever order the exports finished in
-        for target, precision in jobs:
-            res = results[(target, precision)]
-            if isinstance(res, Exception):
-                failed_exports.append(failed_record(target, precision, f"export: {_one_line(res)}",
-                                                    artifact=tmp / "artifacts" / f"{target}-{precision}"))
-            else:
-                artifacts.append(res)
-        steps["export"] = time.perf_counter() - t
-
-        # 3. validate (reference: each artifact's source checkpoint, eager PyTorch)
-        step("validate")
-        t = time.perf_counter()
-        vrecs = validate(artifacts, eval_root, split=eval_split, max_images=max_images, maps_dir=tmp / "maps",
-                         num_maps=num_maps, progress=progress) if artifacts else []
-        vrecs = vrecs + failed_exports
-        steps["validate"] = time.perf_counter() - t
-        bar.update(1)
-
-        # 4. bench
-        step("bench")
-        t = time.perf_counter()
-        brecs = bench(artifacts, threads=threads, warmup=warmup, runs=runs, progress=progress) if artifacts else []
-        steps["bench"] = time.perf_counter() - t
-        bar.update(1)
-
-        # 5. report
-        step("report")
-        t = time.perf_counter()
-        final = str(out.resolve())
-        vrecs = _rebase(vrecs, str(tmp), final)
-        brecs = _rebase(brecs, str(tmp), final)
-        write_json(tmp / "validation.json", vrecs)
-        write_json(tmp / "bench.json", brecs)
-        # the report reads the npz maps now, from the temporary folder; paths in its JSON name the final folder
-        report = render(_rebase(vrecs, final, str(tmp)), _rebase(brecs, final, str(tmp)), tmp / "report", notes=notes,
-                        title="edgeseg pipeline report")
-        _rebase_file(tmp / "report" / "results.json", str(tmp), final)
-        md = tmp / "report" / report.name
-        write_text(md, md.read_text().replace(str(tmp), final))
-        steps["report"] = time.perf_counter() - t
-        bar.update(1)
-        bar.close()
-
+        run = _Run(ckpt=ckpt, tmp=tmp, total=1 + len(jobs) + 3, progress=progress,
+                   input_hw=tuple(int(v) for v in input_hw) if input_hw else None)
+        calib_root, eval_root, eval_split, split_info = _data(run, data_root, embedded, split, notes)
+        with run.timed("export"):
+            results = _export_all(run, jobs, calib_root, isolate_exports, export_jobs)
+            artifacts, failed_exports = _artifacts(run, jobs, results, profile_failures)
+        vrecs = _validate_all(run, artifacts, eval_root, eval_split, cpu, max_images, num_maps) + failed_exports
+        brecs = _bench_all(run, artifacts, cpu, threads, warmup, runs)
+        report_name, vrecs, brecs = _report(run, out, vrecs, brecs, notes)
         rows = merge(vrecs, brecs)
-        failures = []
-        for r in rows:
-            if r["status"] == "failed" or r.get("passed") is False:
-                why = r.get("error") or "; ".join(r.get("reasons") or [])
-                failures.append(f"{r.get('target')} {r.get('precision')}: {why}")
+        failures = _failures(rows)
         seconds = time.perf_counter() - t_start
         write_json(tmp / "pipeline.json", {
             "checkpoint": str(ckpt), "data": str(data_root), "embedded": embedded, "split": split_info,
             "targets": sorted({t for t, _ in jobs} | {f["target"] for f in profile_failures}),
-            "precisions": list(precisions), "threads": threads, "warmup": warmup, "runs": runs,
+            "precisions": list(precisions), "input_hw": list(run.input_hw) if run.input_hw else None,
+            "threads": threads, "warmup": warmup, "runs": runs, "cpu": cpu,
             "rows": rows, "failures": failures, "notes": notes,
-            "step_seconds": {k: round(v, 2) for k, v in steps.items()}, "seconds": round(seconds, 2)})
-    report_final = out / "report" / report.name
+            "step_seconds": {k: round(v, 2) for k, v in run.seconds.items()}, "seconds": round(seconds, 2)})
+    report_final = out / "report" / report_name
     for f in failures:
         log.error("FAILED %s", f)
     log.info("pipeline: %d artifacts, %d failures, %.1f s; report %s", len(artifacts), len(failures), seconds,
              report_final)
     return PipelineResult(out=out, report=report_final, rows=rows, failures=failures, seconds=seconds,
-                          step_seconds=steps, notes=notes)
+                          step_seconds=run.seconds, notes=notes)
 
 
 def _rebase(obj: Any, old: str, new: str) -> Any:

@@ -21,9 +21,12 @@ A profile (`export_targets/<name>.toml`):
     int8_runtime_optimize = true       # (bool) run int8 artifacts with the runtime's graph optimisations
     host_run_note = "..."              # (str) optional: what running the artifact here stands for
     [qat]                              # optional: the int8 scheme `edgeseg qat --target NAME` trains for
-    scheme = "xnnpack-7bit"            # (str) quantizer family (edgeseg.quant.qat.target_quantizer)
+    scheme = "xnnpack-7bit"            # (str) quantizer family (edgeseg.train.qat_quantizers.target_quantizer)
     about = "..."                      # (str) the scheme in one line, for manifests
     exports_from = ["xnnpack"]         # (list[str]) QAT schemes whose checkpoints this target exports
+    fold_quantize = true               # (bool) optional: QAT convert folds weight quantize ops into constants
+    [pipeline]                         # optional: export options of `edgeseg pipeline`'s rows, per precision
+    int8 = { int8_mode = "weights" }   # (dict) e.g. a faster int8 mode for the main job
     [options]                          # target options, checked against the exporter's Options dataclass
     opset = 18
 
@@ -42,10 +45,17 @@ from typing import Any
 from edgeseg.errors import UsageError
 
 PACKAGE = "edgeseg.export_targets"
+PRECISIONS = ("fp32", "fp16", "int8")
+# the artifact's I/O contract choices (edgeseg.models.wrapper.ExportWrapper); the first is the default
+IO_CHOICES: dict[str, tuple[str, ...]] = {
+    "input_dtype": ("float32", "uint8"),
+    "input_layout": ("NCHW", "NHWC"),
+    "output": ("logits", "argmax"),
+}
 _IO_KEYS = ("input_dtype", "input_layout", "output")
 _KEYS = {"name", "exporter", "description", "precisions", "default_precision", *_IO_KEYS, "options", "runtime",
-         "thread_control", "export_cost", "int8_runtime_optimize", "host_run_note", "qat"}
-_QAT_KEYS = {"scheme", "about", "exports_from"}
+         "thread_control", "export_cost", "int8_runtime_optimize", "host_run_note", "qat", "pipeline"}
+_QAT_KEYS = {"scheme", "about", "exports_from", "fold_quantize"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class QatScheme:
     scheme: str
     about: str
     exports_from: tuple[str, ...]
+    fold_quantize: bool = True   # QAT convert folds weight quantize ops into int8 constants
 
 
 @dataclass(frozen=True)
@@ -75,16 +86,13 @@ class TargetProfile:
     int8_runtime_optimize: bool = True
     host_run_note: str = ""
     qat: QatScheme | None = None
+    pipeline_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> export options
     options: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
     def io_options(self) -> dict[str, Any]:
         return {"input_dtype": self.input_dtype, "input_layout": self.input_layout, "output": self.output}
 
-    def exporter_class(self):
-        """The exporter module's `EXPORTER` class (imports the light module, not the vendor tool)."""
-        mod = importlib.import_module(f"edgeseg.export.{self.exporter}")
-        return mod.EXPORTER
 
 
 def _profile_files() -> dict[str, Any]:
@@ -116,8 +124,8 @@ def load_profile(name: str) -> TargetProfile:
 
 
 def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
-    """Check a profile dict (see the module docstring) and build a TargetProfile."""
-    from edgeseg.export.base import PRECISIONS, ExportOptions
+    """Check a profile dict (see the module docstring) and build a TargetProfile. This checks the record itself;
+    `edgeseg.export.profiles.check_profile` checks it against its exporter (precisions, options)."""
 
     def need(key: str, typ: type):
         if key not in data:
@@ -134,7 +142,7 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
     if name != stem:
         raise UsageError(f"{where}: name: {name!r} must equal the file stem {stem!r}")
     exporter = need("exporter", str)
-    if not exporter.isidentifier() or importlib.util.find_spec(f"edgeseg.export.{exporter}") is None:
+    if not exporter.isidentifier() or not _is_module("export", exporter):
         raise UsageError(f"{where}: exporter: {exporter!r} is not a module in edgeseg/export/")
     precisions = need("precisions", list)
     if not precisions or any(p not in PRECISIONS for p in precisions) or len(set(precisions)) != len(precisions):
@@ -142,8 +150,8 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
     default = need("default_precision", str)
     if default not in precisions:
         raise UsageError(f"{where}: default_precision: {default!r} is not in precisions {precisions}")
-    io = {k: data.get(k, getattr(ExportOptions, k)) for k in _IO_KEYS}
-    for k, choices in ExportOptions._CHOICES.items():
+    io = {k: data.get(k, IO_CHOICES[k][0]) for k in _IO_KEYS}
+    for k, choices in IO_CHOICES.items():
         if io[k] not in choices:
             raise UsageError(f"{where}: {k}: {io[k]!r} is not one of {', '.join(choices)}")
     options = data.get("options", {})
@@ -153,7 +161,7 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
         if k in options:
             raise UsageError(f"{where}: options.{k}: set it as the top-level key {k!r}, not under [options]")
     runtime = need("runtime", str)
-    if not runtime.isidentifier() or importlib.util.find_spec(f"edgeseg.runtime.{runtime}") is None:
+    if not runtime.isidentifier() or not _is_module("runtime", runtime):
         raise UsageError(f"{where}: runtime: {runtime!r} is not a module in edgeseg/runtime/")
     cost = need("export_cost", (int, float))
     if isinstance(cost, bool) or cost <= 0:
@@ -165,13 +173,22 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
                             precisions=tuple(precisions), default_precision=default, runtime=runtime,
                             thread_control=need("thread_control", str), export_cost=float(cost),
                             int8_runtime_optimize=optimize, host_run_note=str(data.get("host_run_note", "")),
-                            qat=_parse_qat(data.get("qat"), where), options=dict(options), source=where, **io)
-    cls = profile.exporter_class()
-    unsupported = [p for p in precisions if p not in cls.precisions]
-    if unsupported:
-        raise UsageError(f"{where}: precisions: exporter {exporter!r} cannot produce {unsupported}")
-    cls.Options.from_dict({**profile.io_options(), **options}, where=f"{where}: options")
+                            qat=_parse_qat(data.get("qat"), where), options=dict(options), source=where,
+                            pipeline_options=_parse_pipeline(data.get("pipeline", {}), precisions, where), **io)
     return profile
+
+
+def _parse_pipeline(table: Any, precisions: list, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(table, dict) or any(p not in precisions or not isinstance(v, dict) for p, v in table.items()):
+        raise UsageError(f"{where}: pipeline: expected a table of {{precision = {{option = value}}}} for precisions "
+                         f"in {precisions}, got {table!r}")
+    return {p: dict(v) for p, v in table.items()}
+
+
+def _is_module(package: str, name: str) -> bool:
+    """Whether edgeseg/<package>/<name>.py (or a package of that name) exists, found without importing it."""
+    folder = importlib.resources.files("edgeseg") / package
+    return (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file()
 
 
 def _parse_qat(table: Any, where: str) -> QatScheme | None:
@@ -187,7 +204,10 @@ def _parse_qat(table: Any, where: str) -> QatScheme | None:
         raise UsageError(f"{where}: qat.scheme: expected a non-empty string, got {scheme!r}")
     if not isinstance(accepts, list) or not all(isinstance(a, str) for a in accepts) or scheme not in accepts:
         raise UsageError(f"{where}: qat.exports_from: expected a list of scheme names that includes {scheme!r}")
-    return QatScheme(scheme=scheme, about=str(about), exports_from=tuple(accepts))
+    fold = table.get("fold_quantize", True)
+    if not isinstance(fold, bool):
+        raise UsageError(f"{where}: qat.fold_quantize: expected true or false, got {fold!r}")
+    return QatScheme(scheme=scheme, about=str(about), exports_from=tuple(accepts), fold_quantize=fold)
 
 
 def all_profiles() -> dict[str, TargetProfile]:

@@ -6,18 +6,19 @@ import pytest
 
 from edgeseg.errors import DataError, UsageError
 from edgeseg.quant import calibration as cal
+from edgeseg.quant import recipes
 
 
-@pytest.mark.parametrize("name", cal.list_recipes())
+@pytest.mark.parametrize("name", recipes.list_recipes())
 def test_every_recipe_loads_and_matches_schema(name):
     import importlib.resources
 
     text = (importlib.resources.files("edgeseg.calibration") / f"{name}.toml").read_text()
     data = tomllib.loads(text)
-    r = cal.load_recipe(name)
+    r = recipes.load_recipe(name)
     assert r.name == name == data["name"]
-    assert set(data) <= set(cal.SCHEMA)
-    assert r.selection in cal.SELECTIONS and r.count >= r.min_count
+    assert set(data) <= set(recipes.SCHEMA)
+    assert r.selection in recipes.SELECTIONS and r.count >= r.min_count
     # every key carries a `# (type) meaning` comment
     for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
@@ -27,17 +28,17 @@ def test_every_recipe_loads_and_matches_schema(name):
 
 
 def test_recipes_shipped():
-    assert {"camvid-train-64", "camvid-train-16", "embedded-8"} <= set(cal.list_recipes())
+    assert {"camvid-train-64", "camvid-train-16", "embedded-8"} <= set(recipes.list_recipes())
 
 
 def test_bad_recipe_rejected(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text('name = "other"\nsource = "data"\nsplit = "train"\ncount = 8\nselection = "random"\nseed = 0\n')
     with pytest.raises(UsageError, match="file stem"):
-        cal.load_recipe(p)
+        recipes.load_recipe(p)
     p.write_text('name = "bad"\nsource = "data"\nsplit = "train"\ncount = 8\nselection = "best"\nseed = 0\n')
     with pytest.raises(UsageError, match="selection"):
-        cal.load_recipe(p)
+        recipes.load_recipe(p)
 
 
 def test_overlap_with_eval_split_refused(camvid_root):
@@ -64,19 +65,19 @@ def test_stratified_covers_more_classes_than_random(camvid_root):
     from edgeseg.data.datasets import open_dataset
 
     ds = open_dataset(camvid_root, "train")
-    counts = cal.class_counts(ds)
+    counts = recipes.class_counts(ds)
     def covered(idx):
         return int((counts[idx].sum(0) > 0).sum())
-    strat = [covered(cal.select_indices(counts, 2, "stratified", s)) for s in range(10)]
-    rand = [covered(cal.select_indices(counts, 2, "random", s)) for s in range(10)]
+    strat = [covered(recipes.select_indices(counts, 2, "stratified", s)) for s in range(10)]
+    rand = [covered(recipes.select_indices(counts, 2, "random", s)) for s in range(10)]
     assert np.mean(strat) > np.mean(rand)
     assert min(strat) >= max(0, int(np.median(rand)))
-    assert covered(cal.select_indices(counts, 8, "stratified", 0)) == counts.shape[1]  # all 11 classes
+    assert covered(recipes.select_indices(counts, 8, "stratified", 0)) == counts.shape[1]  # all 11 classes
 
 
 def test_coverage_numbers_correct():
     counts = np.array([[3, 0, 1], [1, 0, 5]])
-    share, present, missing = cal.coverage(counts, ["a", "b", "c"])
+    share, present, missing = recipes.coverage(counts, ["a", "b", "c"])
     assert share == pytest.approx({"a": 0.4, "b": 0.0, "c": 0.6})
     assert present == ["a", "c"] and missing == ["b"]
 

@@ -1,7 +1,6 @@
 """Dataset readers (synthetic layouts in tmp_path and the real CamVid), bad input, skip_bad, transforms, fuzzing."""
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 

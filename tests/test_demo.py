@@ -151,6 +151,22 @@ def test_headless_video_counts_frames_and_records(ckpt, video, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "summary.json"]  # no temporary left
 
 
+def test_recording_left_by_a_killed_run_is_removed_by_the_next_one(ckpt, video, tmp_path):
+    out = tmp_path / "out.mp4"
+    # a real Recorder, its process SIGKILLed mid-recording: its hidden temporary stays behind
+    kill = ("import os, signal, sys, numpy as np; from pathlib import Path\n"
+            "from edgeseg.demo.record import Recorder\n"
+            "r = Recorder(Path(sys.argv[1]), 10.0, (64, 48)); r.write(np.zeros((48, 64, 3), np.uint8))\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", kill, str(out)], capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.mp4.tmp-") and not out.exists(), left
+    assert main(["demo", "--artifact", str(ckpt), "--source", str(video), "--headless", "--max-frames", "2",
+                 "--record", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"] and len(decode(out)) == 2
+
+
 def test_max_frames_and_existing_outputs_need_force(ckpt, video, tmp_path, capsys):
     js = tmp_path / "s.json"
     assert main(["demo", "--artifact", str(ckpt), "--source", str(video), "--headless", "--max-frames", "3",

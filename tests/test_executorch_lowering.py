@@ -46,13 +46,13 @@ def _run_in_child(pte: Path, x: torch.Tensor, tmp_path: Path, output: int = 0) -
     code = textwrap.dedent(f"""
         import torch
         from executorch.runtime import Runtime
-        x = torch.load({str(tmp_path / 'x.pt')!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         out = Runtime.get().load_program({str(pte)!r}).load_method("forward").execute([x])[{output}]
         torch.save(out.clone(), {str(tmp_path / 'y.pt')!r})
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"ExecuTorch run failed (rc {proc.returncode}): {proc.stderr[-800:]}"
-    return torch.load(tmp_path / "y.pt")
+    return torch.load(tmp_path / "y.pt", weights_only=True)
 
 
 def _assert_one_partition_and_equal(module: nn.Module, x: torch.Tensor, want: torch.Tensor, tmp_path: Path):

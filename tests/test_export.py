@@ -391,15 +391,16 @@ def test_xnnpack_softmax_bug_still_present_upstream(tmp_path):
 
 
 def test_calibration_recipe_feeds_the_int8_export(checkpoints):
-    from edgeseg.export import _calibration_recipe, build_calibration
+    from edgeseg.quant.calibration import calibration_for_export
+    from edgeseg.quant.recipes import recipe_name
     from edgeseg.export.base import ExportWrapper
     from edgeseg.checkpoint import load_checkpoint
 
     pytest.importorskip("edgeseg.quant.calibration")
     model, spec = load_checkpoint(checkpoints(_tiny.TINY))
     wrapper = ExportWrapper(model, HW, spec.mean, spec.std, input_dtype="uint8", input_layout="NHWC")
-    assert _calibration_recipe("embedded-8") == "embedded-8" and _calibration_recipe(None) is None
-    data = build_calibration(wrapper, "embedded-8", 16, spec)
+    assert recipe_name("embedded-8") == "embedded-8" and recipe_name(None) is None
+    data = calibration_for_export(wrapper, "embedded-8", 16, spec)
     assert len(data.inputs) == 8 and data.info["recipe"] == "embedded-8"
     assert data.inputs[0].dtype == torch.uint8 and tuple(data.inputs[0].shape) == (1, 64, 64, 3)
 
@@ -414,7 +415,7 @@ def _onnx_float_violations(path: Path, policy) -> tuple[int, list[str]]:
     that is quantized."""
     import onnx
 
-    from edgeseg.export.onnx import _name_scopes
+    from edgeseg.export.onnx_quant import _name_scopes
 
     g = onnx.load(str(path)).graph
     inits = {i.name for i in g.initializer}

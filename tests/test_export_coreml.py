@@ -112,6 +112,53 @@ def test_weight_only_int8_has_int8_constexpr_weights(model, exported):
     assert w.get("constexpr_affine_dequantize.quantized_data: INT8", 0) > 0, w
     assert m["quantization"]["scheme"].startswith("weight-only int8")
     _check_execution_record(m)
+    # test_offseg's FreqFusion `direct_scale` convs are zero-initialised and its layer scales underflow fp16 /127:
+    # per channel, those got scale 0 (NaN before the int8 cast); every scale must be a usable number now
+    consts = _quantized_constants(exported(model, "int8", int8_mode="weights") / "model.mlpackage")
+    assert consts and all(np.isfinite(sc).all() and (sc > 0).all() for _, sc, _ in consts), \
+        [name for name, sc, _ in consts if not (np.isfinite(sc).all() and (sc > 0).all())]
+
+
+def _quantized_constants(mlpackage: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, scale, int8 data) of every constexpr_affine_dequantize in a saved program (read, not run)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    mlmodel = ct.models.MLModel(str(mlpackage), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    prog = load(spec, spec.specificationVersion, mlmodel.weights_dir)
+    out = []
+    for fn in prog.functions.values():
+        for op in fn.operations:
+            if op.op_type == "constexpr_affine_dequantize":
+                out.append((op.name, np.asarray(op.scale.val, np.float64), np.asarray(op.quantized_data.val)))
+    return out
+
+
+def test_weight_only_int8_zero_and_underflowing_channels(checkpoints, tmp_path):
+    """A conv with all-zero output channels is quantized per tensor, one whose weights underflow an fp16 scale
+    stays float; no RuntimeWarning from the quantizer, no zero or NaN scale, dequantized weights match."""
+    import warnings
+
+    from edgeseg.checkpoint import load_checkpoint, save_checkpoint
+
+    model, spec = load_checkpoint(checkpoints(_tiny.TINY))
+    with torch.no_grad():
+        model.decode_head["kernel"].weight[:4] = 0  # 4 of 9 output channels all zero
+        model.decode_head["offset"].weight.mul_(1e-6 / model.decode_head["offset"].weight.abs().max())
+    ck = save_checkpoint(tmp_path / "ck", model, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        art = export_checkpoint(ck, "coreml", "int8", out=tmp_path / "art", int8_mode="weights")
+    consts = {name: (sc, q) for name, sc, q in _quantized_constants(art / "model.mlpackage")}
+    assert all(np.isfinite(sc).all() and (sc > 0).all() for sc, _ in consts.values()), consts
+    kernel = [n for n in consts if "decode_head_kernel_weight" in n]
+    assert len(kernel) == 1 and consts[kernel[0]][0].size == 1, kernel  # one scale: per tensor
+    sc, q = consts[kernel[0]]
+    w = model.decode_head["kernel"].weight.detach().numpy()
+    assert np.abs(q.astype(np.float64) * sc.reshape(-1)[0] - w).max() <= sc.reshape(-1)[0] * 0.5 + 1e-3
+    assert not any("decode_head_offset_weight" in n for n in consts), sorted(consts)  # stays float
+    assert any("decode_head_cls_weight" in n for n in consts)  # the healthy convs stay per-channel int8
 
 
 @pytest.mark.exports(lambda p: [("coreml", p["model"], "int8", {"int8_mode": "w8a8", "calib_count": 2})])

@@ -190,7 +190,8 @@ class _SameSignNet(nn.Module):
 def _int8_rel_err(overflow_fix: str) -> float:
     import openvino as ov
 
-    from edgeseg.export.openvino import OpenVINOOptions, convert, quantize
+    from edgeseg.export.openvino import OpenVINOOptions, convert
+    from edgeseg.export.openvino_quant import quantize
 
     torch.set_num_threads(1)
     net = _SameSignNet().eval()
@@ -277,7 +278,8 @@ def test_decompose_group_norm_matches_torch():
 
 def test_float_policy_that_matches_no_node_is_an_error():
     """A policy whose names do not reach the OV model must fail, never quantize everything silently."""
-    from edgeseg.export.openvino import Converted, convert, float_node_names
+    from edgeseg.export.openvino import Converted, convert
+    from edgeseg.export.openvino_quant import float_node_names
     from edgeseg.quant.policy import FloatPolicy
 
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeseg.checkpoint import load_checkpoint, save_checkpoint
+from edgeseg.checkpoint import save_checkpoint
 from edgeseg.data.datasets import CAMVID_INFO, open_dataset
 from edgeseg.errors import ArtifactError
 from edgeseg.models import create_model
@@ -71,7 +71,7 @@ def test_failed_export_is_a_visible_row_and_nonzero_exit(tmp_path, monkeypatch):
 
 def test_isolated_call_survives_a_crashing_converter():
     """A converter that kills the interpreter (segfault) becomes an ArtifactError naming the signal."""
-    from edgeseg.pipeline import call_isolated
+    from edgeseg.isolate import call_isolated
 
     assert call_isolated("os.path:join", "a", "b") == "a/b"
     with pytest.raises(ArtifactError, match="crashed \\(signal SIGSEGV\\)"):
@@ -99,6 +99,20 @@ def test_concurrent_exports_real_targets(tmp_path, camvid_root, caplog):
     assert (tmp_path / "run" / "report" / "report.md").is_file()
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert summary["step_seconds"]["export"] > 0 and len(summary["rows"]) == 2
+    # the CPU every latency was measured on: in the rows, the table, both reports and pipeline.json
+    from edgeseg.cpu import host_cpu
+    from edgeseg.report.render import cpu_label, text_table
+
+    label = cpu_label(host_cpu().to_json())
+    assert all(r["cpu"]["model"] == host_cpu().model and r["p50_ms"] is not None for r in res.rows)
+    assert summary["cpu"]["flags"] == list(host_cpu().flags)
+    assert text_table(res.rows).splitlines()[-1] == f"latency measured on: {label}"
+    html = (tmp_path / "run" / "report" / "report.html").read_text()
+    for page in (html, (tmp_path / "run" / "report" / "report.md").read_text()):
+        assert f"Latency measured on: {label}" in page and ".run.tmp-" not in page
+    plots = list((tmp_path / "run" / "report").glob("*.png"))
+    assert html.count('src="data:image/png;base64,') == len(plots) > 0
+    assert not (tmp_path / "run" / "vendor.log").exists()  # a library call opens no vendor log session
 
 
 def test_split_embedded_is_disjoint_and_covers_every_frame(tmp_path):
@@ -134,3 +148,27 @@ def test_split_embedded_is_disjoint_and_covers_every_frame(tmp_path):
     shutil.copy2(lab, one / "valannot" / lab.name)
     with pytest.raises(DataError, match="too few images"):
         split_embedded(one, tmp_path / "split1")
+
+
+def test_pipeline_at_another_input_size(tmp_path, camvid_root, capsys):
+    """--input-size exports, validates and times every artifact at that size (not the checkpoint's), the eager
+    reference included; a size that is not a multiple of 32 is refused in one line before any work."""
+    from edgeseg.cli import main
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")  # trained/stored at 64x96
+    data = few_camvid(camvid_root, tmp_path / "camvid", n_train=1, n_val=1)
+    assert main(["pipeline", "--checkpoint", str(ckpt), "--data", str(data), "--targets", "onnx", "--precisions",
+                 "fp32", "--input-size", "100x128", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--input-size 100x128" in err[0] and not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    assert main(["pipeline", "--checkpoint", str(ckpt), "--data", str(data), "--targets", "onnx", "--precisions",
+                 "fp32", "--input-size", "128x160", "--out", str(out), "--runs", "2", "--threads", "1",
+                 "--no-progress"]) == 0
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert summary["input_hw"] == [128, 160]
+    (row,) = summary["rows"]
+    assert row["status"] == "ok" and row["agreement"] >= 0.999 and row["p50_ms"] is not None
+    manifest = json.loads(next(out.glob("artifacts/*/manifest.json")).read_text())
+    assert manifest["input_hw"] == [128, 160] and manifest["input"]["shape"] == [1, 3, 128, 160]

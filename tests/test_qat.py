@@ -79,7 +79,7 @@ def tiny_ckpt_nobn(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qat_run(tiny_ckpt, tiny_camvid, tmp_path_factory):
-    from edgeseg.quant.qat import qat
+    from edgeseg.train.qat import qat
 
     out = tmp_path_factory.mktemp("qat") / "run"
     res = qat(tiny_ckpt, "executorch-xnnpack", tiny_camvid, out, iters=12, batch_size=4, lr=5e-3, val_interval=12,
@@ -117,7 +117,7 @@ def test_qat_keeps_float_batchnorm_statistics(qat_run, tiny_ckpt):
 def test_frozen_bn_survives_train_eval_switches_and_deepcopy():
     import copy
 
-    from edgeseg.quant.qat import _set_bn_stats_frozen, freeze_bn_stats
+    from edgeseg.train.qat_graph import _set_bn_stats_frozen, freeze_bn_stats
 
     class BN(nn.Module):
         def __init__(self):
@@ -149,7 +149,7 @@ def test_qat_graph_has_no_stochastic_layers():
     artifact as RandomUniformLike): prepare_qat switches them off, and a random graph is refused."""
     from edgeseg.errors import ArtifactError
     from edgeseg.models.mscan import DropPath
-    from edgeseg.quant.qat import check_deterministic, convert_qat, prepare_qat
+    from edgeseg.train.qat import check_deterministic, convert_qat, prepare_qat
 
     class Drop(nn.Module):
         output_stride = 1
@@ -189,7 +189,7 @@ def test_openvino_qat_trains_the_real_architectures(name, stride):
     float; the real (tiny) models train a step."""
     pytest.importorskip("nncf")
     from edgeseg.models import create_model
-    from edgeseg.quant.qat import prepare_qat
+    from edgeseg.train.qat import prepare_qat
 
     prepared = prepare_qat(create_model(name, num_classes=11), "openvino", (64, 64))
     prepared.train()
@@ -209,7 +209,7 @@ def test_qat_checkpoint_records_scheme(qat_run):
 
 
 def test_program_carries_learned_scales(qat_run):
-    from edgeseg.quant.qat import load_qat_program, program_scales
+    from edgeseg.train.qat import load_qat_program, program_scales
 
     res, _ = qat_run
     gm, quant = load_qat_program(res["checkpoint"])
@@ -254,7 +254,7 @@ def test_max_miou_drop_unrunnable_target_refused_before_any_work(tmp_path, monke
     one line), before loading, training or writing anything."""
     import sys
 
-    import edgeseg.quant.qat as qat_mod
+    import edgeseg.train.qat as qat_mod
     from edgeseg.cli import main
 
     def no_training(*a, **k):
@@ -274,7 +274,7 @@ def test_max_miou_drop_unrunnable_target_refused_before_any_work(tmp_path, monke
 
 
 def _qat_tiny_run(tiny_ckpt, tiny_camvid, out, target, iters=2):
-    from edgeseg.quant.qat import qat
+    from edgeseg.train.qat import qat
 
     return qat(tiny_ckpt, target, tiny_camvid, out, iters=iters, batch_size=2, lr=1e-3, val_interval=iters,
                progress=False, scale_range=(1.0, 1.0), photometric=False)
@@ -286,7 +286,7 @@ def test_openvino_artifact_carries_learned_scales(tiny_ckpt_nobn, tiny_camvid, t
     import openvino as ov
 
     from edgeseg.export import export_checkpoint
-    from edgeseg.quant.qat import load_qat_program, program_scales
+    from edgeseg.train.qat import load_qat_program, program_scales
 
     res = _qat_tiny_run(tiny_ckpt_nobn, tiny_camvid, tmp_path / "run", "openvino")
     learned = list(res["observer_scales"].values())
@@ -388,7 +388,7 @@ def test_onnx_qat_uses_7bit_weights_like_its_ptq():
     """ONNX Runtime's int8 kernels saturate with full-range weights on AVX2 without VNNI; the onnx exporter's PTQ
     uses reduce_range, and QAT for onnx must train with the same 7-bit weight range (executorch keeps 8 bits)."""
     pytest.importorskip("executorch")
-    from edgeseg.quant.qat import QAT_TARGETS, check_export_target, target_quantizer
+    from edgeseg.train.qat import QAT_TARGETS, check_export_target, target_quantizer
 
     for target in QAT_TARGETS:  # every QAT scheme exports at least to the target it was trained for
         check_export_target({"target": target}, target, "ckpt")
@@ -404,7 +404,7 @@ def test_init_observers_sets_the_mean_range_and_restores_the_constants():
     from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
     from edgeseg.quant.policy import FloatPolicy
-    from edgeseg.quant.qat import init_observers, prepare_qat
+    from edgeseg.train.qat import init_observers, prepare_qat
 
     class Lin(nn.Module):
         def __init__(self):
@@ -429,7 +429,7 @@ def test_init_observers_sets_the_mean_range_and_restores_the_constants():
                    if m.activation_post_process.max_val.numel() == 1)
     assert any(abs(v - 4.0) < 1e-5 for v in maxes), maxes
     # --freeze-ranges: a wider training batch no longer moves the activation ranges; the weight's observer still runs
-    from edgeseg.quant.qat import freeze_activation_ranges
+    from edgeseg.train.qat import freeze_activation_ranges
 
     assert freeze_activation_ranges(prepared) >= 1
     before = {id(m): float(m.activation_post_process.max_val.max()) for m in fqs}
@@ -445,7 +445,7 @@ def test_eval_mode_freezes_ranges_and_computes_what_convert_freezes():
     from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
     from edgeseg.quant.policy import FloatPolicy
-    from edgeseg.quant.qat import convert_qat, init_observers, prepare_qat
+    from edgeseg.train.qat import convert_qat, init_observers, prepare_qat
 
     class Net(nn.Module):
         def __init__(self):
@@ -476,15 +476,15 @@ def test_eval_mode_freezes_ranges_and_computes_what_convert_freezes():
 
 def test_qat_calibration_set_defaults_to_train_and_refuses_val(tiny_camvid, tmp_path):
     from edgeseg.errors import DataError
-    from edgeseg.quant.qat import qat_calibration_set
+    from edgeseg.quant.calibration import calibration_for_training
 
-    cal = qat_calibration_set(None, tiny_camvid, (32, 32), (0, 0, 0), (1, 1, 1))
+    cal = calibration_for_training(None, tiny_camvid, (32, 32), (0, 0, 0), (1, 1, 1))
     assert len(cal) == 8 and all("/train/" in f.replace("\\", "/") for f in cal.files)
     recipe = tmp_path / "val-4.toml"
     recipe.write_text('name = "val-4"\nsource = "data"\nsplit = "val"\ncount = 4\nselection = "random"\n'
                       'seed = 0\nmin_count = 1\n')
     with pytest.raises(DataError, match="are in the evaluation split"):
-        qat_calibration_set(str(recipe), tiny_camvid, (32, 32), (0, 0, 0), (1, 1, 1))
+        calibration_for_training(str(recipe), tiny_camvid, (32, 32), (0, 0, 0), (1, 1, 1))
 
 
 def test_qat_run_records_its_range_init(qat_run):
@@ -507,7 +507,7 @@ def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
 
     from edgeseg.export.executorch import delegate_friendly_decompositions
     from edgeseg.quant.policy import FloatPolicy
-    from edgeseg.quant.qat import convert_qat, init_observers, prepare_qat
+    from edgeseg.train.qat import convert_qat, init_observers, prepare_qat
 
     class PadThenFloat(nn.Module):  # the CARAFE pattern: pad, flatten, shifted slices times a float mask
         def __init__(self):
@@ -545,7 +545,7 @@ def test_executorch_qat_shared_conv_weight_is_quantized_per_use_and_runs():
 
     from edgeseg.export.executorch import delegate_friendly_decompositions
     from edgeseg.quant.policy import FloatPolicy
-    from edgeseg.quant.qat import convert_qat, init_observers, prepare_qat
+    from edgeseg.train.qat import convert_qat, init_observers, prepare_qat
 
     class SharedEncoder(nn.Module):  # FreqFusion's content_encoder on the hr and the lr features
         def __init__(self):

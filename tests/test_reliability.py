@@ -472,34 +472,7 @@ def test_wrong_input_size_layout_dtype_names_expected_and_actual(onnx_art, ckpt)
 
 # ============================================================================ existing outputs, exit codes
 
-def test_existing_outputs_are_not_overwritten_without_force(ckpt, onnx_art, tmp_path, capsys):
-    data = make_camvid(tmp_path / "camvid", n_train=2, n_val=1)
-    cases = []
-    js = tmp_path / "eval.json"
-    js.write_text("OLD")
-    cases.append((["eval", "--checkpoint", str(ckpt), "--data", str(data), "--json", str(js), "--no-progress"], js))
-    out = tmp_path / "export-out"
-    out.mkdir()
-    (out / "keep.txt").write_text("OLD")
-    cases.append((["export", "--checkpoint", str(ckpt), "--target", "onnx", "--out", str(out)], out / "keep.txt"))
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "keep.txt").write_text("OLD")
-    cases.append((["train", "--model", _tiny.TINY, "--data", str(data), "--iters", "1", "--device", "cpu", "--out",
-                   str(run), "--no-progress"], run / "keep.txt"))
-    rec = tmp_path / "rec.mp4"
-    rec.write_text("OLD")
-    cases.append((["demo", "--artifact", str(ckpt), "--source", str(data / "val"), "--headless", "--record",
-                   str(rec)], rec))
-    imp = tmp_path / "imported"
-    imp.mkdir()
-    (imp / "keep.txt").write_text("OLD")
-    cases.append((["import", "--from", "offseg", str(tmp_path / "any.pth"), "--model", "offseg_t", "--out",
-                   str(imp)], imp / "keep.txt"))
-    for argv, kept in cases:
-        assert main(argv) == 2, argv
-        _one_line_error(capsys.readouterr().err, "--force")
-        assert kept.read_text() == "OLD", argv
+# (existing outputs are refused without --force: tests/test_no_overwrite.py, one case per command and output)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -515,6 +488,9 @@ def test_existing_outputs_are_not_overwritten_without_force(ckpt, onnx_art, tmp_
     (["export", "--checkpoint", "CKPT", "--target", "onnx", "--precision", "int8", "--option", "nope=1"], "nope"),
     (["export", "--target", "onnx"], "--checkpoint"),
     (["import", "--from", "offseg", "x.pth", "--model", "segnext_t", "--out", "o"], "segnext_t"),
+    (["quant-report", "--checkpoint", "CKPT", "--target", "onnx", "--data", "x", "--limit", "0"],
+     "--limit 0: must be >= 1"),
+    (["validate", "CKPT", "--data", "x", "--max-images", "0"], "--max-images 0: must be >= 1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_usage_errors_exit_2(argv, needle, ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -664,13 +640,32 @@ def test_clean_stale_keeps_live_temporaries(tmp_path):
     dead.wait()
     live = os.getppid()
     for name in (f".out.tmp-{dead.pid}-abc", f".out.old-{dead.pid}", f".out.tmp-{live}-abc", f".out.tmp-{dead.pid}",
-                 ".out.tmp-notapid", f".other.tmp-{dead.pid}-x"):
+                 f".out.tmp-{dead.pid}.mp4", f".out.tmp-{live}.mp4", ".out.tmp-notapid", f".other.tmp-{dead.pid}-x"):
         (tmp_path / name).mkdir()
     with atomic_dir(out) as tmp:
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["out", f".out.tmp-{live}-abc", ".out.tmp-notapid", f".other.tmp-{dead.pid}-x"])
+        ["out", f".out.tmp-{live}-abc", f".out.tmp-{live}.mp4", ".out.tmp-notapid", f".other.tmp-{dead.pid}-x"])
     assert clean_stale(out) == []
+
+
+def test_fileio_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """Setting the umask to read it would race with other threads creating files; the output folder still gets
+    the usual permissions (mkdtemp alone makes 0700)."""
+    import edgeseg.fileio as fileio
+
+    old = os.umask(0o027)
+    try:
+        def no_umask(_mask):
+            raise AssertionError("os.umask called while writing outputs")
+
+        monkeypatch.setattr(fileio.os, "umask", no_umask)
+        with fileio.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
 
 
 # ================================================================================= SIGKILL: training

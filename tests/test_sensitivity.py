@@ -1,10 +1,16 @@
-"""Sensitivity report: layers sorted, an artificially fragile layer ranks first."""
+"""Sensitivity report: layers sorted, an artificially fragile layer ranks first; the simulation is the target's
+own int8 scheme (recorded in the JSON), and a scheme it cannot reproduce is refused."""
+import dataclasses
+import json
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 
-from edgeseg.quant.sensitivity import format_table, layer_sensitivity, plot, sqnr_db
+from edgeseg.errors import UsageError
+from edgeseg.export.schemes import scheme_for_target
+from edgeseg.quant.sensitivity import GENERIC, format_table, layer_sensitivity, plot, sqnr_db
 
 
 class Net(nn.Module):
@@ -69,3 +75,101 @@ def test_chunked_float_capture_matches_one_layer_at_a_time(monkeypatch):
     alone = layer_sensitivity(net, xs)
     assert together == alone
     assert n_together == 1 + 3 * (1 + 3) and len(calls) == 1 + 3 * (3 + 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the target's own int8 scheme
+# ----------------------------------------------------------------------------------------------------------------
+NO_VNNI, VNNI = "avx2", "avx2,avx512f,avx512_vnni"
+
+
+def test_scheme_follows_the_target_and_the_cpu(monkeypatch):
+    monkeypatch.setenv("EDGESEG_CPU_FLAGS", NO_VNNI)  # ORT's u8s8 kernels saturate: 7-bit weights
+    onnx7 = scheme_for_target("onnx")
+    assert onnx7.options["reduce_range"] is True and (onnx7.w_qmin, onnx7.w_qmax, onnx7.w_div) == (-64, 64, 64.0)
+    assert onnx7.activations == "asymmetric" and (onnx7.a_qmin, onnx7.a_qmax) == (0, 255)
+    ov = scheme_for_target("openvino")
+    assert ov.options["overflow_fix"] == "enable" and ov.w_qmax == 63 and ov.activations == "signed_by_range"
+    monkeypatch.setenv("EDGESEG_CPU_FLAGS", VNNI)
+    onnx8 = scheme_for_target("onnx")
+    assert onnx8.options["reduce_range"] is False and onnx8.w_qmax == 127
+    assert scheme_for_target("openvino").w_qmax == 127
+    trt = scheme_for_target("jetson-tensorrt")  # symmetric, full range, whatever the host CPU
+    assert trt.activations == "symmetric" and (trt.a_qmin, trt.a_qmax, trt.w_qmax) == (-127, 127, 127)
+    xnn = scheme_for_target("executorch-xnnpack")
+    assert xnn.activations == "asymmetric" and (xnn.a_qmin, xnn.a_qmax) == (-128, 127)
+    assert scheme_for_target("coreml", {"int8_mode": "weights"}).activations == "none"
+    assert scheme_for_target("onnx", {"per_channel": False}).per_channel is False
+    json.dumps(onnx8.to_json())
+
+
+def test_unsimulable_targets_are_refused():
+    with pytest.raises(UsageError, match="calibrate_method 'Entropy' cannot be simulated"):
+        scheme_for_target("onnx", {"calibrate_method": "Entropy"})
+    with pytest.raises(UsageError, match="unknown target"):
+        scheme_for_target("tpu")
+
+
+def test_simulation_uses_the_scheme(monkeypatch):
+    """7-bit weights lose ~6 dB against 8-bit; asymmetric uint8 on a ReLU output beats symmetric int8 (which
+    wastes the negative half); weight-only int8 leaves the input alone."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    xs = [torch.randn(1, 3, 16, 16) for _ in range(2)]
+
+    def sqnr(scheme):
+        return {r["layer"]: r["sqnr_db"] for r in layer_sensitivity(net, xs, scheme=scheme)}
+
+    monkeypatch.setenv("EDGESEG_CPU_FLAGS", NO_VNNI)
+    onnx7 = scheme_for_target("onnx")
+    monkeypatch.setenv("EDGESEG_CPU_FLAGS", VNNI)
+    onnx8 = scheme_for_target("onnx")
+    s7, s8, generic = sqnr(onnx7), sqnr(onnx8), sqnr(GENERIC)
+    # the weights alone (activations left float): one bit less is ~6 dB less
+    w7 = sqnr(dataclasses.replace(onnx7, activations="none"))
+    w8 = sqnr(dataclasses.replace(onnx8, activations="none"))
+    weight_only = sqnr(scheme_for_target("coreml", {"int8_mode": "weights"}))
+    for layer in ("a", "b"):  # c has 32 weights: too few for the statistical 6 dB
+        assert w8[layer] > w7[layer] + 4, (layer, w8, w7)
+        assert s8[layer] > s7[layer], (layer, s8, s7)
+    for layer in ("a", "b", "c"):
+        assert weight_only[layer] > s8[layer], (layer, weight_only, s8)
+    assert s8["b"] > generic["b"] + 3 and s8["c"] > generic["c"] + 3, (s8, generic)  # b, c read ReLU outputs
+
+
+SENS_TINY = "sens_tiny"
+
+
+def test_cli_records_the_simulated_scheme(tmp_path, capsys, monkeypatch):
+    from edgeseg.checkpoint import save_checkpoint
+    from edgeseg.cli import main
+    from edgeseg.data.datasets import CAMVID_INFO
+    from edgeseg.data.embedded import default_data_dir
+    from edgeseg.models.registry import list_models, register_model
+    from edgeseg.types import ModelSpec
+
+    if SENS_TINY not in list_models(SENS_TINY):
+        @register_model
+        def sens_tiny(num_classes: int, **kw) -> nn.Module:
+            """Three convs (quant-report tests only)."""
+            m = Net()
+            m.c = nn.Conv2d(8, num_classes, 1)
+            m.output_stride = 1
+            return m
+    from edgeseg.models import create_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=SENS_TINY, num_classes=11, class_names=CAMVID_INFO.class_names,
+                     palette=CAMVID_INFO.palette, ignore_index=CAMVID_INFO.ignore_index, input_hw=(32, 32))
+    ckpt = save_checkpoint(tmp_path / "ck", create_model(SENS_TINY, num_classes=11).eval(), spec)
+    monkeypatch.setenv("EDGESEG_CPU_FLAGS", NO_VNNI)
+    args = ["quant-report", "--checkpoint", str(ckpt), "--data", str(default_data_dir()), "--limit", "1"]
+    assert main(args + ["--target", "onnx", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "7-bit (reduce_range)" in out
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["scheme"]["target"] == "onnx" and d["scheme"]["options"]["reduce_range"] is True
+    assert [r["layer"] for r in d["rows"]] and all(r["miou_delta"] is not None for r in d["rows"])
+    assert main(args + ["--target", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'tpu'" in err and len(err.strip().splitlines()) == 1

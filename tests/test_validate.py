@@ -138,6 +138,8 @@ def test_validate_fp32_matches_eager_and_catches_broken_manifest(tmp_path, ckpt)
     # tampered file: a FAILED record naming the file, not an exception
     assert x["status"] == "failed" and x["passed"] is False and "sha256" in x["error"]
 
+    assert [r["verdict"] for r in recs] == ["pass", "fail", "not run", "failed"]
+
     # maps for the report
     with np.load(b["maps"]) as z:
         assert {"image_0", "pred_0", "ref_0", "label_0", "image_1"} <= set(z.files)
@@ -253,3 +255,74 @@ def test_read_manifest_dict_is_read_manifest(tmp_path, ckpt):
     with pytest.raises(ArtifactError) as theirs:
         read_manifest(art)
     assert "absolute path" in str(ours.value) and str(ours.value) == str(theirs.value)
+
+
+def test_no_reference_is_not_a_pass(tmp_path, ckpt, capsys, monkeypatch):
+    """An artifact that ran but had nothing to compare with gets passed=None / verdict "no reference" in the
+    record, the table and the report, and `edgeseg validate` exits 1 for it unless --allow-unchecked."""
+    import edgeseg.eval.validate as val_mod
+    from edgeseg.cli import main
+
+    art = make_artifact(tmp_path / "a", ckpt, "onnx-int8", precision="int8")  # no fp32 sibling beside it
+    m = json.loads((art / "manifest.json").read_text())
+    m["source_checkpoint"] = {"path": str(tmp_path / "gone")}  # manifest.json is not hashed: still verifies
+    (art / "manifest.json").write_text(json.dumps(m))
+    data = default_data_dir()
+    (r,) = validate([art], data, max_images=1, progress=False, open_session=torch_opener)
+    assert r["status"] == "ok" and r["executed"] is True and r["miou"] is not None
+    assert r["passed"] is None and r["verdict"] == "no reference" and r["reference"] is None
+    assert r["agreement"] is None and r["miou_drop"] is None
+    (row,) = [line for line in text_table(merge([r])).splitlines() if "onnx" in line]
+    assert "no reference" in row and "pass" not in row
+    assert "no reference" in render([r], None, tmp_path / "rep").read_text()
+
+    monkeypatch.setattr(val_mod, "_default_opener", torch_opener)
+    base = ["validate", str(art), "--data", str(data), "--max-images", "1", "--no-progress"]
+    assert main(base + ["--json", str(tmp_path / "v.json")]) == 1
+    out = capsys.readouterr().out
+    assert "NO REFERENCE onnx-int8" in out and "nothing was compared" in out
+    saved = json.loads((tmp_path / "v.json").read_text())[0]
+    assert saved["passed"] is None and saved["verdict"] == "no reference"
+    assert main(base + ["--allow-unchecked"]) == 0
+    capsys.readouterr()
+    # the same artifact with a reference given: compared, and a real pass
+    assert main(base + ["--reference", str(ckpt), "--json", str(tmp_path / "w.json")]) == 0
+    w = json.loads((tmp_path / "w.json").read_text())[0]
+    assert w["passed"] is True and w["verdict"] == "pass" and w["agreement"] == 1.0
+
+
+ARENA_MB = 400
+
+
+def hungry_opener(path, num_threads=None):
+    """torch_opener, plus a runtime-like arena of ARENA_MB touched megabytes held by sessions of "big-*" folders
+    (freed with the session)."""
+    sess = torch_opener(path, num_threads=num_threads)
+    if Path(path).name.startswith("big-"):
+        sess.arena = np.ones(ARENA_MB * 2**20 // 8)
+    return sess
+
+
+@pytest.mark.parametrize("isolate", [None, True], ids=["hwm-reset", "child-process"])
+def test_bench_peak_memory_is_per_artifact(tmp_path, ckpt, isolate):
+    """A large artifact benched first does not lend its peak to the next one: each gets its own."""
+    import sys
+
+    from edgeseg.eval.bench import PEAK_SOURCE_CHILD, PEAK_SOURCE_HWM
+
+    if isolate is None and not sys.platform.startswith("linux"):
+        pytest.skip("the high-water-mark reset is Linux only")
+    big = make_artifact(tmp_path / "a", ckpt, "big-onnx-fp32")
+    small = make_artifact(tmp_path / "a", ckpt, "onnx-fp32")
+    rb, rs = bench([big, small], threads=1, warmup=0, runs=1, progress=False, open_session=hungry_opener,
+                   isolate=isolate)
+    assert rb["status"] == rs["status"] == "ok", (rb["error"], rs["error"])
+    assert rb["peak_rss_source"] == rs["peak_rss_source"]
+    assert rs["peak_rss_source"].startswith(PEAK_SOURCE_CHILD if isolate else PEAK_SOURCE_HWM), rs["peak_rss_source"]
+    # the big one's peak holds its arena; the small one's is its own, not the running maximum
+    peaks = (rb["peak_rss_mb"], rs["peak_rss_mb"], rb["rss_before_mb"], rs["rss_before_mb"])
+    assert rb["peak_rss_mb"] > ARENA_MB and rs["peak_rss_mb"] < rb["peak_rss_mb"] - ARENA_MB / 2, peaks
+    if not isolate:  # same process: each peak is measured from the RSS its artifact started at
+        assert rb["peak_rss_mb"] - rb["rss_before_mb"] > 0.9 * ARENA_MB, peaks
+        assert rs["peak_rss_mb"] - rs["rss_before_mb"] < ARENA_MB / 2, peaks
+    assert rs["peak_rss_mb"] >= rs["rss_mb"] * 0.9  # a peak, not below what the process held after the runs

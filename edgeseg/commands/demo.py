@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgeseg.demo.app import SourceError, run_demo
-    from edgeseg.fileio import write_json
+    from edgeseg.fileio import refuse_existing, write_json
     from edgeseg.runtime import open_session
 
     if args.max_frames is not None and args.max_frames < 1:
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reconnect_retries < 0:
         raise UsageError(f"--reconnect-retries {args.reconnect_retries}: must be >= 0")
     for flag, out in (("--record", args.record), ("--json", args.json)):
-        if out and Path(out).exists() and not args.force:
-            raise UsageError(f"{flag} {out}: already exists; pass --force to overwrite it")
+        refuse_existing(out, flag, args.force)
     if args.artifact:
         artifact = Path(args.artifact)
     else:

@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from edgeseg.cli_args import parse_hw
 from edgeseg.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -27,24 +28,8 @@ Exit code 1 on bad data or checkpoint (one line naming the file), 2 on bad argum
 """
 
 
-def parse_hw(text: str, flag: str = "--input-size") -> tuple[int, int]:
-    """'HxW' (or a single N for NxN) -> (H, W); UsageError naming the flag otherwise."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        vals = [int(p) for p in parts]
-    except ValueError:
-        vals = []
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or min(vals) <= 0:
-        raise UsageError(f"{flag} {text!r}: expected HxW with positive integers, e.g. 360x480")
-    if vals[0] % 32 or vals[1] % 32:
-        raise UsageError(f"{flag} {text}: height and width must be multiples of 32 (e.g. 352x480)")
-    return vals[0], vals[1]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from edgeseg.data.datasets import FORMATS
+    from edgeseg.data.formats import FORMATS
 
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="checkpoint folder (model.safetensors + model.json; default: the shipped checkpoint)")
@@ -78,18 +63,17 @@ def _device(name: str):
 
 def run(args: argparse.Namespace) -> int:
     from edgeseg.checkpoint import load_checkpoint
-    from edgeseg.data.datasets import open_dataset
     from edgeseg.data.embedded import default_checkpoint, default_data_dir
+    from edgeseg.data.formats import open_dataset
     from edgeseg.errors import DataError
     from edgeseg.eval.evaluate import evaluate, torch_predictor
     from edgeseg.eval.metrics import format_table
-    from edgeseg.fileio import write_json
+    from edgeseg.fileio import refuse_existing, write_json
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.json and Path(args.json).exists() and not args.force:
-        raise UsageError(f"--json {args.json}: already exists; pass --force to overwrite it")
-    input_hw = parse_hw(args.input_size) if args.input_size else None
+    refuse_existing(args.json, "--json", args.force)
+    input_hw = parse_hw(args.input_size, "--input-size", multiple_of=32)
     device = _device(args.device)
 
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()

@@ -1,6 +1,8 @@
 """`edgeseg export`: turn a checkpoint into a deployable artifact for a named target and prove it."""
 from __future__ import annotations
 
+from edgeseg.cli_args import parse_hw
+
 HELP = "export a checkpoint to a target (ExecuTorch, ONNX, OpenVINO, Core ML, Jetson TensorRT) and prove it"
 EPILOG = """examples:
   edgeseg export --list-targets
@@ -19,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--calib", metavar="DIR|RECIPE", help="int8 calibration: a recipe from calibration/ (e.g. "
                    "camvid-train-16), or a dataset root / image folder (default: the embedded CamVid mini set)")
     p.add_argument("--out", metavar="DIR", help="artifact folder (default: <checkpoint>-<target>-<precision>)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out or --json")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile option (TOML value syntax, e.g. output=\"argmax\"); repeatable")
     p.add_argument("--max-miou-drop", type=float, metavar="X",
@@ -33,12 +35,6 @@ def add_arguments(p) -> None:
                    "images only (default: all)")
     p.add_argument("--list-targets", action="store_true", help="print the target profiles and exit")
     p.add_argument("--json", metavar="OUT", help="write the summary (or the target list) as JSON")
-
-
-def _parse_hw(text: str) -> tuple[int, int]:
-    from edgeseg.commands.train import parse_hw
-
-    return parse_hw(text, "--input-size")
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -59,7 +55,7 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def _list_targets(args) -> int:
-    from edgeseg.export.profiles import list_profiles, load_profile
+    from edgeseg.export.profiles import exporter_class, list_profiles, load_profile
     from edgeseg.errors import EdgesegError
     from edgeseg.fileio import write_json
 
@@ -67,7 +63,7 @@ def _list_targets(args) -> int:
     for name in list_profiles():
         try:
             p = load_profile(name)
-            missing = p.exporter_class()().check_environment()
+            missing = exporter_class(p)().check_environment()
             rows.append({"name": name, "precisions": list(p.precisions), "default": p.default_precision,
                          "input": f"{p.input_dtype} {p.input_layout}", "output": p.output,
                          "ready": not missing, "missing": missing, "description": p.description})
@@ -89,8 +85,10 @@ def run(args) -> int:
 
     from edgeseg.errors import UsageError
     from edgeseg.export import export_checkpoint
-    from edgeseg.fileio import write_json
+    from edgeseg.fileio import refuse_existing, write_json
 
+    for flag, path in (("--json", args.json), ("--out", None if args.list_targets else args.out)):
+        refuse_existing(path, flag, args.force)
     if args.list_targets:
         return _list_targets(args)
     if not args.checkpoint or not args.target:
@@ -102,7 +100,7 @@ def run(args) -> int:
     if args.data and not args.calib:
         raise UsageError("--data: only used with a --calib recipe or with --max-miou-drop")
     out = export_checkpoint(args.checkpoint, args.target, args.precision,
-                            input_hw=_parse_hw(args.input_size) if args.input_size else None, calib=args.calib,
+                            input_hw=parse_hw(args.input_size, "--input-size", multiple_of=1), calib=args.calib,
                             out=args.out, force=args.force, calib_root=args.data, **_parse_options(args.option))
     m = json.loads((Path(out) / "manifest.json").read_text())
     proof = m.get("proof") or {}
@@ -133,7 +131,7 @@ def run(args) -> int:
 def _run_budget(args) -> int:
     from edgeseg.errors import ArtifactError, UsageError
     from edgeseg.fileio import write_json
-    from edgeseg.quant.budget import check_budget, check_runnable, format_table, quantize_with_budget
+    from edgeseg.export.budget import check_budget, check_runnable, format_table, quantize_with_budget
 
     check_budget(args.max_miou_drop)
     if args.precision != "int8":
@@ -148,7 +146,7 @@ def _run_budget(args) -> int:
         print(format_table([row], args.max_miou_drop).splitlines()[1], flush=True)
 
     res = quantize_with_budget(args.checkpoint, args.target, args.data, args.max_miou_drop, out=args.out,
-                               force=args.force, input_hw=_parse_hw(args.input_size) if args.input_size else None,
+                               force=args.force, input_hw=parse_hw(args.input_size, "--input-size", multiple_of=1),
                                calib=args.calib, max_images=args.val_images, on_round=show,
                                **_parse_options(args.option))
     if args.json:

@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
                    "file with one name per line (default: guessed from the class count)")
     p.add_argument("--input-size", metavar="HxW", default="512x512", help="input size stored in the checkpoint "
                    "(default 512x512)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out and --json")
     p.add_argument("--json", metavar="OUT", help="write a summary as JSON")
 
 
@@ -59,9 +59,9 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
     import torch
 
     from edgeseg.checkpoint import load_state_dict_file, save_checkpoint
-    from edgeseg.data.classnames import resolve_classes
+    from edgeseg.data.classes import resolve_classes
     from edgeseg.errors import ArtifactError, UsageError
-    from edgeseg.fileio import sha256_file
+    from edgeseg.fileio import refuse_existing, sha256_file
     from edgeseg.models import create_model, get_entry
     from edgeseg.types import ModelSpec
 
@@ -70,8 +70,7 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
         raise UsageError(f"--model {model_name}: not a {family} variant (names start with "
                          f"{' / '.join(FAMILIES[family])})")
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    refuse_existing(out, "--out", force)
     src = Path(src)
     state = load_state_dict_file(src)
     dropped = sorted(k for k in state if k.startswith(NON_MODEL_PREFIXES))
@@ -126,11 +125,12 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
 
 
 def run(args) -> int:
-    from edgeseg.commands.train import parse_hw
-    from edgeseg.fileio import write_json
+    from edgeseg.cli_args import parse_hw
+    from edgeseg.fileio import refuse_existing, write_json
 
+    refuse_existing(args.json, "--json", args.force)
     res = import_checkpoint(args.family, args.src, args.model, args.out, args.classes,
-                            parse_hw(args.input_size, "--input-size"), args.force)
+                            parse_hw(args.input_size, "--input-size", multiple_of=1), args.force)
     print(f"imported {args.src} -> {res['out']}")
     print(f"  model {res['model']}, {res['num_classes']} classes ({res['classes']}), {res['keys_loaded']} tensors "
           f"loaded strictly, input {res['input_hw'][0]}x{res['input_hw'][1]}")

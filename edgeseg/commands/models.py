@@ -20,6 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, default=150, help="classes of the head counted (default 150, "
                    "ADE20K as in the papers)")
     p.add_argument("--json", metavar="OUT", help="write the table as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -28,9 +29,9 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from edgeseg.commands.train import parse_hw
+    from edgeseg.cli_args import parse_hw
     from edgeseg.errors import UsageError
-    from edgeseg.fileio import write_json
+    from edgeseg.fileio import refuse_existing, write_json
     from edgeseg.models import get_entry, list_models
     from edgeseg.models.flops import count_registered
 
@@ -39,7 +40,8 @@ def run(args) -> int:
         raise UsageError(f"--pattern {args.pattern!r}: matches no model; known: {', '.join(list_models())}")
     if args.num_classes < 1:
         raise UsageError(f"--num-classes {args.num_classes}: must be >= 1")
-    hw = parse_hw(args.input_size, "--input-size")
+    hw = parse_hw(args.input_size, "--input-size", multiple_of=1)
+    refuse_existing(args.json, "--json", args.force)
     counted_hw = hw
     if hw and (hw[0] % 32 or hw[1] % 32):
         # the models need sides divisible by 32: count what actually runs, the input padded up (mmseg's

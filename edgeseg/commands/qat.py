@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
                                                "checkpoint is <out>/checkpoint")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --out (and overwrite --json)")
     p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern to keep in float (fnmatch; '!PATTERN' drops a default); repeatable")
     p.add_argument("--max-miou-drop", type=float, metavar="X",
@@ -49,20 +49,28 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from edgeseg.fileio import refuse_existing
+
+    ck = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ck.parent / f"{ck.name}-qat-{args.target}"
+    # before the calibration and training; a resumed run continues its folder and rewrites its summary
+    refuse_existing(args.json, "--json", args.force or args.resume)
+    if not args.resume:
+        refuse_existing(out, "--out", args.force, empty_dir_ok=True,
+                        hint="use --resume to continue its run or --force to start over")
     if args.max_miou_drop is not None:  # checked before a whole training run is spent
-        from edgeseg.quant.budget import check_budget, check_runnable
+        from edgeseg.export.budget import check_budget, check_runnable
 
         check_budget(args.max_miou_drop)
         check_runnable(args.target)
 
-    from edgeseg.commands.train import parse_hw
+    from edgeseg.cli_args import parse_hw
     from edgeseg.fileio import write_json
-    from edgeseg.quant.qat import qat
+    from edgeseg.train.qat import qat
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"{Path(args.checkpoint).name}-qat-{args.target}"
     res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
               lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
-              val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size"),
+              val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size", multiple_of=1),
               freeze_bn=not args.update_bn_stats, calib=args.calib, init_ranges=not args.no_range_init,
               freeze_ranges=args.freeze_ranges)
     val = (res["fit"] or {}).get("last") or {}
@@ -95,7 +103,7 @@ def run(args) -> int:
 def _check_budget(args, checkpoint, out):
     """Export the QAT checkpoint to <out>/int8 and validate it against the fp32 checkpoint QAT started from
     (one round: no retraining here)."""
-    from edgeseg.quant.budget import format_table, quantize_with_budget
+    from edgeseg.export.budget import format_table, quantize_with_budget
 
     print(format_table([], args.max_miou_drop))
     res = quantize_with_budget(checkpoint, args.target, args.data, args.max_miou_drop, out=out / "int8",

@@ -1,6 +1,7 @@
 """`edgeseg train`: train a registered model on a dataset folder or a packed .npz (single process or torchrun)."""
 from __future__ import annotations
 
+from edgeseg.cli_args import parse_hw
 from edgeseg.errors import UsageError
 
 HELP = "train a model on a segmentation dataset (AdamW + poly, best/last checkpoints, exact resume, DDP)"
@@ -24,21 +25,6 @@ EPILOG = """examples:
 """
 
 
-def parse_hw(text: str | None, flag: str) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        parts = [int(v) for v in text.lower().replace("×", "x").split("x")]
-        if len(parts) == 1:
-            parts = parts * 2
-        h, w = parts
-        if h <= 0 or w <= 0:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected HxW with positive integers, e.g. 352x480") from None
-    return h, w
-
-
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="registered model name (see `edgeseg models`)")
     p.add_argument("--data", required=True, help="dataset folder (camvid, folder, voc, cityscapes, ade20k) or a "
@@ -46,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", dest="fmt", default=None, help="force the dataset layout (default: detected)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val", help="split validated every --val-interval steps ('none': off)")
+    p.add_argument("--holdout-split", default="auto", metavar="SPLIT",
+                   help="split validated beside val that picks best/ ('auto': the layout's held-out split when it has "
+                        "one, e.g. CamVid's 'holdout' = sequence 0006R0, which 'train' excludes; 'none': pick on val)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
     g.add_argument("--epochs", type=int, help="passes over the training split (instead of --iters)")
@@ -65,7 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--init", metavar="CKPT", help="start from these weights: an edgeseg checkpoint folder or an "
                    "official .pth/.safetensors state dict (class-count-dependent tensors start fresh)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
-    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --out (and overwrite --json)")
     p.add_argument("--val-interval", type=int, default=None, help="validate every N steps (default 1000 or "
                    "the end)")
     p.add_argument("--save-interval", type=int, default=None, help="save last/ + train_state.pt every N steps "
@@ -81,8 +70,36 @@ def add_arguments(p) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the run summary as JSON")
 
 
+def _holdout_split(args) -> str | None:
+    """--holdout-split resolved: 'auto' is the layout's held-out split when the data folder has one."""
+    choice = args.holdout_split
+    if choice.lower() == "none":
+        return None
+    if choice != "auto":
+        return choice
+    from pathlib import Path
+
+    from edgeseg.data.formats import detect_format, holdout_splits
+
+    if not Path(args.data).is_dir() or args.train_split in ("train-all",):
+        return None
+    try:
+        fmt = args.fmt or detect_format(Path(args.data))
+    except Exception:  # noqa: BLE001 - not a folder layout we know: training reports that itself
+        return None
+    for split in holdout_splits(fmt):
+        try:
+            from edgeseg.data.formats import open_dataset
+
+            open_dataset(args.data, split=split, fmt=fmt)
+            return split
+        except Exception:  # noqa: BLE001 - the layout allows one but this folder has none
+            continue
+    return None
+
+
 def run(args) -> int:
-    from edgeseg.fileio import write_json
+    from edgeseg.fileio import refuse_existing, write_json
     from edgeseg.models import get_entry
     from edgeseg.train.loop import fit
 
@@ -92,12 +109,17 @@ def run(args) -> int:
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {v}: must be >= 1")
     out = args.out or f"runs/{args.model}"
+    # a resumed run rewrites its own summary; fit() checks --out itself, before any data is read
+    refuse_existing(args.json, "--json", args.force or args.resume)
     res = fit(
         args.model, args.data, fmt=args.fmt, train_split=args.train_split,
         val_split=None if args.val_split.lower() == "none" else args.val_split,
+        holdout_split=_holdout_split(args),
         iters=args.iters, epochs=args.epochs, batch_size=args.batch_size,
-        crop_hw=parse_hw(args.crop, "--crop"), input_hw=parse_hw(args.input_size, "--input-size"),
-        data_hw=parse_hw(args.data_size, "--data-size"), lr=args.lr, head_lr_mult=args.head_lr_mult,
+        crop_hw=parse_hw(args.crop, "--crop", multiple_of=1),
+        input_hw=parse_hw(args.input_size, "--input-size", multiple_of=1),
+        data_hw=parse_hw(args.data_size, "--data-size", multiple_of=1),
+        lr=args.lr, head_lr_mult=args.head_lr_mult,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, device=args.device, out_dir=out,
         resume=args.resume, force=args.force, val_interval=args.val_interval, save_interval=args.save_interval,
         seed=args.seed, num_workers=args.workers, augment_on_device=not args.augment_on_cpu,

@@ -20,6 +20,10 @@ def add_arguments(p) -> None:
                    help="pixels within K px of a reference class edge count as boundary (default: 3)")
     p.add_argument("--json", metavar="OUT", help="write the records as JSON")
     p.add_argument("--report", metavar="OUT_DIR", help="write report.md and plots into OUT_DIR")
+    p.add_argument("--allow-unchecked", action="store_true",
+                   help="exit 0 even when an artifact ran but had no reference to compare with, or when nothing "
+                        "was compared at all (default: exit 1; such artifacts are \"no reference\", never \"pass\")")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -27,9 +31,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from edgeseg.eval.validate import validate
-    from edgeseg.fileio import write_json
+    from edgeseg.errors import UsageError
+    from edgeseg.fileio import refuse_existing, write_json
     from edgeseg.report.render import merge, render, text_table
 
+    if args.max_images is not None and args.max_images < 1:
+        raise UsageError(f"--max-images {args.max_images}: must be >= 1")
+    for flag, path in (("--json", args.json), ("--report", args.report)):
+        refuse_existing(path, flag, args.force)
     maps = Path(args.report) / "maps" if args.report else None
     records = validate(args.artifacts, args.data, split=args.split, reference=args.reference,
                        boundary_px=args.boundary_px, max_images=args.max_images, maps_dir=maps,
@@ -43,4 +52,13 @@ def run(args) -> int:
     bad = [r for r in records if r["status"] == "failed" or r["passed"] is False]
     for r in bad:
         print(f"FAILED {r['name']}: {r['error'] or '; '.join(r['reasons'])}")
-    return 1 if bad else 0
+    # an mIoU with nothing to compare it with is not a pass: exit 1 unless the user accepts that
+    unchecked = [r for r in records if r["status"] == "ok" and r["passed"] is None]
+    for r in unchecked:
+        print(f"NO REFERENCE {r['name']}: nothing to compare with (no --reference, no source checkpoint, no fp32 "
+              "sibling); pass --reference or --allow-unchecked")
+    if not bad and not any(r["passed"] is not None for r in records):
+        print(f"nothing was compared: none of the {len(records)} artifact(s) got a pass/fail verdict"
+              + ("" if args.allow_unchecked else "; pass --allow-unchecked to accept that"))
+        return 0 if args.allow_unchecked else 1
+    return 1 if bad or (unchecked and not args.allow_unchecked) else 0

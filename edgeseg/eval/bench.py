@@ -1,5 +1,13 @@
-"""Latency benchmark of artifacts in their own runtimes: warm-up, timed runs, p50/p90/mean, throughput, process
-peak memory, model size, threads pinned; flags int8 artifacts that are not faster than their fp32 sibling.
+"""Latency benchmark of artifacts in their own runtimes: warm-up, timed runs, p50/p90/mean, throughput, each
+artifact's own peak memory, model size, threads pinned; flags int8 artifacts that are not faster than their fp32
+sibling.
+
+Peak memory is per artifact, never the process's running maximum (which grows across artifacts and includes
+whatever ran before, e.g. validation): on Linux the resident high-water mark is reset (`/proc/self/clear_refs`
+"5") when the artifact's session is about to open and `VmHWM` is read after its runs, so `peak_rss_mb` is the
+largest RSS of this process while that artifact was opened and run (`rss_before_mb`: the RSS it started from).
+Elsewhere (or with `isolate=True`) each artifact runs in a fresh spawned child process and that process's peak
+is reported (VmHWM where /proc has it, else ru_maxrss). `peak_rss_source` says which; a peak that could not be measured is None.
 
 Times `Session.run(x)` on an input in the manifest's contract (model only: no image decode, resize or argmax on
 the host). Structure is tested in CI; absolute timings belong to `edgeseg bench` and `bench/` scripts.
@@ -13,29 +21,35 @@ Must not import heavy runtimes (they come in through `edgeseg.runtime`).
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
+import re
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from edgeseg.eval.validate import (_one_line, _session_executes, artifact_size_bytes, latency_stats,
-                                   read_manifest_dict)
+from edgeseg.eval.compare import latency_stats
+from edgeseg.eval.records import one_line
+from edgeseg.eval.references import artifact_size_bytes
+
+if TYPE_CHECKING:
+    from edgeseg.artifact import Manifest
 
 log = logging.getLogger(__name__)
 
-# How each runtime's threads are pinned when the session accepts `num_threads` (printed with the results).
-THREAD_CONTROL = {
-    "onnx": "onnxruntime SessionOptions.intra_op_num_threads",
-    "jetson-tensorrt": "onnxruntime SessionOptions.intra_op_num_threads",
-    "openvino": "openvino INFERENCE_NUM_THREADS",
-    # executorch 1.5.1's Python runtime has no per-session thread setting: XNNPACK uses its process-wide pool
-    "executorch-xnnpack": "NOT pinned: executorch XNNPACK process-wide threadpool (runtime default)",
-    "torch": "torch.set_num_threads",
-}
+def _thread_control(target: str) -> str:
+    """How the target's runtime threads are pinned, from its profile (`thread_control`); the eager reference
+    ("torch") uses torch.set_num_threads."""
+    from edgeseg.targets import list_profiles, load_profile
+
+    if target in list_profiles():
+        return load_profile(target).thread_control
+    return "torch.set_num_threads" if target == "torch" else "session num_threads"
 
 
 def _rss_mb() -> float | None:
@@ -48,10 +62,10 @@ def _rss_mb() -> float | None:
 
 
 def _peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process since it started (ru_maxrss: KiB on Linux, bytes on macOS); only
+    an artifact's own peak in a child process that ran nothing else."""
     try:
         import resource
-        import sys
 
         v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return v / 2**20 if sys.platform == "darwin" else v / 2**10
@@ -59,10 +73,37 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
-def make_input(manifest: dict[str, Any], seed: int = 0) -> np.ndarray:
+PEAK_SOURCE_HWM = "VmHWM after a clear_refs reset at this artifact's start (session open, warm-up, runs)"
+PEAK_SOURCE_CHILD = "peak RSS of a spawned child process that ran only this artifact"
+
+
+def _reset_peak() -> bool:
+    """Reset this process's resident high-water mark to its current RSS (Linux); False where that is not
+    possible (other OS, /proc not writable)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _hwm_mb() is not None
+    except OSError:
+        return False
+
+
+def _hwm_mb() -> float | None:
+    """VmHWM (resident high-water mark) of this process from /proc/self/status, MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) / 2**10 if m else None
+
+
+def make_input(manifest: "Manifest", seed: int = 0) -> np.ndarray:
     """A deterministic input in the artifact's contract (manifest `input.shape`/`dtype`)."""
-    inp = manifest.get("input") or {}
-    shape = [int(v) for v in inp.get("shape") or [1, 3, *manifest["input_hw"]]]
+    inp = manifest.input or {}
+    shape = [int(v) for v in inp.get("shape") or [1, 3, *manifest.input_hw]]
     rng = np.random.default_rng(seed)
     if inp.get("dtype") == "uint8":
         return rng.integers(0, 256, size=shape, dtype=np.uint8)
@@ -88,8 +129,9 @@ def _default_opener(path, **kw):
 
 
 def bench(artifacts: Sequence[str | Path], threads: int | None = 1, warmup: int = 3, runs: int = 20,
-          progress: bool = True, open_session: Callable | None = None) -> list[dict[str, Any]]:
-    """Benchmark artifacts one after another in this process.
+          progress: bool = True, open_session: Callable | None = None,
+          isolate: bool | None = None) -> list[dict[str, Any]]:
+    """Benchmark artifacts one after another (in this process, or each in a child process: `isolate`).
 
     Args:
         artifacts: artifact folders.
@@ -97,11 +139,14 @@ def bench(artifacts: Sequence[str | Path], threads: int | None = 1, warmup: int 
         warmup: untimed runs first (>= 0).
         runs: timed runs (>= 1).
         progress: tqdm bar on stderr.
-        open_session: session factory (default `edgeseg.runtime.open_session`).
+        open_session: session factory (default `edgeseg.runtime.open_session`; picklable for `isolate`).
+        isolate: run each artifact in a spawned child process and report its own ru_maxrss; None: only where
+            this process's high-water mark cannot be reset (not Linux).
     Returns:
         One record per artifact: target, precision, model, input_hw, artifact, name, status ("ok" | "failed" |
         "not run"), executed, threads, thread_control, warmup, runs, latency_ms {p50, p90, mean, min, max, n},
-        throughput_ips (inferences/s at batch 1), peak_rss_mb (process peak so far), rss_mb (after the runs),
+        throughput_ips (inferences/s at batch 1), peak_rss_mb (this artifact's own peak, see the module docstring),
+        peak_rss_source, rss_before_mb (RSS when its session was about to open), rss_mb (after the runs),
         size_bytes, fallback_ops, speedup_vs_fp32 / int8_not_faster (int8 only, when its fp32 sibling was
         benchmarked in the same call), error.
     """
@@ -124,50 +169,98 @@ def bench(artifacts: Sequence[str | Path], threads: int | None = 1, warmup: int 
     records = []
     for art in it:
         try:
-            rec = _bench_one(art, opener, threads, warmup, runs)
+            rec = _measured(art, opener, threads, warmup, runs, isolate)
         except Exception as e:  # a failed artifact is a FAILED record, and the caller exits non-zero
             log.debug("bench %s failed", art, exc_info=True)
             rec = _record(art, None)
-            rec.update(status="failed", error=_one_line(e))
+            rec.update(status="failed", error=one_line(e))
         _log(rec)
         records.append(rec)
     flag_int8_not_faster(records)
     return records
 
 
-def _record(art: Path, manifest: dict[str, Any] | None) -> dict[str, Any]:
-    m = manifest or {}
-    return {"artifact": str(art), "name": art.name, "target": m.get("target"), "precision": m.get("precision"),
-            "model": m.get("model"), "input_hw": m.get("input_hw"),
-            "input": {k: (m.get("input") or {}).get(k) for k in ("shape", "dtype", "layout")},
+def _measured(art: Path, opener: Callable, threads: int | None, warmup: int, runs: int,
+              isolate: bool | None) -> dict[str, Any]:
+    """`_bench_one` with the artifact's own peak RSS: in this process after a high-water-mark reset, or in a
+    spawned child process."""
+    if not isolate:
+        gc.collect()  # the previous artifact's session goes before the mark is reset
+        rss_before = _rss_mb()
+        if _reset_peak():
+            rec = _bench_one(art, opener, threads, warmup, runs, peak=_hwm_mb)
+            rec.update(peak_rss_source=PEAK_SOURCE_HWM, rss_before_mb=rss_before)
+            return rec
+        if isolate is False:
+            rec = _bench_one(art, opener, threads, warmup, runs, peak=lambda: None)
+            rec["peak_rss_source"] = "not measured: the resident high-water mark cannot be reset on this host"
+            return rec
+    import multiprocessing
+    import pickle
+
+    try:
+        pickle.dumps(opener)
+    except Exception as e:  # noqa: BLE001 - e.g. a lambda: run here, and say the peak is unknown
+        rec = _bench_one(art, opener, threads, warmup, runs, peak=lambda: None)
+        rec["peak_rss_source"] = f"not measured: the session factory cannot go to a child process ({e})"
+        return rec
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_bench_child, (art, opener, threads, warmup, runs))
+
+
+def _bench_child(art: Path, opener: Callable, threads: int | None, warmup: int, runs: int) -> dict[str, Any]:
+    """Child-process side of `isolate`: this process runs nothing else, so its peak is the artifact's. VmHWM
+    where there is one: Linux carries ru_maxrss over fork+exec, so there it would hold the parent's RSS."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    hwm = _hwm_mb() is not None
+    rec = _bench_one(art, opener, threads, warmup, runs, peak=_hwm_mb if hwm else _peak_rss_mb)
+    rec.update(rss_before_mb=None, peak_rss_source=f"{PEAK_SOURCE_CHILD} ({'VmHWM' if hwm else 'ru_maxrss'})")
+    return rec
+
+
+def _record(art: Path, manifest: "Manifest | None") -> dict[str, Any]:
+    def m(name: str) -> Any:
+        return None if manifest is None else getattr(manifest, name)
+
+    return {"artifact": str(art), "name": art.name, "target": m("target"), "precision": m("precision"),
+            "model": m("model"), "input_hw": m("input_hw"),
+            "input": {k: (m("input") or {}).get(k) for k in ("shape", "dtype", "layout")},
             "status": "ok", "executed": False, "threads": None, "thread_control": None, "warmup": 0, "runs": 0,
-            "latency_ms": latency_stats([]), "throughput_ips": None, "peak_rss_mb": None, "rss_mb": None,
-            "size_bytes": None, "fallback_ops": m.get("fallback_ops"), "speedup_vs_fp32": None,
+            "latency_ms": latency_stats([]), "throughput_ips": None, "peak_rss_mb": None, "peak_rss_source": None,
+            "rss_before_mb": None, "rss_mb": None,
+            "size_bytes": None, "fallback_ops": m("fallback_ops"), "speedup_vs_fp32": None,
             "int8_not_faster": None, "error": None}
 
 
-def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, runs: int) -> dict[str, Any]:
+def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, runs: int,
+               peak: Callable[[], float | None] = _peak_rss_mb) -> dict[str, Any]:
     import torch
 
-    manifest = read_manifest_dict(art)
+    from edgeseg.artifact import read_manifest
+
+    manifest = read_manifest(art)
     rec = _record(art, manifest)
     rec["size_bytes"] = artifact_size_bytes(art, manifest)
-    session, passed = _open(opener, art, threads) if manifest.get("executed_here", True) else (None, False)
+    # an artifact its exporter could not run is not opened at all (unlike validate, bench never tries)
+    session, passed = _open(opener, art, threads) if manifest.executed_here else (None, False)
     rec["threads"] = threads if threads is not None else "runtime default"
-    target = manifest.get("target") or ""
+    target = manifest.target or ""
     if session is None:
         rec["thread_control"] = "n/a (not run)"
     elif threads is None:
         rec["thread_control"] = "runtime default"
     elif passed:
-        how = getattr(session, "thread_control", None) or THREAD_CONTROL.get(target, "session num_threads")
+        how = getattr(session, "thread_control", None) or _thread_control(target)
         rec["thread_control"] = f"{how}; torch.set_num_threads"
     else:
         rec["thread_control"] = (f"torch.set_num_threads only (session takes no num_threads; "
                                  f"{target} uses its runtime default, os.cpu_count()={os.cpu_count()})")
-    if not _session_executes(session, manifest):
+    if session is None or not session.executes_here:
         rec.update(status="not run", executed=False,
-                   error=manifest.get("not_executed_reason") or f"{target} cannot execute on this host")
+                   error=manifest.not_executed_reason or f"{target} cannot execute on this host")
         return rec
     rec["executed"] = True
     x = make_input(manifest)
@@ -181,7 +274,7 @@ def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, ru
     lat = latency_stats(times)
     rec.update(warmup=warmup, runs=runs, latency_ms=lat, torch_threads=torch.get_num_threads(),
                throughput_ips=1000.0 / lat["mean"] if lat["mean"] else None,
-               peak_rss_mb=_peak_rss_mb(), rss_mb=_rss_mb())
+               peak_rss_mb=peak(), rss_mb=_rss_mb())
     close = getattr(session, "close", None)
     if callable(close):
         close()

@@ -1,17 +1,20 @@
 """What every target exporter shares: the `Exporter` ABC, `ExportOptions`, the export wrapper model. The
 `Manifest` written as `manifest.json` beside an artifact lives in `edgeseg.artifact` (re-exported here).
 
-Adding a target (see docs/DESIGN.md): `edgeseg/export/<module>.py` defines an `Exporter` subclass and sets the
-module attribute `EXPORTER = <that class>`; `edgeseg/runtime/<module>.py` defines a `Session` subclass and sets
-`SESSION = <that class>`; one row in `edgeseg.export.TARGETS`; one profile `export_targets/<name>.toml`.
+Adding a target is three files: its profile `export_targets/<name>.toml` (the single record of the target: exporter,
+runtime, thread control, QAT scheme, options; read by edgeseg.targets), its exporter `edgeseg/export/<exporter>.py`
+(or a package of that name) defining an `Exporter` subclass and `EXPORTER = <that class>`, and its session
+`edgeseg/runtime/<runtime>.py` defining a `Session` subclass and `SESSION = <that class>`. Tests are parametrised over
+the profiles that can run here.
 
-Contract of `Exporter.export` (called by `edgeseg.export.export_checkpoint`, never by the CLI directly):
-  * `model` is an `ExportWrapper` in eval mode, already passed through `edgeseg.models.prepare_for_export`.
-    Its forward takes exactly the manifest's input (`model.example_input()` gives one, a torch tensor) and
-    returns the manifest's output. Export `model` as is; do not unwrap it.
-  * `calib_data` is `None` for fp32/fp16, and for int8 a `CalibrationData` whose `.inputs` are torch tensors
-    already in the wrapper's input contract (feed them to the model/quantizer as they are).
-  * Write every artifact file into `out_dir` (a temporary folder that is renamed into place only when the whole
+Contract of `Exporter.export(job)` (called by `edgeseg.export.export_checkpoint`, never by the CLI directly):
+  * `job.model` is an `ExportWrapper` in eval mode, already passed through `edgeseg.models.prepare_for_export`
+    (or, when `job.qat` is set, the converted int8 graph of a QAT checkpoint with its learned scales: export it
+    without PTQ; `job.qat` is that checkpoint's `quant` record). Its forward takes exactly the manifest's input
+    (`model.example_input()` gives one, a torch tensor) and returns the manifest's output. Export it as is.
+  * `job.calib` is `None` for fp32/fp16 and QAT, and for int8 PTQ a `CalibrationData` whose `.inputs` are torch
+    tensors already in the wrapper's input contract (feed them to the model/quantizer as they are).
+  * Write every artifact file into `job.out_dir` (a temporary folder that is renamed into place only when the whole
     export, manifest and proof succeeded; do not write anywhere else). Return an `ExportResult`.
   * Raise `edgeseg.errors.UsageError` for an unsupported precision/option and `ArtifactError` when the
     vendor tool fails, with one line naming the target and the cause.
@@ -25,24 +28,29 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
-import numpy as np
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # the artifact format (edgeseg.artifact); re-exported here for the exporters that write it
-from edgeseg.artifact import (MANIFEST, MANIFEST_FORMAT_VERSION, Manifest, hash_files,  # noqa: F401
-                              read_manifest, verify_manifest, write_manifest)
+from edgeseg.artifact import (  # noqa: F401
+    MANIFEST,
+    MANIFEST_FORMAT_VERSION,
+    Manifest,
+    hash_files,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 from edgeseg.errors import UsageError
+
+# the deployed model's I/O contract and the int8 calibration inputs live beside their users; re-exported here
+from edgeseg.models.wrapper import INPUT_NAME, OUTPUT_ARGMAX, OUTPUT_LOGITS, ExportWrapper  # noqa: F401
+from edgeseg.quant.calibration import CalibrationData  # noqa: F401
+from edgeseg.targets import IO_CHOICES, PRECISIONS  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_NAME = "image"
-OUTPUT_LOGITS = "logits"
-OUTPUT_ARGMAX = "class_map"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,11 +83,7 @@ class ExportOptions:
     keep_float: list = dataclasses.field(default_factory=list)
     float_defaults: bool = True
 
-    _CHOICES: ClassVar[dict[str, tuple]] = {
-        "input_dtype": ("float32", "uint8"),
-        "input_layout": ("NCHW", "NHWC"),
-        "output": ("logits", "argmax"),
-    }
+    _CHOICES: ClassVar[dict[str, tuple]] = IO_CHOICES
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "options") -> "ExportOptions":
@@ -128,105 +132,20 @@ def export_float_policy(wrapper: nn.Module, options: ExportOptions):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Export wrapper: optional in-graph pre/post-processing around a model
-# ----------------------------------------------------------------------------------------------------------------
-class ExportWrapper(nn.Module):
-    """The module that is exported: the model plus optional in-graph pre/post-processing.
-
-    Input (manifest `input`):
-        input_dtype "float32": normalised float32 image, NCHW (N,3,H,W) or NHWC (N,H,W,3).
-        input_dtype "uint8": raw RGB uint8 0..255, NCHW or NHWC; `(x - mean) / std` happens in the graph.
-    Output (manifest `output`):
-        "logits": (N,K,H/s,W/s) float32 logits, s = model.output_stride.
-        "argmax": (N,H,W) uint8 class map at the input resolution (bilinear upsample of logits, then argmax).
-    """
-
-    def __init__(self, model: nn.Module, input_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                 input_dtype: str = "float32", input_layout: str = "NCHW", output: str = "logits"):
-        super().__init__()
-        self.model = model
-        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
-        self.input_dtype = input_dtype
-        self.input_layout = input_layout
-        self.output = output
-        self.output_stride = int(getattr(model, "output_stride", 1))
-        # 1/std folded into a multiply: one Sub + one Mul in the graph.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_layout == "NHWC":
-            x = x.permute(0, 3, 1, 2)
-        if self.input_dtype == "uint8":
-            x = (x.to(torch.float32) - self.mean) * self.inv_std
-        y = self.model(x)
-        if self.output == "argmax":
-            if tuple(y.shape[-2:]) != self.input_hw:
-                y = F.interpolate(y, size=self.input_hw, mode="bilinear", align_corners=False)
-            y = y.argmax(dim=1).to(torch.uint8)
-        return y
-
-    # -- the input/output contract, as recorded in the manifest --------------------------------------------------
-    def input_shape(self, batch: int = 1) -> list[int]:
-        h, w = self.input_hw
-        return [batch, 3, h, w] if self.input_layout == "NCHW" else [batch, h, w, 3]
-
-    def input_contract(self) -> dict[str, Any]:
-        return {"name": INPUT_NAME, "shape": self.input_shape(1), "dtype": self.input_dtype,
-                "layout": self.input_layout,
-                "normalisation": "in graph: (x - mean) / std" if self.input_dtype == "uint8" else
-                "by the caller: (x - mean) / std on the 0..255 RGB scale"}
-
-    def output_contract(self, num_classes: int) -> dict[str, Any]:
-        h, w = self.input_hw
-        if self.output == "argmax":
-            return {"name": OUTPUT_ARGMAX, "kind": "argmax", "shape": [1, h, w], "dtype": "uint8", "stride": 1,
-                    "meaning": "class index per pixel at input resolution (argmax of bilinearly upsampled logits)"}
-        s = self.output_stride
-        return {"name": OUTPUT_LOGITS, "kind": "logits", "shape": [1, num_classes, h // s, w // s],
-                "dtype": "float32", "stride": s, "meaning": f"class logits at stride {s}"}
-
-    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
-        """A deterministic input in the contract (normalised-like floats, or uint8 pixels)."""
-        g = torch.Generator().manual_seed(seed)
-        shape = self.input_shape(batch)
-        if self.input_dtype == "uint8":
-            return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-        return torch.randn(shape, generator=g, dtype=torch.float32)
-
-    def make_input(self, images_uint8: np.ndarray) -> torch.Tensor:
-        """Turn a batch of RGB uint8 images (N,H,W,3) already at input_hw into the wrapper's input tensor."""
-        x = torch.from_numpy(np.ascontiguousarray(images_uint8))
-        if x.ndim == 3:
-            x = x[None]
-        if tuple(x.shape[1:3]) != self.input_hw:
-            raise UsageError(f"calibration/proof image of size {tuple(x.shape[1:3])}; expected {self.input_hw}")
-        x = x.permute(0, 3, 1, 2).contiguous()  # NCHW uint8
-        if self.input_dtype == "float32":
-            x = (x.to(torch.float32) - self.mean) * self.inv_std
-        if self.input_layout == "NHWC":
-            x = x.permute(0, 2, 3, 1).contiguous()
-        return x
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Calibration data and the exporter's result
+# The exporter's result
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class CalibrationData:
-    """Calibration inputs for an int8 export.
+class ExportJob:
+    """What `Exporter.export` converts (see the module docstring for the contract)."""
 
-    Attributes:
-        inputs: list of torch tensors, each (1, ...) in the ExportWrapper's input contract.
-        info: what goes into the manifest's `calibration` entry (source, count, class coverage, ...).
-    """
-
-    inputs: list[torch.Tensor]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def numpy(self) -> list[np.ndarray]:
-        return [t.detach().cpu().numpy() for t in self.inputs]
+    model: nn.Module                      # the ExportWrapper (or a QAT checkpoint's converted int8 graph in one)
+    spec: Any                             # the checkpoint's ModelSpec (class names, mean/std, ...)
+    precision: str                        # one of the exporter's precisions, allowed by the profile
+    input_hw: tuple[int, int]             # static (H, W) of the export
+    out_dir: Path                         # temporary artifact folder (exists, empty)
+    options: ExportOptions                # an instance of the exporter's `Options`
+    calib: CalibrationData | None = None  # int8 PTQ only
+    qat: dict[str, Any] | None = None     # int8 from a QAT checkpoint: its `quant` record
 
 
 @dataclass
@@ -281,21 +200,11 @@ class Exporter(ABC):
                 for m in self.tools if not _has_distribution(m)]
 
     @abstractmethod
-    def export(self, model: "ExportWrapper", spec, precision: str, input_hw: tuple[int, int],
-               calib_data: CalibrationData | None, out_dir: Path, options: ExportOptions) -> ExportResult:
-        """Convert `model` (an ExportWrapper, eval mode) to the target's artifact files in `out_dir`.
+    def export(self, job: "ExportJob") -> ExportResult:
+        """Convert `job.model` (an ExportWrapper, eval mode) to the target's artifact files in `job.out_dir`.
 
-        Args:
-            model: the wrapper to export; `model.example_input()` is a valid input.
-            spec: the checkpoint's ModelSpec (class names, mean/std...).
-            precision: one of `self.precisions` ("fp32" | "fp16" | "int8").
-            input_hw: static (H, W) of the export.
-            calib_data: CalibrationData for int8, else None.
-            out_dir: temporary artifact folder (exists, empty).
-            options: an instance of `self.Options`.
-        Returns:
-            ExportResult.
-        """
+        The precision and options are already checked against this exporter (profile, `Options`); a target-
+        specific impossibility raises UsageError, a vendor failure ArtifactError, each one line."""
 
     def quantizer(self, options: ExportOptions | None = None) -> Any:
         """The target's int8 quantizer object for PT2E flows (PTQ and QAT), or None if the target quantizes

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, export_float_policy
+from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,9 @@ class ExecutorchExporter(Exporter):
     def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
         """XNNPACKQuantizer with the symmetric int8 config (per-channel weights unless options say otherwise)."""
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer, get_symmetric_quantization_config)
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
 
         per_channel = getattr(options, "per_channel", True)
         q = XNNPACKQuantizer()
@@ -222,22 +224,21 @@ class ExecutorchExporter(Exporter):
     def fallback_ops(self, lowered) -> list[str]:
         return sorted(non_delegated_ops(lowered))
 
-    def export(self, model, spec, precision, input_hw, calib_data: CalibrationData | None, out_dir: Path,
-               options: ExecutorchOptions) -> ExportResult:
+    def export(self, job: ExportJob) -> ExportResult:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-        if precision not in self.precisions:
-            raise UsageError(f"--precision: executorch-xnnpack supports {', '.join(self.precisions)}, not {precision}")
+        model, precision, calib_data, options = job.model, job.precision, job.calib, job.options
+        out_dir = Path(job.out_dir)
         timings: dict[str, float] = {}
         example = (model.example_input(),)
         t = time.perf_counter()
         ep = torch.export.export(model, example, strict=False)
         timings["torch_export"] = time.perf_counter() - t
         quant: dict[str, Any] = {}
-        if precision == "int8" and getattr(model, "prequantized", None):
+        if job.qat:
             # a QAT checkpoint's converted graph: the q/dq ops with the learned scales are already in `ep`
-            quant = {**model.prequantized, "calibration_images": 0}
+            quant = {**job.qat, "calibration_images": 0}
         elif precision == "int8":
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: executorch-xnnpack needs calibration images")

@@ -1,5 +1,6 @@
 """ONNX exporter: `torch.onnx.export(..., dynamo=True)` at opset >= 18 with static shapes, checked with
-onnx.checker; int8 as QDQ through ONNX Runtime's `quantize_static`. Heavy imports stay inside functions.
+onnx.checker; int8 as QDQ through ONNX Runtime's `quantize_static` (edgeseg.export.onnx_quant). Heavy imports
+stay inside functions.
 """
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import (INPUT_NAME, CalibrationData, Exporter, ExportOptions, ExportResult,
-                                 export_float_policy)
+from edgeseg.errors import ArtifactError, UsageError, one_line
+from edgeseg.export.base import (
+    INPUT_NAME,
+    Exporter,
+    ExportJob,
+    ExportOptions,
+    ExportResult,
+    export_float_policy,
+)
+from edgeseg.export.onnx_quant import quantize_qdq, resolve_reduce_range
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +76,7 @@ class OnnxOptions(ExportOptions):
 
 # Per-node metadata of torch.onnx's dynamo exporter that only names the exporting machine's source files (absolute
 # paths) and costs ~25 % of an artifact's size; `pkg.torch.onnx.name_scopes` (module paths) stays: the float policy
-# reads it (float_nodes).
+# reads it (onnx_quant.float_nodes).
 STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace",)
 
 
@@ -112,174 +120,80 @@ def export_onnx(model, path: Path, opset: int, output_name: str) -> None:
         strip_stack_traces(path)
     except Exception as e:  # noqa: BLE001 - the exporter's failure becomes one line
         raise ArtifactError(f"onnx: torch.onnx.export (dynamo, opset {opset}) failed: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+                            f"{one_line(e)}") from e
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"{path}: onnx.checker rejected the exported model: {e}") from e
 
 
-class _Reader:
-    """onnxruntime.quantization CalibrationDataReader over CalibrationData."""
-
-    def __init__(self, data: CalibrationData):
-        self._it = iter(data.numpy())
-
-    def get_next(self):
-        x = next(self._it, None)
-        return None if x is None else {INPUT_NAME: x}
+INTENDED_PROVIDER = "CPUExecutionProvider"  # the provider edgeseg.runtime.onnx runs artifacts with
+_KERNEL_SUFFIX = "_kernel_time"
 
 
-def _name_scopes(node) -> list[str]:
-    """Module paths of an ONNX node from the dynamo exporter's `pkg.torch.onnx.name_scopes` metadata.
+def ep_placement(path: Path, optimize: bool = True, intended: str = INTENDED_PROVIDER) -> dict[str, Any]:
+    """Which execution provider ONNX Runtime placed each node on, measured: one profiled run of the model at
+    `path` (session options as edgeseg.runtime.onnx opens it: `optimize` = graph optimisations on), the node
+    -> provider assignment read from the profile's kernel events. Nodes not on `intended` are the fallbacks.
 
-    torch 2.13 writes the value as a Python list repr of cumulative names, e.g.
-    "['', 'model', 'model.decode_head', ..., 'model.decode_head.hamburger.ham', 'bmm']" (the last entry is the op);
-    a JSON list of per-level names is accepted too."""
-    import ast
-    import json
-
-    for p in node.metadata_props:
-        if p.key != "pkg.torch.onnx.name_scopes":
-            continue
-        try:
-            parts = json.loads(p.value)
-        except ValueError:
-            try:
-                parts = ast.literal_eval(p.value)
-            except (ValueError, SyntaxError):
-                parts = [p.value]
-        parts = [str(x) for x in (parts if isinstance(parts, (list, tuple)) else [parts]) if x]
-        if all("." not in x for x in parts):  # per-level names: make them cumulative
-            parts = [".".join(parts[:i + 1]) for i in range(len(parts))]
-        return parts
-    return []
-
-
-def float_nodes(onnx_model, policy) -> list[str]:
-    """Names of the ONNX nodes traced from inside the float policy's modules (ORT `nodes_to_exclude`)."""
-    import onnx
-
-    if isinstance(onnx_model, (str, Path)):
-        onnx_model = onnx.load(str(onnx_model), load_external_data=False)
-    if policy is None or not len(policy):
-        return []
-    names = {n.name for n in onnx_model.graph.node if any(policy.covers(s) for s in _name_scopes(n))}
-    try:  # the policy's own reader, in case it knows metadata this one does not
-        names.update(policy.onnx_nodes_to_exclude(onnx_model))
-    except Exception as e:  # noqa: BLE001
-        log.debug("FloatPolicy.onnx_nodes_to_exclude failed: %s", e)
-    return sorted(names)
-
-
-def unshare_initializers(onnx_model, excluded: list[str]) -> int:
-    """Give the excluded (float) nodes their own copy of every initializer they share with quantized nodes.
-
-    The dynamo exporter de-duplicates constants (e.g. a LayerNorm eps scalar used inside and outside a float
-    module); ORT would then quantize the shared initializer for the quantized consumer and feed the float node
-    its DequantizeLinear output. Returns the number of initializers copied."""
-    import onnx
-
-    ex = set(excluded)
-    inits = {i.name: i for i in onnx_model.graph.initializer}
-    users: dict[str, set[bool]] = {}
-    for n in onnx_model.graph.node:
-        for i in n.input:
-            if i in inits:
-                users.setdefault(i, set()).add(n.name in ex)
-    shared = [name for name, kinds in users.items() if kinds == {True, False}]
-    for name in shared:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(inits[name])
-        copy.name = f"{name}__float"
-        onnx_model.graph.initializer.append(copy)
-        for n in onnx_model.graph.node:
-            if n.name in ex:
-                for k, i in enumerate(n.input):
-                    if i == name:
-                        n.input[k] = copy.name
-    return len(shared)
-
-
-def resolve_reduce_range(requested: bool | str) -> tuple[bool, str]:
-    """(reduce_range, why) for the option's value; "auto" decides from the host CPU (edgeseg.cpu)."""
-    from edgeseg.cpu import host_cpu
-
-    if requested != "auto":
-        return bool(requested), "set explicitly"
-    cpu = host_cpu()
-    if cpu.int8_saturates:
-        return True, f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
-    return False, f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
-
-
-def per_tensor_weight_overrides(onnx_model, reduce_range: bool) -> dict[str, list[dict[str, Any]]]:
-    """ORT `TensorQuantOverrides` that keep per-channel scales to Conv/Gemm-style weights.
-
-    ORT's QDQ MatMul quantizes any initializer input per-channel (axis 1) when `per_channel` is on; after
-    fusion that becomes a QLinearMatMul whose B zero point is per-channel, which ORT's kernel rejects unless B is
-    2-D (measured: test_segnext's NMF `bmm` with the (1, C, R) bases buffer failed with "QLinearMatmul : weight
-    zero point must be a scalar, 1D tensor of size 1, or last to second dimension is 1"). Per-tensor overrides
-    for every MatMul initializer that is not a 2-D right-hand operand (a Linear weight) avoid that."""
-    import onnx
-
-    if isinstance(onnx_model, (str, Path)):
-        onnx_model = onnx.load(str(onnx_model), load_external_data=False)
-    dims = {i.name: len(i.dims) for i in onnx_model.graph.initializer}
-    out: dict[str, list[dict[str, Any]]] = {}
-    for node in onnx_model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        for idx, name in enumerate(node.input[:2]):
-            if name in dims and not (idx == 1 and dims[name] == 2):
-                out[name] = [{"reduce_range": reduce_range}]
-    return out
-
-
-def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, activation_type: str,
-                 reduce_range: bool, per_channel: bool, calibrate_method: str, symmetric: bool = False,
-                 op_types: list[str] | None = None, policy=None) -> dict[str, Any]:
-    """ONNX Runtime static QDQ quantization; returns the manifest's `quantization` record.
-
-    `policy` (edgeseg.quant.policy.FloatPolicy, wrapper names): its modules' nodes go to `nodes_to_exclude` and
-    stay float. Per-channel weight scales only where ORT's int8 kernels take them (`per_tensor_weight_overrides`).
+    Returns:
+        {source, intended_provider, session_providers, optimized, nodes_placed, providers {provider: nodes},
+         fallback_ops (sorted op types off `intended`), fallback_nodes (names)}.
+    Raises:
+        ArtifactError when the session cannot be created or run, or the profile names no node.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    import json
+    import os
+    import tempfile
 
-    fp32 = onnx.load(str(fp32_path), load_external_data=False)
-    excluded = float_nodes(fp32, policy)
-    if excluded and unshare_initializers(fp32, excluded):
-        onnx.save(fp32, str(fp32_path))  # our temporary float file
-    extra: dict[str, Any] = {}
-    if symmetric:
-        extra.update(ActivationSymmetric=True, WeightSymmetric=True)
-    overrides = per_tensor_weight_overrides(fp32, reduce_range) if per_channel else {}
-    if overrides:
-        extra["TensorQuantOverrides"] = overrides
-    kwargs: dict[str, Any] = {}
-    if op_types:
-        kwargs["op_types_to_quantize"] = op_types
-    if excluded:
-        kwargs["nodes_to_exclude"] = excluded
-    del fp32
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with tempfile.TemporaryDirectory(prefix="edgeseg-ort-profile-") as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "profile")
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=[intended])
+            feed = {}
+            for i in sess.get_inputs():
+                dtype = np.uint8 if i.type == "tensor(uint8)" else np.float16 if i.type == "tensor(float16)" \
+                    else np.float32
+                feed[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype)
+            sess.run(None, feed)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        except Exception as e:  # noqa: BLE001 - one line naming the file
+            raise ArtifactError(f"{path}: profiled ONNX Runtime run for the provider placement failed: "
+                                f"{type(e).__name__}: {one_line(e)}"
+                                ) from e
+    nodes: dict[str, tuple[str, str]] = {}
+    for ev in events if isinstance(events, list) else []:
+        args = ev.get("args") or {}
+        name = str(ev.get("name", ""))
+        if ev.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX) and "provider" in args:
+            nodes[name[: -len(_KERNEL_SUFFIX)]] = (str(args.get("op_name")), str(args["provider"]))
+    if not nodes:
+        raise ArtifactError(f"{path}: the ONNX Runtime profile names no node: provider placement unknown")
+    off = {n: op for n, (op, prov) in nodes.items() if prov != intended}
+    return {"source": "onnxruntime profile of one run (node kernel events, args.provider)",
+            "intended_provider": intended, "session_providers": list(sess.get_providers()), "optimized": optimize,
+            "nodes_placed": len(nodes),
+            "providers": dict(sorted(collections.Counter(p for _, p in nodes.values()).items())),
+            "fallback_ops": sorted(set(off.values())), "fallback_nodes": sorted(off)}
+
+
+def measured_fallback_ops(path: Path, optimize: bool = True) -> tuple[list[str] | None, dict[str, Any]]:
+    """(fallback_ops, placement record) for a manifest: the measured list, or None (unknown) with the reason
+    in the record when the profiled run fails; never an unmeasured empty list."""
     try:
-        quantize_static(str(fp32_path), str(out_path), _Reader(calib), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, reduce_range=reduce_range,
-                        activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, calibrate_method),
-                        extra_options=extra, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"onnx: quantize_static failed: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-    return {"scheme": "ONNX Runtime static QDQ", "activations": f"{activation_type} per-tensor"
-            + (" symmetric" if symmetric else " asymmetric"), "weights": "int8 symmetric "
-            + ("per-channel" if per_channel else "per-tensor") + (" 7-bit (reduce_range)" if reduce_range else ""),
-            "calibrate_method": calibrate_method, "calibration_images": len(calib.inputs),
-            "op_types_quantized": op_types or "ORT default",
-            "per_tensor_weights": sorted(overrides),
-            "float_modules": policy.to_json() if policy is not None else {},
-            "float_nodes": len(excluded)}
+        placement = ep_placement(path, optimize=optimize)
+    except ArtifactError as e:
+        log.warning("%s", e)
+        return None, {"source": "not measured", "error": str(e)}
+    return placement["fallback_ops"], placement
 
 
 def op_histogram(path: Path) -> dict[str, int]:
@@ -297,15 +211,13 @@ class OnnxExporter(Exporter):
     Options = OnnxOptions
     tools = ("onnx", "onnxruntime", "onnxscript", "torch")
 
-    def export(self, model, spec, precision, input_hw, calib_data, out_dir: Path, options: OnnxOptions
-               ) -> ExportResult:
-        if precision not in self.precisions:
-            raise UsageError(f"--precision: onnx supports {', '.join(self.precisions)}, not {precision}")
-        out_dir = Path(out_dir)
+    def export(self, job: ExportJob) -> ExportResult:
+        model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
+        out_dir = Path(job.out_dir)
         output_name = model.output_contract(spec.num_classes)["name"]
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        prequantized = getattr(model, "prequantized", None)  # QAT graph: q/dq with learned scales, no PTQ
+        prequantized = job.qat  # QAT graph: q/dq with learned scales, no PTQ
         target = out_dir / (FLOAT_FILE if precision == "int8" and not prequantized else MODEL_FILE)
         export_onnx(model, target, options.opset, output_name)
         timings["torch_onnx_export"] = time.perf_counter() - t
@@ -327,8 +239,12 @@ class OnnxExporter(Exporter):
         hist = op_histogram(out_dir / MODEL_FILE)
         if precision == "int8" and not hist.get("QuantizeLinear"):
             raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no QuantizeLinear node")
-        return ExportResult(files=[MODEL_FILE], fallback_ops=[], executed_here=True, quantization=quant,
-                            inspection={"op_histogram": hist, "opset": options.opset,
+        # what ORT actually placed off its provider, from a profiled run (the session edgeseg.runtime.onnx opens)
+        t = time.perf_counter()
+        fallback_ops, placement = measured_fallback_ops(out_dir / MODEL_FILE, optimize=True)
+        timings["ep_placement"] = time.perf_counter() - t
+        return ExportResult(files=[MODEL_FILE], fallback_ops=fallback_ops, executed_here=True, quantization=quant,
+                            inspection={"op_histogram": hist, "opset": options.opset, "ep_placement": placement,
                                         "timings_s": {k: round(v, 2) for k, v in timings.items()}})
 
 

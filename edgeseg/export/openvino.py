@@ -17,29 +17,13 @@ I/O renaming: a bare torch.export -> convert_model -> compile_model of the model
 here and for every consumer of the IR (no plugin option needed): `decompose_group_norm` rewrites each
 `GroupNormalization` node into Reshape -> MVN -> Reshape -> Multiply -> Add (bitwise-close: max |d| ~5e-8).
 
-int8 (NNCF 3.4 on the OV model, the simplest PTQ: no FX graph, no re-export): FakeQuantize nodes are inserted on
-activations and weights; `ov.save_model` stores quantized weights as int8 constants. Overflow fix: x86 CPUs with
-AVX2 but without VNNI (this CI host: AMD EPYC, avx2, no avx_vnni/avx512_vnni) run u8 x s8 convolutions with
-VPMADDUBSW, whose int16 pair sums saturate when full 8-bit weights meet large activations (measured: a conv net with
-same-sign weights on full-range data had 35 % relative error with NNCF's default `FIRST_LAYER` fix, 1.6 % with
-`ENABLE`, which quantizes every weight to 7 bits). The default `overflow_fix = "auto"` therefore resolves from the
-exporting CPU's flags (`edgeseg.cpu`): "enable" where u8 x s8 saturates (AVX2 without VNNI), "disable" (full 8-bit
-weights) on VNNI/AMX CPUs, which accumulate in int32; the manifest records the choice, the CPU and why. An IR meant
-for a different CPU than the exporting one sets the option explicitly.
+int8 (NNCF PTQ, its overflow fix and the float policy's IgnoredScope): edgeseg.export.openvino_quant.
 
 Fallback ops: the CPU plugin has no fallback device (an op it does not take fails `compile_model`), so a CPU IR
 that compiles has none; everything our models use is supported (grid_sample -> GridSample, unfold, bicubic ->
 Interpolate cubic, atan2). For other devices `Core.query_model` lists the ops the plugin takes, run in a child
 process (a plugin crash must not take the export down). For int8 the manifest also lists (in `inspection`) the
 compute layers that still run in float.
-
-Float policy (edgeseg.quant.policy, options `keep_float` / `float_defaults`): NNCF gets an `IgnoredScope` of the
-exact OpenVINO node names that come from the float modules (NMF2D, OffsetLearning, AFM by default). On the
-torch.export route the OpenVINO PyTorch frontend names every node `<fx node name>/<aten op>/<OV op>`; the FX graph
-it converts (the ExportedProgram after openvino's own `run_decompositions`) is built here with
-`TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their `nn_module_stack`) map to OV nodes
-exactly. NNCF validates the names (`validate=True`), and a non-empty policy that matches no OV node is an error,
-never a silent all-int8 model.
 """
 from __future__ import annotations
 
@@ -51,8 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import (CalibrationData, Exporter, ExportOptions, ExportResult, INPUT_NAME,
-                                 export_float_policy)
+from edgeseg.export.base import (
+    INPUT_NAME,
+    Exporter,
+    ExportJob,
+    ExportOptions,
+    ExportResult,
+    export_float_policy,
+)
+from edgeseg.export.openvino_quant import float_node_names, quantize, quantized_float_nodes
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +146,36 @@ def convert(model, route: str = "auto", static: bool = True) -> Converted:
     if static:
         ov_model.reshape({ov_model.inputs[0]: ov.PartialShape(list(example.shape))})
     n_gn = decompose_group_norm(ov_model)
+    if fx_graph is not None:
+        tag_module_paths(ov_model, fx_graph)
     return Converted(ov_model, used, fx_graph, n_gn)
+
+
+def tag_module_paths(ov_model, fx_graph) -> int:
+    """Store the module path of every op (the innermost `nn_module_stack` entry of the FX node its friendly name
+    starts with) in the model's rt_info as one JSON object {fx node name: module path}, which the IR keeps (an
+    op's own rt_info strings are not serialized): `edgeseg bench --profile` rolls per-layer time up to model parts
+    with it. Returns the number of ops covered."""
+    import json
+
+    from edgeseg.runtime.base import RT_INFO_KEY
+
+    path_of = {}
+    for node in fx_graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            entry = list(stack.values())[-1]
+            fqn = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+            path_of[node.name] = fqn.replace("L__self__.", "").replace("L['self'].", "")
+    used = {}
+    tagged = 0
+    for op in ov_model.get_ops():
+        name = op.get_friendly_name().split("/", 1)[0]
+        if name in path_of:
+            used[name] = path_of[name]
+            tagged += 1
+    ov_model.set_rt_info(json.dumps(used, separators=(",", ":")), [RT_INFO_KEY])
+    return tagged
 
 
 def decompose_group_norm(ov_model) -> int:
@@ -200,84 +220,6 @@ def name_io(ov_model, output_name: str) -> None:
     """Give the IR the manifest's tensor names (input "image", output "logits"/"class_map")."""
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
     ov_model.outputs[0].get_tensor().set_names({output_name})
-
-
-_NOT_QUANTIZABLE_TYPES = ("Parameter", "Result", "Constant")
-
-
-def float_node_names(converted: Converted, policy) -> list[str]:
-    """Names of the OV nodes that come from the policy's float modules (for `nncf.IgnoredScope(names=...)`).
-
-    torch.export route: OV node friendly names are `<fx node name>/<aten op>/<OV op>` (decomposed GroupNorm:
-    `<fx name>/.../decomposed/<step>`), matched against the FX nodes whose `nn_module_stack` lies in a float module.
-    Module route (TorchScript): the policy's `__module.<fqn>` regex patterns, resolved against the OV names here.
-    Raises ArtifactError when the policy names modules but no OV node matches (the mapping broke)."""
-    import re
-
-    if not len(policy):
-        return []
-    ops = [op for op in converted.model.get_ops() if op.get_type_name() not in _NOT_QUANTIZABLE_TYPES]
-    if converted.fx_graph is not None:
-        fx_float = set(policy.fx_node_names(converted.fx_graph))
-        names = sorted(op.get_friendly_name() for op in ops if op.get_friendly_name().split("/", 1)[0] in fx_float)
-    else:
-        pats = [re.compile(p) for p in policy.nncf_patterns()]
-        names = sorted(op.get_friendly_name() for op in ops if any(p.match(op.get_friendly_name()) for p in pats))
-    if not names:
-        raise ArtifactError(f"openvino: the float policy ({', '.join(policy.names)}) matches no node of the "
-                            f"OpenVINO model ({converted.route} route); refusing to quantize them to int8")
-    return names
-
-
-def resolve_overflow_fix(requested: str) -> tuple[str, str]:
-    """(NNCF overflow fix, why) for `requested`; "auto" decides from the host CPU (edgeseg.cpu)."""
-    from edgeseg.cpu import host_cpu
-
-    if requested != "auto":
-        return requested, "set explicitly"
-    cpu = host_cpu()
-    if cpu.int8_saturates:
-        return "enable", f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
-    return "disable", f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
-
-
-def quantize(ov_model, calib: CalibrationData, options: OpenVINOOptions, ignored: list[str] | None = None):
-    """NNCF PTQ of an OV model with the overflow fix of `options`, leaving the nodes named in `ignored` in float
-    (NNCF validates that each exists); returns (quantized ov.Model, manifest record)."""
-    import nncf
-
-    if calib is None or not calib.inputs:
-        raise UsageError("--precision int8: openvino needs calibration images")
-    data = calib.numpy()
-    kwargs: dict[str, Any] = {}
-    if options.model_type == "transformer":
-        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if ignored:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored), validate=True)
-    overflow_fix, why = resolve_overflow_fix(options.overflow_fix)
-    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix))
-    try:
-        q = nncf.quantize(ov_model, nncf.Dataset(data), preset=nncf.QuantizationPreset(options.preset),
-                          subset_size=len(data), fast_bias_correction=options.fast_bias_correction,
-                          advanced_parameters=adv, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"openvino: nncf.quantize failed: {_first_line(e)}") from e
-    record = {"scheme": "NNCF post-training quantization (OpenVINO FakeQuantize)",
-              "activations": "int8 per-tensor " + ("symmetric" if options.preset == "performance" else
-                                                   "asymmetric"),
-              "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if overflow_fix ==
-                                                         "enable" else ""),
-              "overflow_fix": overflow_fix, "overflow_fix_reason": why, "preset": options.preset,
-              "model_type": options.model_type or "default", "fast_bias_correction": options.fast_bias_correction,
-              "calibration_images": len(data), "float_nodes": len(ignored or [])}
-    return q, record
-
-
-def quantized_float_nodes(ov_model, names) -> list[str]:
-    """Nodes among `names` (the float policy's) that still read a FakeQuantize output (should be none)."""
-    wanted = set(names)
-    return sorted(op.get_friendly_name() for op in ov_model.get_ops() if op.get_friendly_name() in wanted and any(
-        i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs()))
 
 
 def op_histogram(ov_model) -> dict[str, int]:
@@ -357,85 +299,28 @@ class OpenVINOExporter(Exporter):
     Options = OpenVINOOptions
     tools = ("openvino", "nncf", "torch")
 
-    def export(self, model, spec, precision, input_hw, calib_data, out_dir: Path, options: OpenVINOOptions
-               ) -> ExportResult:
+    def export(self, job: ExportJob) -> ExportResult:
         import openvino as ov
 
-        from edgeseg.cpu import host_cpu
-
-        if precision not in self.precisions:
-            raise UsageError(f"--precision: openvino supports {', '.join(self.precisions)}, not {precision}")
-        out_dir = Path(out_dir)
+        model, options = job.model, job.options
+        out_dir = Path(job.out_dir)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         converted = convert(model, options.route)
-        ov_model, route = converted.model, converted.route
-        name_io(ov_model, model.output_contract(spec.num_classes)["name"])
+        name_io(converted.model, model.output_contract(job.spec.num_classes)["name"])
         timings["convert_model"] = time.perf_counter() - t
-
-        quant: dict[str, Any] = {}
-        float_names: list[str] = []
-        prequantized = getattr(model, "prequantized", None) if precision == "int8" else None
-        if prequantized:
-            # QAT graph (edgeseg qat): its q/dq ops with the learned scales became FakeQuantize nodes in
-            # convert_model; NNCF PTQ on top would re-calibrate them and throw the learned scales away.
-            quant = {**prequantized, "calibration_images": 0,
-                     "conversion": "ov.convert_model of the QAT-converted PT2E graph (q/dq -> FakeQuantize); "
-                                   "no NNCF PTQ"}
-        elif precision == "int8":
-            t = time.perf_counter()
-            policy = export_float_policy(model, options)
-            float_names = float_node_names(converted, policy)
-            ov_model, quant = quantize(ov_model, calib_data, options, float_names)
-            quant["float_modules"] = policy.to_json()
-            timings["nncf_quantize"] = time.perf_counter() - t
+        ov_model, quant, float_names = _quantize(converted, job, timings)
         t = time.perf_counter()
         try:
-            ov.save_model(ov_model, str(out_dir / MODEL_FILE), compress_to_fp16=(precision == "fp16"))
+            ov.save_model(ov_model, str(out_dir / MODEL_FILE), compress_to_fp16=(job.precision == "fp16"))
         except Exception as e:  # noqa: BLE001
             raise ArtifactError(f"openvino: ov.save_model failed: {_first_line(e)}") from e
         timings["save_model"] = time.perf_counter() - t
 
         core = ov.Core()
         saved = core.read_model(str(out_dir / MODEL_FILE))
-        hist = op_histogram(saved)
-        inspection: dict[str, Any] = {"route": route, "op_histogram": hist, "constant_dtypes": constant_dtypes(saved),
-                                      "device": options.device, "host_cpu": host_cpu().to_json()}
-        if precision == "int8":
-            if not hist.get("FakeQuantize"):
-                raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no FakeQuantize node")
-            inspection["fake_quantize_levels"] = fake_quantize_levels(saved)
-            inspection["float_policy_nodes"] = len(float_names)
-            leaked = quantized_float_nodes(saved, float_names)
-            if leaked:
-                raise ArtifactError(f"{out_dir / MODEL_FILE}: {len(leaked)} node(s) of float modules read int8 "
-                                    f"FakeQuantize outputs (e.g. {leaked[0]}); the float policy was not applied")
-        if converted.group_norms_decomposed:
-            inspection["group_norms_decomposed"] = converted.group_norms_decomposed
-        if precision == "fp16":
-            inspection["note"] = ("fp16 IR: weights stored as fp16 and decompressed at load; the CPU plugin "
-                                  "computes in its default inference precision (f32 on CPUs without native "
-                                  "fp16/bf16, as here)")
-        fallback: list[str] | None = None
-        if options.device in core.available_devices:
-            t = time.perf_counter()
-            try:
-                compiled = core.compile_model(saved, options.device,
-                                              {"INFERENCE_NUM_THREADS": max(1, options.num_threads)})
-            except Exception as e:  # noqa: BLE001
-                raise ArtifactError(f"openvino: compile_model on {options.device} failed: {_first_line(e)}") from e
-            timings["compile_model"] = time.perf_counter() - t
-            if options.device == "CPU":
-                # The CPU plugin has no fallback device: an op it does not take fails compile_model, so a compiled
-                # CPU model has none. (Core.query_model is asked, in a child process, for other devices.)
-                fallback = []
-                rp = runtime_precisions(compiled)
-                inspection["runtime_precisions"] = rp
-                if precision == "int8":
-                    inspection["float_compute_layers"] = {k: sum(n for p, n in v.items() if p not in ("u8", "i8"))
-                                                          for k, v in rp.items()}
-        if options.device != "CPU":
-            fallback = query_in_child(out_dir / MODEL_FILE, options.device)
+        inspection = _inspect(saved, converted, job, float_names)
+        fallback = _compile(core, saved, job, inspection, timings)
         inspection["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
         executed = options.device in core.available_devices
         return ExportResult(files=[MODEL_FILE, WEIGHTS_FILE], fallback_ops=fallback, executed_here=executed,
@@ -443,6 +328,81 @@ class OpenVINOExporter(Exporter):
                             f"OpenVINO device {options.device!r} is not available on this host "
                             f"(available: {', '.join(core.available_devices)})",
                             quantization=quant, inspection=inspection)
+
+
+def _quantize(converted: Converted, job: ExportJob, timings: dict[str, float]) -> tuple[Any, dict[str, Any], list[str]]:
+    """(OV model to save, quantization record, float policy node names) of a job."""
+    quant: dict[str, Any] = {}
+    float_names: list[str] = []
+    ov_model = converted.model
+    if job.qat:
+        # QAT graph (edgeseg qat): its q/dq ops with the learned scales became FakeQuantize nodes in
+        # convert_model; NNCF PTQ on top would re-calibrate them and throw the learned scales away.
+        quant = {**job.qat, "calibration_images": 0,
+                 "conversion": "ov.convert_model of the QAT-converted PT2E graph (q/dq -> FakeQuantize); "
+                               "no NNCF PTQ"}
+    elif job.precision == "int8":
+        t = time.perf_counter()
+        policy = export_float_policy(job.model, job.options)
+        float_names = float_node_names(converted, policy)
+        ov_model, quant = quantize(ov_model, job.calib, job.options, float_names)
+        quant["float_modules"] = policy.to_json()
+        timings["nncf_quantize"] = time.perf_counter() - t
+    return ov_model, quant, float_names
+
+
+def _inspect(saved, converted: Converted, job: ExportJob, float_names: list[str]) -> dict[str, Any]:
+    """The manifest's inspection of the saved IR; ArtifactError when an int8 IR is not quantized as asked."""
+    from edgeseg.cpu import host_cpu
+
+    path = Path(job.out_dir) / MODEL_FILE
+    hist = op_histogram(saved)
+    inspection: dict[str, Any] = {"route": converted.route, "op_histogram": hist,
+                                  "constant_dtypes": constant_dtypes(saved), "device": job.options.device,
+                                  "host_cpu": host_cpu().to_json()}
+    if job.precision == "int8":
+        if not hist.get("FakeQuantize"):
+            raise ArtifactError(f"{path}: int8 export holds no FakeQuantize node")
+        inspection["fake_quantize_levels"] = fake_quantize_levels(saved)
+        inspection["float_policy_nodes"] = len(float_names)
+        leaked = quantized_float_nodes(saved, float_names)
+        if leaked:
+            raise ArtifactError(f"{path}: {len(leaked)} node(s) of float modules read int8 "
+                                f"FakeQuantize outputs (e.g. {leaked[0]}); the float policy was not applied")
+    if converted.group_norms_decomposed:
+        inspection["group_norms_decomposed"] = converted.group_norms_decomposed
+    if job.precision == "fp16":
+        inspection["note"] = ("fp16 IR: weights stored as fp16 and decompressed at load; the CPU plugin "
+                              "computes in its default inference precision (f32 on CPUs without native "
+                              "fp16/bf16, as here)")
+    return inspection
+
+
+def _compile(core, saved, job: ExportJob, inspection: dict[str, Any], timings: dict[str, float]) -> list[str] | None:
+    """Compile the IR on the options' device where present (adding runtime precisions to `inspection`) -> the
+    fallback ops (None when unknown)."""
+    options = job.options
+    fallback: list[str] | None = None
+    if options.device in core.available_devices:
+        t = time.perf_counter()
+        try:
+            compiled = core.compile_model(saved, options.device,
+                                          {"INFERENCE_NUM_THREADS": max(1, options.num_threads)})
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"openvino: compile_model on {options.device} failed: {_first_line(e)}") from e
+        timings["compile_model"] = time.perf_counter() - t
+        if options.device == "CPU":
+            # The CPU plugin has no fallback device: an op it does not take fails compile_model, so a compiled
+            # CPU model has none. (Core.query_model is asked, in a child process, for other devices.)
+            fallback = []
+            rp = runtime_precisions(compiled)
+            inspection["runtime_precisions"] = rp
+            if job.precision == "int8":
+                inspection["float_compute_layers"] = {k: sum(n for p, n in v.items() if p not in ("u8", "i8"))
+                                                      for k, v in rp.items()}
+    if options.device != "CPU":
+        fallback = query_in_child(Path(job.out_dir) / MODEL_FILE, options.device)
+    return fallback
 
 
 EXPORTER = OpenVINOExporter

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import CalibrationData, Exporter, ExportOptions, ExportResult, export_float_policy
-from edgeseg.export.onnx import MIN_OPSET, MODEL_FILE, export_onnx, op_histogram, quantize_qdq
+from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
+from edgeseg.export.onnx import MIN_OPSET, MODEL_FILE, export_onnx, op_histogram
+from edgeseg.export.onnx_quant import quantize_qdq
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +159,11 @@ class TensorrtExporter(Exporter):
     Options = TensorrtOptions
     tools = ("onnx", "onnxruntime", "onnxscript", "torch")
 
-    def export(self, model, spec, precision, input_hw, calib_data: CalibrationData | None, out_dir: Path,
-               options: TensorrtOptions) -> ExportResult:
-        if precision not in self.precisions:
-            raise UsageError(f"--precision: jetson-tensorrt supports {', '.join(self.precisions)}, not {precision}")
-        out_dir = Path(out_dir)
+    def export(self, job: ExportJob) -> ExportResult:
+        model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
+        out_dir = Path(job.out_dir)
         output_name = model.output_contract(spec.num_classes)["name"]
-        prequantized = getattr(model, "prequantized", None) if precision == "int8" else None
+        prequantized = job.qat
         fp32_path = out_dir / ("model_fp32.onnx" if precision == "int8" and not prequantized else MODEL_FILE)
         t = time.perf_counter()
         export_onnx(model, fp32_path, options.opset, output_name)

@@ -1,69 +1,58 @@
-"""Calibration sets: recipes (`calibration/*.toml`, installed as `edgeseg.calibration`) turned into the images an
-int8 export or a QAT run calibrates on, with the class coverage that goes into the export manifest.
+"""Calibration sets: the images an int8 export or a QAT run calibrates on, with the class coverage that goes into
+the export manifest. Three ways in, by what they start from:
 
-A recipe names a source dataset, a split, a count, a selection rule and a seed:
-
-    name = "camvid-train-64"   # (str) recipe name; equals the file stem
-    description = "..."        # (str) one line for listings
-    source = "data"            # (str) "data": the dataset folder given at run time (--data/--calib);
-                               #       "embedded": the shipped CamVid mini set; anything else: a dataset path
-    format = ""                # (str) dataset layout for open_dataset ("" = auto-detect)
-    split = "train"            # (str) split to draw from; default recipes draw from the training split
-    count = 64                 # (int) number of images to draw
-    selection = "stratified"   # (str) "random" | "stratified" (greedy cover of the classes present, rare first)
-    seed = 0                   # (int) seed of the draw
-    min_count = 8              # (int) refuse a set smaller than this
-
-Rules (each a one-line `DataError`/`UsageError`): a set that shares an image with the evaluation split (same
-path or same bytes) is refused; a set smaller than `min_count` is refused.
+  build_calibration_set     a recipe (edgeseg.quant.recipes), or a dataset split with explicit count/selection
+  calibration_for_export    an export's --calib: a recipe, a dataset root or image folder, or nothing (the
+                            embedded CamVid mini set, else random images), in the export wrapper's input contract
+  calibration_for_training  QAT on a dataset: a recipe, else its train split, kept apart from its val split
 
 Must not import export runtimes; numpy/cv2/torch only.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.resources
 import logging
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from edgeseg.errors import DataError, UsageError
+from edgeseg.quant.recipes import (
+    MIN_COUNT,
+    SELECTIONS,
+    Recipe,
+    check_overlap,
+    class_counts,
+    coverage,
+    load_recipe,
+    pixel_counts,
+    recipe_name,
+    resolve_source,
+    select_indices,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "edgeseg.calibration"
-MIN_COUNT = 8
-SELECTIONS = ("random", "stratified")
-# key -> (type, required)
-SCHEMA: dict[str, tuple[type, bool]] = {
-    "name": (str, True), "description": (str, False), "source": (str, True), "format": (str, False),
-    "split": (str, True), "count": (int, True), "selection": (str, True), "seed": (int, True),
-    "min_count": (int, False),
-}
 
+@dataclass
+class CalibrationData:
+    """Calibration inputs for an int8 export.
 
-@dataclass(frozen=True)
-class Recipe:
-    """A parsed calibration recipe (see the module docstring)."""
+    Attributes:
+        inputs: list of torch tensors, each (1, ...) in the ExportWrapper's input contract.
+        info: what goes into the manifest's `calibration` entry (source, count, class coverage, ...).
+    """
 
-    name: str
-    source: str
-    split: str
-    count: int
-    selection: str = "stratified"
-    seed: int = 0
-    min_count: int = MIN_COUNT
-    format: str = ""
-    description: str = ""
-    path: str = ""
+    inputs: list[torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def numpy(self) -> list[np.ndarray]:
+        return [t.detach().cpu().numpy() for t in self.inputs]
 
 
 @dataclass
@@ -104,178 +93,15 @@ class CalibrationSet:
                 "classes_present": list(self.classes_present), "classes_missing": list(self.classes_missing)}
 
     def to_calibration_data(self, wrapper=None):
-        """`edgeseg.export.base.CalibrationData` for an exporter: float32 NCHW tensors, or, given an
+        """`CalibrationData` for an exporter: float32 NCHW tensors, or, given an
         ExportWrapper, inputs in that wrapper's contract (uint8 / NHWC)."""
         import torch
-
-        from edgeseg.export.base import CalibrationData
 
         if wrapper is None:
             inputs = [torch.from_numpy(a) for a in self.arrays]
         else:
             inputs = [wrapper.make_input(im) for im in self.images]
         return CalibrationData(inputs=inputs, info=self.info())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# recipes
-# ----------------------------------------------------------------------------------------------------------------
-def _recipe_files() -> dict[str, Any]:
-    root = importlib.resources.files(PACKAGE)
-    return {p.name[:-5]: p for p in root.iterdir() if p.name.endswith(".toml")}
-
-
-def list_recipes() -> list[str]:
-    """Names of every recipe shipped in calibration/ (sorted)."""
-    return sorted(_recipe_files())
-
-
-def parse_recipe(data: dict[str, Any], stem: str | None, where: str) -> Recipe:
-    """Check a recipe dict against SCHEMA; UsageError naming the key otherwise."""
-    for k in data:
-        if k not in SCHEMA:
-            raise UsageError(f"{where}: {k}: unknown key; known: {', '.join(SCHEMA)}")
-    for k, (typ, required) in SCHEMA.items():
-        if k not in data:
-            if required:
-                raise UsageError(f"{where}: missing key {k!r}")
-            continue
-        v = data[k]
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            raise UsageError(f"{where}: {k}: expected {typ.__name__}, got {v!r}")
-    if stem is not None and data["name"] != stem:
-        raise UsageError(f"{where}: name: {data['name']!r} must equal the file stem {stem!r}")
-    if data["selection"] not in SELECTIONS:
-        raise UsageError(f"{where}: selection: {data['selection']!r} is not one of {', '.join(SELECTIONS)}")
-    for k in ("count", "min_count"):
-        if k in data and data[k] < 1:
-            raise UsageError(f"{where}: {k}: must be at least 1, got {data[k]}")
-    if data["count"] < data.get("min_count", MIN_COUNT):
-        raise UsageError(f"{where}: count: {data['count']} is below min_count {data.get('min_count', MIN_COUNT)}")
-    return Recipe(**{k: data[k] for k in data}, path=where)
-
-
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A shipped recipe by name (`camvid-train-64`) or a `.toml` file path.
-
-    Raises:
-        UsageError: unknown recipe, invalid TOML, or a recipe that does not match the schema.
-    """
-    p = Path(str(name_or_path))
-    if p.suffix == ".toml" or p.is_file():
-        if not p.is_file():
-            raise UsageError(f"--calib-recipe: {p} does not exist")
-        text, stem, where = p.read_text(), p.stem, str(p)
-    else:
-        files = _recipe_files()
-        if str(name_or_path) not in files:
-            raise UsageError(f"--calib-recipe: unknown recipe {name_or_path!r}; known: {', '.join(sorted(files))}")
-        text, stem, where = files[str(name_or_path)].read_text(), str(name_or_path), f"calibration/{name_or_path}.toml"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{where}: not valid TOML ({e})") from None
-    return parse_recipe(data, stem, where)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# selection
-# ----------------------------------------------------------------------------------------------------------------
-def _presence(labels: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    """(n, K) pixel counts per image and class (ignore and out-of-range values dropped)."""
-    counts = np.zeros((len(labels), num_classes), dtype=np.int64)
-    for i, lab in enumerate(labels):
-        v = np.asarray(lab).astype(np.int64).ravel()
-        v = v[(v >= 0) & (v < num_classes)]
-        counts[i] = np.bincount(v, minlength=num_classes)[:num_classes]
-    return counts
-
-
-def class_counts(ds) -> np.ndarray:
-    """(len(ds), K) pixel counts per image and class of a SegDataset (reads only the labels)."""
-    from edgeseg.data.datasets import read_label
-
-    return _presence([ds.map_label(read_label(p), p) for p in ds.label_paths], ds.info.num_classes)
-
-
-def select_indices(counts: np.ndarray, count: int, selection: str, seed: int) -> list[int]:
-    """Indices of `count` images out of `counts` (n, K) pixel counts.
-
-    "random": a seeded permutation. "stratified": greedy set cover of class presence, rare classes first: each
-    pick maximises sum over the classes it contains of rarity / (1 + times already covered), where rarity =
-    1 / (number of images of the split holding the class); ties go to the seeded permutation's order.
-    """
-    n = counts.shape[0]
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    count = min(count, n)
-    if selection == "random":
-        return [int(i) for i in order[:count]]
-    if selection != "stratified":
-        raise UsageError(f"selection: {selection!r} is not one of {', '.join(SELECTIONS)}")
-    present = counts > 0
-    rarity = 1.0 / np.maximum(present.sum(0), 1)
-    covered = np.zeros(counts.shape[1])
-    chosen: list[int] = []
-    available = np.ones(n, dtype=bool)
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    for _ in range(count):
-        gain = (present * (rarity / (1.0 + covered))).sum(1)
-        gain[~available] = -np.inf
-        best = np.flatnonzero(gain == gain.max())
-        pick = int(best[np.argmin(rank[best])])
-        chosen.append(pick)
-        available[pick] = False
-        covered += present[pick]
-    return chosen
-
-
-def coverage(counts: np.ndarray, class_names: Sequence[str]) -> tuple[dict[str, float], list[str], list[str]]:
-    """(class -> pixel share, present classes, missing classes) of the summed (n, K) pixel counts."""
-    hist = counts.sum(0)
-    total = max(int(hist.sum()), 1)
-    share = {class_names[k]: float(hist[k]) / total for k in range(len(class_names))}
-    present = [class_names[k] for k in range(len(class_names)) if hist[k] > 0]
-    missing = [class_names[k] for k in range(len(class_names)) if hist[k] == 0]
-    return share, present, missing
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# building
-# ----------------------------------------------------------------------------------------------------------------
-def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _resolve_source(recipe: Recipe, data_root: str | Path | None) -> Path:
-    if recipe.source == "embedded":
-        from edgeseg.data.embedded import default_data_dir
-
-        return default_data_dir()
-    if recipe.source == "data":
-        if data_root is None:
-            raise UsageError(f"{recipe.path or recipe.name}: source \"data\" needs a dataset folder (--data/--calib)")
-        return Path(data_root)
-    return Path(recipe.source)
-
-
-def check_overlap(files: Sequence[str | Path], eval_files: Sequence[str | Path], where: str) -> None:
-    """DataError if a calibration image is also an evaluation image (same resolved path or same bytes)."""
-    cal = {str(Path(f).resolve()): Path(f) for f in files}
-    ev = {str(Path(f).resolve()) for f in eval_files}
-    same = sorted(set(cal) & ev)
-    if not same:
-        by_size: dict[int, list[Path]] = {}
-        for f in eval_files:
-            by_size.setdefault(Path(f).stat().st_size, []).append(Path(f))
-        for key, f in cal.items():
-            cands = by_size.get(f.stat().st_size, [])
-            if cands and any(_digest(c) == _digest(f) for c in cands):
-                same.append(key)
-    if same:
-        raise DataError(f"{where}: {len(same)} calibration image(s) are in the evaluation split "
-                        f"(e.g. {Path(same[0]).name}); draw calibration from another split")
 
 
 def build_calibration_set(recipe: Recipe | str | Path | None = None, input_hw: Sequence[int] = (512, 512),
@@ -300,7 +126,7 @@ def build_calibration_set(recipe: Recipe | str | Path | None = None, input_hw: S
         DataError: the set overlaps `eval_split`, or has fewer than `min_count` images.
         UsageError: bad recipe/arguments.
     """
-    from edgeseg.data.datasets import open_dataset
+    from edgeseg.data.formats import open_dataset
     from edgeseg.data.transforms import preprocess
 
     if recipe is None:
@@ -317,7 +143,7 @@ def build_calibration_set(recipe: Recipe | str | Path | None = None, input_hw: S
     if recipe.selection not in SELECTIONS:
         raise UsageError(f"selection: {recipe.selection!r} is not one of {', '.join(SELECTIONS)}")
     where = f"calibration recipe {recipe.name!r}"
-    root = _resolve_source(recipe, data_root)
+    root = resolve_source(recipe, data_root)
     ds = open_dataset(root, split=recipe.split, fmt=recipe.format or None)
     k = ds.info.num_classes
     if recipe.selection == "stratified":
@@ -344,7 +170,7 @@ def build_calibration_set(recipe: Recipe | str | Path | None = None, input_hw: S
     h, w = int(input_hw[0]), int(input_hw[1])
     for i in tqdm(idx, desc="calibration images", disable=not progress):
         img, lab = ds.load(i)
-        counts.append(_presence([lab], k)[0])
+        counts.append(pixel_counts([lab], k)[0])
         small = img if img.shape[:2] == (h, w) else cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
         images.append(np.ascontiguousarray(small))
         arrays.append(preprocess(small, (h, w), mean, std)[None].astype(np.float32))
@@ -358,5 +184,134 @@ def build_calibration_set(recipe: Recipe | str | Path | None = None, input_hw: S
                           input_hw=(h, w))
 
 
-__all__ = ["Recipe", "CalibrationSet", "MIN_COUNT", "SELECTIONS", "SCHEMA", "list_recipes", "load_recipe",
-           "parse_recipe", "class_counts", "select_indices", "coverage", "check_overlap", "build_calibration_set"]
+def calibration_for_training(calib: str | None, data: str | Path, input_hw: Sequence[int], mean, std,
+                             progress: bool = False) -> CalibrationSet:
+    """The images QAT's `init_observers` uses: recipe `calib` (drawn with `data` as its "data" source), or by
+    default up to 64 images of `data`'s train split (stratified by class presence, seed 0). Either is refused if
+    it overlaps `data`'s val split, which QAT validates on."""
+    from edgeseg.data.formats import open_dataset
+    from edgeseg.errors import EdgesegError
+
+    try:
+        eval_split = open_dataset(data, split="val").image_paths
+    except EdgesegError:  # no val split: nothing to keep apart
+        eval_split = None
+    if calib:
+        return build_calibration_set(calib, input_hw, mean, std, data_root=data, eval_split=eval_split,
+                                     progress=progress)
+    return build_calibration_set(None, input_hw, mean, std, data_root=data, split="train", count=64,
+                                 selection="stratified", seed=0, min_count=1, eval_split=eval_split,
+                                 progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images for an export: calibration and proof
+# ----------------------------------------------------------------------------------------------------------------
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3); DataError when unreadable."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: unreadable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resize_image(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """`img` at (H, W) `hw` (bilinear; unchanged when it already is)."""
+    import cv2
+
+    if img.shape[:2] == tuple(hw):
+        return img
+    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def _folder_images(root: Path, count: int) -> tuple[list[np.ndarray], list[np.ndarray | None], str]:
+    """Up to `count` (image, label or None) from a dataset root (edgeseg.data.formats when available) or a plain
+    folder of images. Deterministic order (sorted, evenly spaced)."""
+    try:
+        from edgeseg.data.formats import open_dataset
+    except ImportError:
+        open_dataset = None
+    if open_dataset is not None:
+        for split in ("train", "val"):
+            try:
+                ds = open_dataset(root, split=split)
+            except Exception:  # noqa: BLE001 - not a dataset layout: try the plain-folder reading below
+                continue
+            n = len(ds)
+            idx = np.linspace(0, n - 1, min(count, n)).round().astype(int) if n else []
+            imgs, labels = [], []
+            for i in dict.fromkeys(int(i) for i in idx):
+                img, lab = ds[i]
+                imgs.append(np.asarray(img))
+                labels.append(np.asarray(lab))
+            if imgs:
+                return imgs, labels, f"{root} (split {split})"
+    from edgeseg.data.decoding import IMAGE_EXTS
+
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS
+                   and "annot" not in str(p.parent.name).lower() and "label" not in str(p.parent.name).lower())
+    if not files:
+        raise DataError(f"{root}: no images found (expected a dataset root or a folder of .png/.jpg)")
+    idx = np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)
+    files = [files[i] for i in dict.fromkeys(int(i) for i in idx)]
+    return [read_rgb(p) for p in files], [None] * len(files), str(root)
+
+
+def default_images(count: int) -> tuple[list[np.ndarray], list[np.ndarray | None], str]:
+    """The embedded CamVid mini set when installed, else deterministic random RGB images."""
+    try:
+        from edgeseg.data.decoding import IMAGE_EXTS
+        from edgeseg.data.embedded import default_data_dir
+
+        root = default_data_dir()
+        files = sorted(p for p in (root / "val").iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if files:
+            idx = np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)
+            files = [files[i] for i in dict.fromkeys(int(i) for i in idx)]
+            return [read_rgb(p) for p in files], [None] * len(files), f"embedded {root.name} val"
+    except Exception as e:  # noqa: BLE001 - the embedded data is optional
+        log.debug("embedded data unavailable: %s", e)
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(count)]
+    return imgs, [None] * count, "random uint8 images (seed 0)"
+
+
+def calibration_for_export(wrapper, calib: str | Path | None, count: int, spec,
+                           data_root: str | Path | None = None) -> CalibrationData:
+    """CalibrationData for an int8 export: images from `calib` (or the default images) resized to the export
+    size, in the wrapper's input contract, with the manifest's `calibration` info (source, count, class coverage
+    when labels are available)."""
+    if count < 1:
+        raise UsageError("options.calib_count: must be at least 1 for an int8 export")
+    recipe = recipe_name(calib)
+    if recipe is not None:  # a calibration/*.toml recipe (edgeseg.quant.recipes): its own selection rules
+        cset = build_calibration_set(recipe, wrapper.input_hw, spec.mean, spec.std, data_root=data_root)
+        return cset.to_calibration_data(wrapper)
+    if calib is not None:
+        if not Path(calib).exists():
+            raise UsageError(f"--calib: {calib} does not exist")
+        imgs, labels, source = _folder_images(Path(calib), count)
+    else:
+        imgs, labels, source = default_images(count)
+    inputs = [wrapper.make_input(resize_image(im, wrapper.input_hw)) for im in imgs]
+    info: dict[str, Any] = {"source": source, "count": len(inputs), "input_hw": list(wrapper.input_hw)}
+    labelled = [lab for lab in labels if lab is not None]
+    if labelled:
+        k = spec.num_classes
+        hist = np.zeros(k, dtype=np.int64)
+        for lab in labelled:
+            lab = lab.astype(np.int64).ravel()
+            lab = lab[(lab >= 0) & (lab < k)]
+            hist += np.bincount(lab, minlength=k)[:k]
+        total = max(int(hist.sum()), 1)
+        info["class_pixel_share"] = {spec.class_names[i]: round(float(hist[i]) / total, 5) for i in range(k)}
+        info["classes_missing"] = [spec.class_names[i] for i in range(k) if hist[i] == 0]
+    if count > len(inputs):
+        log.warning("calibration: asked for %d images, %s has %d", count, source, len(inputs))
+    return CalibrationData(inputs=inputs, info=info)
+
+
+__all__ = ["CalibrationData", "CalibrationSet", "build_calibration_set", "calibration_for_training",
+           "calibration_for_export", "default_images", "read_rgb", "resize_image"]

@@ -31,12 +31,11 @@ Must not import export runtimes at module level.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch.nn as nn
 
@@ -129,11 +128,13 @@ class FloatPolicy:
         `pkg.torch.onnx.name_scopes` metadata) that lie inside float modules."""
         import onnx
 
+        from edgeseg.runtime.onnx import onnx_name_scopes
+
         if isinstance(onnx_model, (str, Path)):
             onnx_model = onnx.load(str(onnx_model), load_external_data=False)
         out = []
         for node in onnx_model.graph.node:
-            scopes = _onnx_scopes(node)
+            scopes = onnx_name_scopes(node)
             if scopes and any(self.covers(s) for s in scopes):
                 out.append(node.name)
         return out
@@ -143,19 +144,6 @@ def _clean_fqn(fqn: str) -> str:
     # torch.export records FQNs like "L__self__.backbone" or "model.backbone" (through the ExportWrapper)
     fqn = fqn.replace("L__self__.", "").replace("L['self'].", "")
     return fqn
-
-
-def _onnx_scopes(node) -> list[str]:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                parts = json.loads(p.value)
-            except json.JSONDecodeError:
-                parts = [p.value]
-            # name_scopes lists the module path one level per entry: ["", "backbone", "stem", "0"]
-            parts = [s for s in parts if s]
-            return [".".join(parts[:i + 1]) for i in range(len(parts))]
-    return []
 
 
 def _prune(mods: dict[str, str]) -> dict[str, str]:

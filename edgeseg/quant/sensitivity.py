@@ -1,17 +1,22 @@
 """Per-layer int8 sensitivity: SQNR of each conv/linear layer's int8-simulated output against float, and the
 mIoU change when that layer alone is quantized, on a few validation images; sorted most fragile first.
 
-Simulation (eager, target-agnostic): symmetric per-channel int8 weights and per-tensor int8 input activations
-(scale from the layer input's absolute max on the evaluated images), the scheme every target here uses for
-convolutions. Must not import export runtimes.
+Simulation (eager): the int8 scheme of the target the artifact is for (`scheme_for_target`, from the target's
+profile options, resolved as its exporter resolves them): weight range (full 8-bit, or 7-bit where the exporter
+picks ONNX Runtime's reduce_range / NNCF's overflow fix for this CPU), per-channel or per-tensor weight scales,
+and the activation scheme (asymmetric uint8/int8, symmetric int8, NNCF's signedness-by-range, Core ML's symmetric
+uint8, or none for weight-only). Activation ranges are the min/max of the layer input per image (MinMax); a target
+whose calibration is not MinMax is refused. Without a scheme (`GENERIC`): symmetric per-channel int8 weights and
+symmetric per-tensor int8 activations. Must not import export runtimes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -29,6 +34,76 @@ def fake_int8(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return (x / scale).round().clamp(-128, 127) * scale
 
 
+@dataclass(frozen=True)
+class Int8Scheme:
+    """How one target's exporter quantizes a conv/linear layer, as the eager simulation applies it.
+
+    Weights: symmetric, q = clamp(round(w / s), w_qmin, w_qmax), s = absmax / w_div (per output channel or per
+    tensor). `first_w_*`: another range for the model's first layer only (NNCF overflow fix "first_layer_only").
+    Activations (the layer input, range per image): "asymmetric" (zero point from min/max over [a_qmin, a_qmax]),
+    "symmetric" (s = absmax / a_div, zero point a_zero), "signed_by_range" (NNCF symmetric: unsigned 0..255 when
+    the input is non-negative, else -128..127), or "none" (weight-only int8).
+    """
+
+    target: str
+    description: str
+    w_qmin: int = -128
+    w_qmax: int = 127
+    w_div: float = 127.0
+    per_channel: bool = True
+    first_w_qmin: int | None = None
+    first_w_qmax: int | None = None
+    first_w_div: float | None = None
+    activations: str = "symmetric"
+    a_qmin: int = -128
+    a_qmax: int = 127
+    a_div: float = 127.0
+    a_zero: int = 0
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+GENERIC = Int8Scheme(target="generic", description="symmetric per-channel int8 weights, symmetric per-tensor "
+                                                   "int8 activations (no target)")
+
+
+def fake_weight(w: torch.Tensor, dim: int, scheme: Int8Scheme, first: bool = False) -> torch.Tensor:
+    """Symmetric int8 round trip of a weight in `scheme`'s range (per-channel along `dim`, or per-tensor)."""
+    qmin, qmax, div = scheme.w_qmin, scheme.w_qmax, scheme.w_div
+    if first and scheme.first_w_div is not None:
+        qmin, qmax, div = scheme.first_w_qmin, scheme.first_w_qmax, scheme.first_w_div
+    if scheme.per_channel:
+        red = [d for d in range(w.dim()) if d != dim]
+        absmax = w.abs().amax(dim=red, keepdim=True)
+    else:
+        absmax = w.abs().max()
+    scale = absmax.clamp_min(1e-12) / div
+    return (w / scale).round().clamp(qmin, qmax) * scale
+
+
+def fake_activation(x: torch.Tensor, scheme: Int8Scheme) -> torch.Tensor:
+    """Per-tensor int8 round trip of a layer input in `scheme`'s activation scheme (range: this tensor's)."""
+    kind = scheme.activations
+    if kind == "none":
+        return x
+    if kind == "asymmetric":
+        lo, hi = x.min().clamp_max(0.0), x.max().clamp_min(0.0)
+        scale = ((hi - lo) / (scheme.a_qmax - scheme.a_qmin)).clamp_min(1e-12)
+        zero = (scheme.a_qmin - lo / scale).round().clamp(scheme.a_qmin, scheme.a_qmax)
+        return ((x / scale).round() + zero).clamp(scheme.a_qmin, scheme.a_qmax).sub(zero) * scale
+    if kind == "signed_by_range":
+        if float(x.min()) >= 0.0:
+            scale = x.max().clamp_min(1e-12) / 255
+            return (x / scale).round().clamp(0, 255) * scale
+        scale = x.abs().max().clamp_min(1e-12) / 127
+        return (x / scale).round().clamp(-128, 127) * scale
+    scale = x.abs().max().clamp_min(1e-12) / scheme.a_div
+    z = scheme.a_zero
+    return ((x / scale).round() + z).clamp(scheme.a_qmin, scheme.a_qmax).sub(z) * scale
+
+
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     noise = (ref.double() - test.double()).pow(2).sum().item()
     sig = ref.double().pow(2).sum().item()
@@ -36,15 +111,17 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 
 class _Quantized:
-    """Context: layer `mod` runs with int8-simulated weights and input."""
+    """Context: layer `mod` runs with int8-simulated weights and input, in `scheme`."""
 
-    def __init__(self, mod: nn.Module):
-        self.mod = mod
+    def __init__(self, mod: nn.Module, scheme: Int8Scheme = GENERIC, first: bool = False):
+        self.mod, self.scheme, self.first = mod, scheme, first
 
     def __enter__(self):
         self.w = self.mod.weight.data.clone()
-        self.mod.weight.data = fake_int8(self.w, dim=1 if isinstance(self.mod, nn.ConvTranspose2d) else 0)
-        self.h = self.mod.register_forward_pre_hook(lambda m, a: (fake_int8(a[0]),) + tuple(a[1:]))
+        dim = 1 if isinstance(self.mod, nn.ConvTranspose2d) else 0
+        self.mod.weight.data = fake_weight(self.w, dim, self.scheme, self.first)
+        self.h = self.mod.register_forward_pre_hook(
+            lambda m, a: (fake_activation(a[0], self.scheme),) + tuple(a[1:]))
         return self
 
     def __exit__(self, *exc):
@@ -94,7 +171,7 @@ def _chunks(model: nn.Module, mods: dict, names: Sequence[str], inputs, budget: 
 
 def layer_sensitivity(model: nn.Module, inputs: Sequence[torch.Tensor],
                       miou_fn: Callable[[nn.Module], float] | None = None, layers: Sequence[str] | None = None,
-                      progress: bool = False) -> list[dict[str, Any]]:
+                      progress: bool = False, scheme: Int8Scheme | None = None) -> list[dict[str, Any]]:
     """Rows {layer, type, sqnr_db, miou_delta (None without miou_fn)}, sorted most sensitive first (largest mIoU
     drop, then lowest SQNR).
 
@@ -103,11 +180,15 @@ def layer_sensitivity(model: nn.Module, inputs: Sequence[torch.Tensor],
         inputs: normalised float32 (N, 3, H, W) tensors.
         miou_fn: model -> mIoU on the validation images (called once in float, then once per layer).
         layers: module names to test (default: every Conv2d/Linear/ConvTranspose2d).
+        scheme: the int8 scheme simulated (`scheme_for_target`); default GENERIC.
     """
     from tqdm import tqdm
 
     model.eval()
-    names = list(layers) if layers else [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    scheme = scheme or GENERIC
+    all_layers = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    names = list(layers) if layers else all_layers
+    first_layer = all_layers[0] if all_layers else None  # NNCF's "first layer" (overflow fix first_layer_only)
     mods = dict(model.named_modules())
     base = miou_fn(model) if miou_fn else None
     rows = []
@@ -118,7 +199,7 @@ def layer_sensitivity(model: nn.Module, inputs: Sequence[torch.Tensor],
         ref = _outputs(model, [mods[n] for n in chunk], inputs)
         for name, mod_ref in zip(chunk, ref):
             mod = mods[name]
-            with _Quantized(mod):
+            with _Quantized(mod, scheme, first=name == first_layer):
                 (got,) = _outputs(model, [mod], inputs)
                 delta = (miou_fn(model) - base) if miou_fn else None
             s = sqnr_db(torch.cat([r.flatten() for r in mod_ref]), torch.cat([g.flatten() for g in got]))
@@ -159,11 +240,11 @@ def plot(rows: Sequence[dict[str, Any]], path, top: int = 30) -> None:
     plt.close(fig)
 
 
-def checkpoint_sensitivity(checkpoint, data, limit: int = 8, split: str = "val",
-                           progress: bool = True) -> list[dict[str, Any]]:
-    """`layer_sensitivity` of a checkpoint on the first `limit` images of `data`'s split."""
+def checkpoint_sensitivity(checkpoint, data, limit: int = 8, split: str = "val", progress: bool = True,
+                           scheme: Int8Scheme | None = None) -> list[dict[str, Any]]:
+    """`layer_sensitivity` of a checkpoint on the first `limit` images of `data`'s split, in `scheme`."""
     from edgeseg.checkpoint import load_checkpoint
-    from edgeseg.data.datasets import open_dataset
+    from edgeseg.data.formats import open_dataset
     from edgeseg.data.transforms import preprocess
     from edgeseg.eval.metrics import SegMetrics
 
@@ -180,7 +261,8 @@ def checkpoint_sensitivity(checkpoint, data, limit: int = 8, split: str = "val",
                 met.update(y.argmax(1)[0].numpy(), lab)
         return float(met.compute()["miou"])
 
-    return layer_sensitivity(model, inputs, miou, progress=progress)
+    return layer_sensitivity(model, inputs, miou, progress=progress, scheme=scheme)
 
 
-__all__ = ["fake_int8", "sqnr_db", "layer_sensitivity", "checkpoint_sensitivity", "format_table", "plot"]
+__all__ = ["fake_int8", "fake_weight", "fake_activation", "Int8Scheme", "GENERIC", "sqnr_db",
+           "layer_sensitivity", "checkpoint_sensitivity", "format_table", "plot"]

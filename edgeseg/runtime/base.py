@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 _NP_DTYPES = {"float32": np.float32, "uint8": np.uint8, "float16": np.float16}
 
 
+# op-profile markers (edgeseg.eval.profile): time of ops a runtime inserted itself, and of ops without a module path
+INSERTED = "(runtime-inserted)"
+UNKNOWN = "(no module path)"
+RT_INFO_KEY = "edgeseg_module"  # the module path an exporter stores on each op (OpenVINO rt_info)
+
+
 class Session(ABC):
     """An opened artifact. Use as a context manager (`with open_session(path) as s: ...`).
 
@@ -34,6 +40,7 @@ class Session(ABC):
         path: the artifact (or checkpoint) folder.
         num_threads: CPU threads the runtime may use (None = runtime default).
         notes: lines for the validation record about how this host runs the artifact (set by `_load`).
+        executes_here: whether this host runs the model (property; False only where the runtime cannot).
     """
 
     def __init__(self, path: str | Path, manifest, num_threads: int | None = None, **kwargs: Any):
@@ -67,9 +74,10 @@ class Session(ABC):
         return int(self.manifest.input_hw[0]), int(self.manifest.input_hw[1])
 
     @property
-    def executed_here(self) -> bool:
-        """Whether this session really runs the model on this host (a Core ML session on Linux overrides this to
-        False and raises from `_run`)."""
+    def executes_here(self) -> bool:
+        """Whether this session really runs the model on this host: the runtime's own ability here (a Core ML
+        session off macOS overrides this to False and raises from `_run`). The manifest's `executed_here` is what
+        the exporting host could do; validate and bench read it only to decide whether to open the artifact."""
         return True
 
     @property

@@ -1,34 +1,121 @@
 """Core ML session: `MLModel.predict` on macOS; on other hosts the artifact opens (inspection works) but running it
-raises a clear ArtifactError, because the Core ML framework exists only on Apple platforms."""
+raises a clear ArtifactError, because the Core ML framework exists only on Apple platforms. The inspection of a saved
+program (`inspect_mlpackage`: op histogram, weight dtypes, quantized ops) reads its protobuf spec and works on
+every host; the exporter records it in the manifest."""
 from __future__ import annotations
 
+import collections
+import logging
 import platform
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
-from edgeseg.errors import ArtifactError
+from edgeseg.errors import ArtifactError, one_line
 from edgeseg.runtime.base import Session
+
+log = logging.getLogger(__name__)
+
+
+# MIL op types that mean "quantized" in a program.
+_QUANT_OPS = ("quantize", "dequantize", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale",
+              "constexpr_lut_to_dense")
+
+
+def _walk_ops(block) -> Iterator[Any]:
+    for op in block.operations:
+        yield op
+        for b in op.blocks:
+            yield from _walk_ops(b)
+
+
+def _numel(tensor_type) -> int:
+    n = 1
+    for d in tensor_type.dimensions:
+        n *= int(d.constant.size) if d.WhichOneof("dimension") == "constant" else 1
+    return n
+
+
+def inspect_mlpackage(path: str | Path) -> dict[str, Any]:
+    """Facts about a saved ML program: spec version, I/O, op histogram, weight dtypes, quantized ops present.
+
+    Returns {spec_version, inputs, outputs, op_histogram, weight_dtypes: {"<op>[.<arg>]: <dtype>": count} for
+    constant tensors of more than 16 elements, quantized_ops: {op: count}}.
+    """
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    spec = ct.utils.load_spec(str(path))
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise ArtifactError(f"{path}: not an ML program")
+    hist: collections.Counter = collections.Counter()
+    dtypes: collections.Counter = collections.Counter()
+    for fname, fn in spec.mlProgram.functions.items():
+        block = fn.block_specializations[fn.opset]
+        for op in _walk_ops(block):
+            hist[op.type] += 1
+            if op.type == "const" or op.type.startswith("constexpr"):
+                for aname, val in op.attributes.items():
+                    if val.type.WhichOneof("type") == "tensorType" and _numel(val.type.tensorType) > 16:
+                        dt = MIL_pb2.DataType.Name(val.type.tensorType.dataType)
+                        key = op.type if aname == "val" else f"{op.type}.{aname}"
+                        dtypes[f"{key}: {dt}"] += 1
+    return {"spec_version": spec.specificationVersion,
+            "inputs": [i.name for i in spec.description.input],
+            "outputs": [o.name for o in spec.description.output],
+            "op_histogram": dict(sorted(hist.items())),
+            "weight_dtypes": dict(sorted(dtypes.items())),
+            "quantized_ops": {k: hist[k] for k in _QUANT_OPS if hist.get(k)}}
+
+
+def compute_plan_fallbacks(path: Path, compute_units: str) -> list[str] | None:
+    """macOS only: MIL ops the Core ML compute plan does not prefer to run on the Neural Engine ("op xN")."""
+    if sys.platform != "darwin":
+        return None
+    try:
+        import coremltools as ct
+        from coremltools.models.compute_device import MLNeuralEngineComputeDevice
+        from coremltools.models.compute_plan import MLComputePlan
+
+        compiled = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units)
+                                     ).get_compiled_model_path()
+        plan = MLComputePlan.load_from_path(compiled, compute_units=getattr(ct.ComputeUnit, compute_units))
+        off: collections.Counter = collections.Counter()
+        for fn in plan.model_structure.program.functions.values():
+            for op in fn.block.operations:
+                if op.operator_name in ("const",) or op.operator_name.startswith("constexpr"):
+                    continue
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+                if usage is not None and not isinstance(usage.preferred_compute_device, MLNeuralEngineComputeDevice):
+                    off[op.operator_name] += 1
+        return [f"{k} x{v}" for k, v in sorted(off.items())]
+    except Exception as e:  # noqa: BLE001 - the plan is informative; its absence is not an export failure
+        log.warning("coreml: compute plan unavailable (%s)", one_line(e, with_type=True))
+        return None
 
 
 class CoreMLSession(Session):
-    """Opens `model.mlpackage`. `executed` is True only where Core ML can run it (macOS).
+    """Opens `model.mlpackage`. `executes_here` is True only where Core ML can run it (macOS).
 
     kwargs: `compute_units` (a ct.ComputeUnit name; default the manifest's options.compute_units). `num_threads` is
     ignored (Core ML schedules its own threads).
     """
 
-    executed: bool = False
+    @property
+    def executes_here(self) -> bool:
+        return sys.platform == "darwin"
+
+    executed = executes_here  # the name this session's attribute had before `Session.executes_here`
 
     def _load(self) -> None:
-        self.executed = sys.platform == "darwin"
         self.compute_units = self.kwargs.get("compute_units") or (self.manifest.options or {}).get(
             "compute_units", "ALL")
         self._model = None
         if not self.model_path.is_dir():
             raise ArtifactError(f"{self.model_path}: missing .mlpackage folder")
-        if not self.executed:
+        if not self.executes_here:
             return
         import coremltools as ct
 
@@ -36,18 +123,15 @@ class CoreMLSession(Session):
             self._model = ct.models.MLModel(str(self.model_path),
                                             compute_units=getattr(ct.ComputeUnit, self.compute_units))
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
-            msg = str(e).strip()
             raise ArtifactError(f"{self.model_path}: Core ML could not load it ({type(e).__name__}: "
-                                f"{msg.splitlines()[0] if msg else ''})") from e
+                                f"{one_line(e)})") from e
 
     def inspect(self) -> dict[str, Any]:
         """The program's structure (op histogram, weight dtypes, quantized ops); works on every host."""
-        from edgeseg.export.coreml import inspect_mlpackage
-
         return inspect_mlpackage(self.model_path)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        if not self.executed:
+        if not self.executes_here:
             raise ArtifactError(f"{self.model_path}: Core ML cannot execute on this host ({platform.system()}); "
                                 "converted and inspected only (run it on macOS/iOS)")
         if x.shape[0] != 1:  # static batch 1

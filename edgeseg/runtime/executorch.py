@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeseg.errors import ArtifactError
+from edgeseg.errors import ArtifactError, one_line
 from edgeseg.runtime.base import Session
+
+# no per-op profile: the Python runtime times whole XNNPACK delegate calls (executorch 1.5.1)
+NO_PROFILE = "ExecuTorch's Python runtime times whole XNNPACK delegate calls, not ops"
 
 
 class ExecutorchSession(Session):
@@ -21,7 +24,7 @@ class ExecutorchSession(Session):
             self._method = self._program.load_method("forward")
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
             raise ArtifactError(f"{self.model_path}: ExecuTorch could not load it ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+                                f"{one_line(e)})") from e
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         import torch

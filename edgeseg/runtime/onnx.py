@@ -1,17 +1,21 @@
 """ONNX Runtime session (CPU execution provider): runs `model.onnx` of the onnx and jetson-tensorrt targets."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from edgeseg.errors import ArtifactError
-from edgeseg.runtime.base import Session
+from edgeseg.errors import ArtifactError, one_line
+from edgeseg.runtime.base import INSERTED, Session
 
 
 class OnnxSession(Session):
     """ORT CPU session. `num_threads` sets intra_op_num_threads; kwargs: `optimize=False` disables graph
     optimisations (QDQ then runs as dequantize -> float op -> quantize, the reference arithmetic).
 
-    The jetson-tensorrt int8 ONNX defaults to `optimize=False`: its symmetric full-range int8 weights are what
+    An int8 artifact whose profile sets `int8_runtime_optimize = false` (jetson-tensorrt) defaults to
+    `optimize=False`: its symmetric full-range int8 weights are what
     TensorRT computes exactly (int32 accumulation), but ORT's fused x86 kernels on CPUs without VNNI saturate
     u8xs8 pair sums on them (measured on the shipped OffSeg-T: 93.98 % argmax agreement with fused kernels,
     99.07 % with the reference arithmetic). So the host check emulates TensorRT's arithmetic instead of judging
@@ -19,7 +23,12 @@ class OnnxSession(Session):
     """
 
     def _default_optimize(self) -> bool:
-        return not (self.manifest.target == "jetson-tensorrt" and self.manifest.precision == "int8")
+        if self.manifest.precision != "int8":
+            return True
+        from edgeseg.targets import list_profiles, load_profile
+
+        # the profile says whether this target's int8 runs with ORT's fused kernels or its reference arithmetic
+        return self.manifest.target not in list_profiles() or load_profile(self.manifest.target).int8_runtime_optimize
 
     def _load(self) -> None:
         import onnxruntime as ort
@@ -38,7 +47,7 @@ class OnnxSession(Session):
             self._sess = ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
             raise ArtifactError(f"{self.model_path}: ONNX Runtime could not load it ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+                                f"{one_line(e)})") from e
         self._input = self._sess.get_inputs()[0].name
 
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -49,3 +58,95 @@ class OnnxSession(Session):
 
 
 SESSION = OnnxSession
+
+
+def onnx_name_scopes(node) -> list[str]:
+    """Module paths of an ONNX node, outermost first, from the dynamo exporter's `pkg.torch.onnx.name_scopes`
+    metadata ([] without it). torch 2.13 writes a Python list repr of cumulative names, e.g.
+    "['', 'model', 'model.decode_head', ..., 'model.decode_head.hamburger.ham', 'bmm']" (the last entry is the op);
+    a JSON list of per-level names (["", "backbone", "stem", "0"]) is made cumulative."""
+    import ast
+    import json
+
+    for p in node.metadata_props:
+        if p.key != "pkg.torch.onnx.name_scopes":
+            continue
+        try:
+            parts = json.loads(p.value)
+        except ValueError:
+            try:
+                parts = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                parts = [p.value]
+        parts = [str(x) for x in (parts if isinstance(parts, (list, tuple)) else [parts]) if x]
+        if all("." not in x for x in parts):  # per-level names: make them cumulative
+            parts = [".".join(parts[:i + 1]) for i in range(len(parts))]
+        return parts
+    return []
+
+
+def _onnx_scopes(model_path: Path) -> dict[str, str]:
+    """ONNX node name -> its innermost module path (from the exporter's name-scope metadata)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    out = {}
+    for node in graph.node:
+        scopes = onnx_name_scopes(node)
+        # the last entry is the op itself ("..., 'model.decode_head.freqfusions.2', 'view_183'")
+        if len(scopes) >= 2 and not scopes[-1].startswith(scopes[-2] + "."):
+            scopes = scopes[:-1]
+        if scopes:
+            # ORT's layout transformer names a rewritten node after its output (`<output>_nchwc`)
+            for key in (node.name, *node.output):
+                out[key] = scopes[-1]
+    return out
+
+
+def _lookup(scopes: dict[str, str], name: str) -> str | None:
+    if name in scopes:
+        return scopes[name]
+    for suffix in ("_nchwc",):
+        if name.endswith(suffix) and name[:-len(suffix)] in scopes:
+            return scopes[name[:-len(suffix)]]
+    return None
+
+
+def profile_ops(model_path: Path, num_threads: int, runs: int, optimize: bool = True
+                ) -> tuple[list[tuple[str, str, float]], dict[str, Any]]:
+    """ORT's profiler over `runs` runs (after one warm-up): [(module path or INSERTED, op type, us)] and the
+    wall time. Read by edgeseg.eval.profile."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    import onnxruntime as ort
+
+    scopes = _onnx_scopes(model_path)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = int(num_threads), 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with tempfile.TemporaryDirectory(prefix="edgeseg-profile-") as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape],
+                                 np.uint8 if "uint8" in str(i.type) else np.float32) for i in sess.get_inputs()}
+        sess.run(None, feed)  # warm-up (its events are dropped below: the first run allocates)
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feed)
+        wall = (time.perf_counter() - t0) / runs
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    node_events = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+    per_run = len(node_events) // (runs + 1) if node_events else 0
+    op_times = []
+    for ev in node_events[per_run:]:  # skip the warm-up run's events
+        name = ev["name"][:-len("_kernel_time")]
+        op_type = (ev.get("args") or {}).get("op_name", "?")
+        path = _lookup(scopes, name)
+        op_times.append((path or INSERTED, op_type, float(ev.get("dur", 0))))
+    return op_times, {"wall_ms": round(1000 * wall, 3),
+                      "source": "onnxruntime profiler node events + pkg.torch.onnx.name_scopes"}

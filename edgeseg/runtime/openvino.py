@@ -1,10 +1,13 @@
 """OpenVINO session: compiles `model.xml` of the openvino target with `ov.Core` (CPU by default)."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from edgeseg.errors import ArtifactError
-from edgeseg.runtime.base import Session
+from edgeseg.errors import ArtifactError, one_line
+from edgeseg.runtime.base import INSERTED, RT_INFO_KEY, UNKNOWN, Session
 
 
 class OpenVINOSession(Session):
@@ -31,9 +34,8 @@ class OpenVINOSession(Session):
             model = core.read_model(str(self.model_path))
             self._compiled = core.compile_model(model, self.device, config)
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
-            msg = str(e).strip()
             raise ArtifactError(f"{self.model_path}: OpenVINO could not compile it on {self.device} "
-                                f"({type(e).__name__}: {msg.splitlines()[0] if msg else ''})") from e
+                                f"({type(e).__name__}: {one_line(e)})") from e
         self._request = self._compiled.create_infer_request()
         self._output = self._compiled.outputs[0]
 
@@ -49,3 +51,48 @@ class OpenVINOSession(Session):
 
 
 SESSION = OpenVINOSession
+
+
+def profile_ops(xml_path: Path, num_threads: int, runs: int, optimize: bool = True, precision_hint: str = "f32"
+                ) -> tuple[list[tuple[str, str, float]], dict[str, Any]]:
+    """Per-layer performance counters over `runs` runs: [(module path, INSERTED or UNKNOWN, layer type, us)]; an
+    executed layer is attributed through the original ops it fused (`originalLayersNames`), whose module path the
+    exporter stored in the model's rt_info (RT_INFO_KEY: {FX node name: path}). Read by edgeseg.eval.profile."""
+    import time
+
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(xml_path))
+    import json
+
+    # {FX node name: module path}, stored in the model's rt_info by the exporter (edgeseg.export.openvino)
+    module_of = json.loads(model.get_rt_info([RT_INFO_KEY]).astype(str)) if model.has_rt_info([RT_INFO_KEY]) else {}
+    config = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": int(num_threads), "INFERENCE_PRECISION_HINT": precision_hint}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    x = np.zeros(list(compiled.inputs[0].shape), np.uint8 if "u8" in str(compiled.inputs[0].element_type)
+                 else np.float32)
+    request.infer({0: x})
+    origin = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        names = str(info["originalLayersNames"].astype(str)) if "originalLayersNames" in info else ""
+        origin[op.get_friendly_name()] = [n for n in names.split(",") if n]
+    totals: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        request.infer({0: x})
+        for pi in request.profiling_info:
+            us = pi.real_time.total_seconds() * 1e6
+            slot = totals.setdefault(pi.node_name, [pi.node_type, 0.0])
+            slot[1] += us
+    wall = (time.perf_counter() - t0) / runs
+    op_times = []
+    for node, (node_type, us) in totals.items():
+        paths = [module_of[n.split("/", 1)[0]] for n in origin.get(node, [node]) if n.split("/", 1)[0] in module_of]
+        op_times.append((paths[0] if paths else (INSERTED if not origin.get(node) else UNKNOWN), node_type, us))
+    return op_times, {"wall_ms": round(1000 * wall, 3), "precision_hint": precision_hint,
+                      "source": "openvino per-layer performance counters + originalLayersNames + rt_info "
+                                + RT_INFO_KEY + ("" if module_of else " (this IR carries no module paths: "
+                                                 "re-export it with this edgeseg)")}

@@ -29,7 +29,8 @@ class TorchSession(Session):
     @classmethod
     def from_model(cls, model, spec, path: str | Path = ".", input_hw: tuple[int, int] | None = None,
                    num_threads: int | None = None, device: str = "cpu") -> "TorchSession":
-        from edgeseg.export.base import ExportWrapper, Manifest
+        from edgeseg.artifact import Manifest
+        from edgeseg.models.wrapper import ExportWrapper
 
         hw = tuple(int(v) for v in (input_hw or spec.input_hw))
         wrapper = ExportWrapper(model.eval(), hw, spec.mean, spec.std)

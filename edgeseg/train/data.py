@@ -21,7 +21,7 @@ def open_split(data, split: str, fmt: str | None = None, skip_bad: bool = False)
 
     if is_pack(data):
         return open_pack(data, split)
-    from edgeseg.data.datasets import open_dataset
+    from edgeseg.data.formats import open_dataset
 
     return open_dataset(data, split=split, fmt=fmt, skip_bad=skip_bad)
 

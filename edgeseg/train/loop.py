@@ -39,8 +39,18 @@ from edgeseg.train.config import TrainConfig
 from edgeseg.train.data import open_split, preload  # noqa: F401  (re-exported: callers import them from here)
 from edgeseg.train.ddp import wrap_ddp
 from edgeseg.train.schedule import build_optimizer, build_scheduler
-from edgeseg.train.state import (LOG_FILE, STATE_FILE, Run, Saver, init_weights, load_state, prepare_out,
-                                 seed_all, set_rng_state, truncate_log)
+from edgeseg.train.state import (
+    LOG_FILE,
+    STATE_FILE,
+    Run,
+    Saver,
+    init_weights,
+    load_state,
+    prepare_out,
+    seed_all,
+    set_rng_state,
+    truncate_log,
+)
 from edgeseg.train.steps import Loop, SigintOnce, validate  # noqa: F401  (validate: re-exported)
 from edgeseg.types import ModelSpec
 

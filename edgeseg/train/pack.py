@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgeseg.cli_args import parse_hw
 from edgeseg.errors import ArtifactError, DataError, UsageError
 from edgeseg.fileio import atomic_file
 from edgeseg.types import DatasetInfo
@@ -52,7 +53,7 @@ def pack_dataset(root, out, splits=("train", "val"), size: tuple[int, int] | Non
     Returns a summary dict (bytes per split, total MiB, items)."""
     from tqdm import tqdm
 
-    from edgeseg.data.datasets import open_dataset
+    from edgeseg.data.formats import open_dataset
 
     out = Path(out)
     if out.suffix != ".npz":
@@ -177,28 +178,21 @@ def open_pack(path, split: str = "train") -> PackedDataset:
     return PackedDataset(path, split)
 
 
-def _hw(s: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in s.lower().split("x"))
-        return h, w
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 352x480, got {s!r}") from None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgeseg.train.pack", description=__doc__.splitlines()[0])
     ap.add_argument("data", help="dataset folder (any layout edgeseg reads)")
     ap.add_argument("out", help="output .npz")
     ap.add_argument("--format", dest="fmt", default=None)
     ap.add_argument("--splits", default="train,val")
-    ap.add_argument("--size", type=_hw, default=None, help="resize every pair to HxW (default: keep)")
+    ap.add_argument("--size", metavar="HxW", default=None, help="resize every pair to HxW (default: keep)")
     ap.add_argument("--quality", type=int, default=95)
     ap.add_argument("--max-mib", type=float, default=64.0)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        s = pack_dataset(a.data, a.out, tuple(a.splits.split(",")), a.size, a.fmt, a.quality, a.force, a.max_mib)
+        size = parse_hw(a.size, "--size", multiple_of=1)
+        s = pack_dataset(a.data, a.out, tuple(a.splits.split(",")), size, a.fmt, a.quality, a.force, a.max_mib)
     except (UsageError, DataError, ArtifactError) as e:
         print(f"edgeseg: error: {e}", file=sys.stderr)
         return e.exit_code

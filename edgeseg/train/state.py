@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgeseg.errors import ArtifactError, UsageError
+from edgeseg.errors import ArtifactError, UsageError, one_line
 from edgeseg.fileio import atomic_file, write_text
 from edgeseg.types import ModelSpec
 
@@ -139,7 +139,7 @@ def load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
-        raise ArtifactError(f"{path}: unreadable training state ({str(e).splitlines()[0] if str(e) else e})"
+        raise ArtifactError(f"{path}: unreadable training state ({one_line(e) or e!r})"
                             ) from None
     if not isinstance(state, dict) or state.get("format") != "edgeseg-train-state":
         raise ArtifactError(f"{path}: not an edgeseg training state")

@@ -1,0 +1,107 @@
+"""OpenVINO int8: NNCF post-training quantization of the converted OpenVINO model (edgeseg.export.openvino), with
+the float policy as an IgnoredScope. Heavy imports stay inside functions.
+
+int8 (NNCF 3.4 on the OV model, the simplest PTQ: no FX graph, no re-export): FakeQuantize nodes are inserted on
+activations and weights; `ov.save_model` stores quantized weights as int8 constants. Overflow fix: x86 CPUs with
+AVX2 but without VNNI (this CI host: AMD EPYC, avx2, no avx_vnni/avx512_vnni) run u8 x s8 convolutions with
+VPMADDUBSW, whose int16 pair sums saturate when full 8-bit weights meet large activations (measured: a conv net with
+same-sign weights on full-range data had 35 % relative error with NNCF's default `FIRST_LAYER` fix, 1.6 % with
+`ENABLE`, which quantizes every weight to 7 bits). The default `overflow_fix = "auto"` therefore resolves from the
+exporting CPU's flags (`edgeseg.cpu`): "enable" where u8 x s8 saturates (AVX2 without VNNI), "disable" (full 8-bit
+weights) on VNNI/AMX CPUs, which accumulate in int32; the manifest records the choice, the CPU and why. An IR meant
+for a different CPU than the exporting one sets the option explicitly.
+
+Float policy (edgeseg.quant.policy, options `keep_float` / `float_defaults`): NNCF gets an `IgnoredScope` of the
+exact OpenVINO node names that come from the float modules (NMF2D, OffsetLearning, AFM by default). On the
+torch.export route the OpenVINO PyTorch frontend names every node `<fx node name>/<aten op>/<OV op>`; the FX graph
+it converts (the ExportedProgram after openvino's own `run_decompositions`) is built by `convert`
+(edgeseg.export.openvino) with `TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their
+`nn_module_stack`) map to OV nodes exactly. NNCF validates the names (`validate=True`), and a non-empty policy that
+matches no OV node is an error, never a silent all-int8 model.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from edgeseg.errors import ArtifactError, UsageError, one_line
+from edgeseg.quant.calibration import CalibrationData
+
+_NOT_QUANTIZABLE_TYPES = ("Parameter", "Result", "Constant")
+
+
+def float_node_names(converted, policy) -> list[str]:
+    """Names of the OV nodes that come from the policy's float modules (for `nncf.IgnoredScope(names=...)`).
+
+    torch.export route: OV node friendly names are `<fx node name>/<aten op>/<OV op>` (decomposed GroupNorm:
+    `<fx name>/.../decomposed/<step>`), matched against the FX nodes whose `nn_module_stack` lies in a float module.
+    Module route (TorchScript): the policy's `__module.<fqn>` regex patterns, resolved against the OV names here.
+    Raises ArtifactError when the policy names modules but no OV node matches (the mapping broke)."""
+    import re
+
+    if not len(policy):
+        return []
+    ops = [op for op in converted.model.get_ops() if op.get_type_name() not in _NOT_QUANTIZABLE_TYPES]
+    if converted.fx_graph is not None:
+        fx_float = set(policy.fx_node_names(converted.fx_graph))
+        names = sorted(op.get_friendly_name() for op in ops if op.get_friendly_name().split("/", 1)[0] in fx_float)
+    else:
+        pats = [re.compile(p) for p in policy.nncf_patterns()]
+        names = sorted(op.get_friendly_name() for op in ops if any(p.match(op.get_friendly_name()) for p in pats))
+    if not names:
+        raise ArtifactError(f"openvino: the float policy ({', '.join(policy.names)}) matches no node of the "
+                            f"OpenVINO model ({converted.route} route); refusing to quantize them to int8")
+    return names
+
+
+def resolve_overflow_fix(requested: str) -> tuple[str, str]:
+    """(NNCF overflow fix, why) for `requested`; "auto" decides from the host CPU (edgeseg.cpu)."""
+    from edgeseg.cpu import host_cpu
+
+    if requested != "auto":
+        return requested, "set explicitly"
+    cpu = host_cpu()
+    if cpu.int8_saturates:
+        return "enable", f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
+    return "disable", f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
+
+
+def quantize(ov_model, calib: CalibrationData, options, ignored: list[str] | None = None):
+    """NNCF PTQ of an OV model with the overflow fix of `options`, leaving the nodes named in `ignored` in float
+    (NNCF validates that each exists); returns (quantized ov.Model, manifest record)."""
+    import nncf
+
+    if calib is None or not calib.inputs:
+        raise UsageError("--precision int8: openvino needs calibration images")
+    data = calib.numpy()
+    kwargs: dict[str, Any] = {}
+    if options.model_type == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    if ignored:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored), validate=True)
+    overflow_fix, why = resolve_overflow_fix(options.overflow_fix)
+    adv = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix))
+    try:
+        q = nncf.quantize(ov_model, nncf.Dataset(data), preset=nncf.QuantizationPreset(options.preset),
+                          subset_size=len(data), fast_bias_correction=options.fast_bias_correction,
+                          advanced_parameters=adv, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"openvino: nncf.quantize failed: {one_line(e, with_type=True)}") from e
+    record = {"scheme": "NNCF post-training quantization (OpenVINO FakeQuantize)",
+              "activations": "int8 per-tensor " + ("symmetric" if options.preset == "performance" else
+                                                   "asymmetric"),
+              "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if overflow_fix ==
+                                                         "enable" else ""),
+              "overflow_fix": overflow_fix, "overflow_fix_reason": why, "preset": options.preset,
+              "model_type": options.model_type or "default", "fast_bias_correction": options.fast_bias_correction,
+              "calibration_images": len(data), "float_nodes": len(ignored or [])}
+    return q, record
+
+
+def quantized_float_nodes(ov_model, names) -> list[str]:
+    """Nodes among `names` (the float policy's) that still read a FakeQuantize output (should be none)."""
+    wanted = set(names)
+    return sorted(op.get_friendly_name() for op in ov_model.get_ops() if op.get_friendly_name() in wanted and any(
+        i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs()))
+
+
+__all__ = ["float_node_names", "resolve_overflow_fix", "quantize", "quantized_float_nodes"]
