@@ -280,8 +280,8 @@ def test_existing_out_needs_force_and_interrupted_export_leaves_nothing(exported
     with pytest.raises(UsageError, match="--force"):
         export_checkpoint(checkpoints(_tiny.TINY), "onnx", out=art)
 
-    def boom(self, model, spec, precision, input_hw, calib_data, out_dir, options):
-        (Path(out_dir) / "model.onnx").write_bytes(b"partial")
+    def boom(self, job):
+        (Path(job.out_dir) / "model.onnx").write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(onnx_exporter.OnnxExporter, "export", boom)
