@@ -1,4 +1,4 @@
-"""int8 accuracy per target, PTQ beside QAT, against the fp32 artifact (issue #5's bar: QAT int8 within 0.5 mIoU).
+"""int8 accuracy per target, PTQ beside QAT, against the fp32 artifact (the bar: QAT int8 within 0.5 mIoU).
 
 For each checkpoint and each target that runs here, with the CLI a user would type:
   edgeseg export --precision fp32                        -> fp32 artifact (the reference)

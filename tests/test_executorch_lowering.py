@@ -1,5 +1,5 @@
 """ExecuTorch/XNNPACK lowering of the model parts that used to split the graph or fail inside the delegate at run
-time (issue #4): small modules, lowered with the exporter's own graph preparation, run in a child process (a
+time: small modules, lowered with the exporter's own graph preparation, run in a child process (a
 delegate crash is a segfault, which must fail one test, not the whole run).
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ class _SharedKernel(nn.Module):
 
 
 def test_int8_shared_conv_weight_loads_and_runs(tmp_path):
-    """Regression (issue #4): a conv weight shared by two convs was left unannotated by the XNNPACK quantizer
+    """Regression: a conv weight shared by two convs was left unannotated by the XNNPACK quantizer
     behind a dequantized input; the int8 .pte then failed at load ("Failed to create convolution node"). The
     exporter unshares constants before PT2E; the .pte must load, run and match the quantized eager graph."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

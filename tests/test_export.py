@@ -530,3 +530,29 @@ def test_onnx_artifact_names_no_source_files_of_the_exporting_machine(exported, 
     assert "pkg.torch.onnx.stack_trace" not in keys, keys
     data = model_file.read_bytes()
     assert str(REPO).encode() not in data and sys.prefix.encode() not in data
+
+
+@pytest.mark.exports(lambda p: [("onnx", "test_offseg", "int8")])
+def test_onnx_int8_leaves_one_hot_gather_convs_float(exported):
+    """CARAFE's im2col convolutions (one input channel, one-hot filters) stay float in the int8 QDQ graph: their
+    weights are plain initializers, not dequantized int8; every other convolution is quantized."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeseg.export.onnx_quant import one_hot_gather_convs
+
+    art = exported("onnx", "test_offseg", "int8")
+    q = json.loads((art / MANIFEST).read_text())["quantization"]
+    g = onnx.load(str(art / "model.onnx")).graph
+    gathers = set(one_hot_gather_convs(onnx.load(str(art / "model.onnx"))))
+    assert q["float_gather_convs"] == len(gathers) > 0
+    inits = {i.name: i for i in g.initializer}
+    produced_by = {o: n for n in g.node for o in n.output}
+    for node in g.node:
+        if node.op_type != "Conv":
+            continue
+        w = node.input[1]
+        if node.name in gathers:
+            assert w in inits and set(numpy_helper.to_array(inits[w]).ravel().tolist()) <= {0.0, 1.0}
+        elif w not in inits:
+            assert produced_by[w].op_type == "DequantizeLinear", node.name

@@ -1,4 +1,4 @@
-"""Issue 9 (reliability and security) through the real CLI: bad data, unsafe/corrupted checkpoints and artifacts,
+"""Reliability and security through the real CLI: bad data, unsafe/corrupted checkpoints and artifacts,
 wrong input contracts, outputs never overwritten without --force, SIGKILL during export and training, exit codes
 and one-line messages (traceback only with --debug).
 

@@ -1,5 +1,5 @@
 """Accuracy budget for int8: export, validate on the target's own runtime against the fp32 checkpoint, and keep
-the most sensitive layers in float until the mIoU drop fits (issue #5, NNCF-accuracy-control-like, every target).
+the most sensitive layers in float until the mIoU drop fits (like NNCF's accuracy control, on every target).
 
 Loop (greedy, bounded): round 0 exports int8 with the user's float policy; while the drop on the validation split
 exceeds the budget, the next most sensitive layers (SQNR ranking of `edgeseg.quant.sensitivity`, cheap: no

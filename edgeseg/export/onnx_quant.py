@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgeseg.errors import ArtifactError, one_line
 from edgeseg.export.base import INPUT_NAME, CalibrationData
 
@@ -111,6 +113,25 @@ def per_tensor_weight_overrides(onnx_model, reduce_range: bool) -> dict[str, lis
     return out
 
 
+def one_hot_gather_convs(onnx_model) -> list[str]:
+    """Conv nodes that only copy taps: one input channel and a constant weight whose every filter is a single 1
+    (CARAFE's and the local similarity's im2col in the models' export form). They compute nothing int8 could speed
+    up, and ORT's QLinearConv on one-channel images was the largest int8 cost of offseg_t's stride-4 fusion
+    (65 of 281 ms at 384x480): left float, they run as a plain copy-convolution between dequantize and quantize."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    out = []
+    for node in onnx_model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim == 4 and w.shape[1] == 1 and set(np.unique(w)) <= {0.0, 1.0} and \
+                (w.reshape(w.shape[0], -1).sum(1) == 1).all():
+            out.append(node.name)
+    return out
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, activation_type: str,
                  reduce_range: bool, per_channel: bool, calibrate_method: str, symmetric: bool = False,
                  op_types: list[str] | None = None, policy=None) -> dict[str, Any]:
@@ -123,7 +144,9 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, act
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
-    excluded = float_nodes(fp32, policy)
+    policy_nodes = float_nodes(fp32, policy)
+    gathers = [n for n in one_hot_gather_convs(fp32) if n not in set(policy_nodes)]
+    excluded = sorted(set(policy_nodes) | set(gathers))
     if excluded and unshare_initializers(fp32, excluded):
         onnx.save(fp32, str(fp32_path))  # our temporary float file
     extra: dict[str, Any] = {}
@@ -154,8 +177,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, act
             "op_types_quantized": op_types or "ORT default",
             "per_tensor_weights": sorted(overrides),
             "float_modules": policy.to_json() if policy is not None else {},
-            "float_nodes": len(excluded)}
+            "float_nodes": len(policy_nodes), "float_gather_convs": len(gathers)}
 
 
-__all__ = ["float_nodes", "unshare_initializers", "resolve_reduce_range", "per_tensor_weight_overrides",
+__all__ = ["float_nodes", "one_hot_gather_convs", "unshare_initializers", "resolve_reduce_range", "per_tensor_weight_overrides",
            "quantize_qdq"]

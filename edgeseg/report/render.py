@@ -28,8 +28,9 @@ _PLOT_NAMES = ("accuracy_vs_latency.png", "per_class_iou_delta.png", "disagreeme
 def merge(validation: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per artifact: the validation record's accuracy fields plus the bench record's latency.
 
-    Artifacts are matched by path; an artifact only in `bench` still gets a row. p50/p90 come from bench when
-    it ran, else from validate's per-image timing (marked in `latency_source`)."""
+    Artifacts are matched by path; an artifact only in `bench` still gets a row. p50/p90 come from bench only, so
+    every latency in that column is the same measurement; a row bench did not run has none (validate's per-image
+    `segment()` time stays in `validate_segment_ms`)."""
     bench_by = {str(Path(b["artifact"])): b for b in bench}
     rows, seen = [], set()
     for v in validation:
@@ -63,11 +64,11 @@ def _row(v: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
                    latency_source="bench: Session.run", threads=b.get("threads"),
                    speedup_vs_fp32=b.get("speedup_vs_fp32"), int8_not_faster=b.get("int8_not_faster"),
                    peak_rss_mb=b.get("peak_rss_mb"))
-    else:
+    else:  # not benchmarked: no latency in the p50 column (validate's per-image time is another measurement)
         lat = (v or {}).get("latency_ms") or {}
-        row.update(p50_ms=lat.get("p50"), p90_ms=lat.get("p90"), mean_ms=lat.get("mean"),
-                   latency_source="validate: segment() per image" if lat.get("p50") is not None else None,
-                   threads=None, speedup_vs_fp32=None, int8_not_faster=None, peak_rss_mb=None)
+        row.update(p50_ms=None, p90_ms=None, mean_ms=None, latency_source=None, threads=None,
+                   speedup_vs_fp32=None, int8_not_faster=None, peak_rss_mb=None,
+                   validate_segment_ms=lat.get("p50"))
     if row["status"] == "failed":
         row["passed"] = False
     return row
@@ -219,7 +220,7 @@ def _blocks(rows, validation, notes, title, images) -> list[Block]:
     head += list(notes)
     head.append("mIoU, agreement in %; drop = reference mIoU − artifact mIoU in points; bnd/int dis = disagreement "
                 "rate on boundary / interior pixels of the reference map; p50 = bench `Session.run` latency (batch "
-                "1) when benchmarked, else validate's per-image `segment()` time; int8 x = fp32 p50 / int8 p50.")
+                "1), empty where bench did not run the artifact; int8 x = fp32 p50 / int8 p50.")
     blocks += [("ul", head), ("table", list(rows))]
     failed = [r for r in rows if r["status"] == "failed" or r.get("passed") is False]
     if failed:

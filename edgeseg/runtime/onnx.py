@@ -104,11 +104,21 @@ def _onnx_scopes(model_path: Path) -> dict[str, str]:
 
 
 def _lookup(scopes: dict[str, str], name: str) -> str | None:
+    """The module path of a node ORT ran, through the names its graph transformers give rewritten nodes: NCHWc
+    (`<output>_nchwc`), QDQ fusion (`<node>_token_<n>`), per-tensor q/dq (`<tensor>_QuantizeLinear`,
+    `<tensor>_DequantizeLinear/duplicated...`); a q/dq of a parameter (`model.x.conv.weight_...`) belongs to its
+    module."""
+    import re
+
     if name in scopes:
         return scopes[name]
-    for suffix in ("_nchwc",):
-        if name.endswith(suffix) and name[:-len(suffix)] in scopes:
-            return scopes[name[:-len(suffix)]]
+    base = re.sub(r"/duplicated.*$", "", name)
+    base = re.sub(r"(_token_\d+)+$", "", base)
+    base = re.sub(r"_(De)?[Qq]uantizeLinear$|_nchwc$", "", base)
+    if base in scopes:
+        return scopes[base]
+    if base.startswith("model.") and "." in base:  # an initializer: the module that owns the parameter
+        return base.rsplit(".", 1)[0]
     return None
 
 
