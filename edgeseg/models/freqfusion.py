@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgeseg.models.carafe import (carafe, carafe_export, carafe_reference,  # noqa: F401  (re-exported)
-                                   group_norm_export, local_cosine_similarity, local_cosine_similarity_export,
+from edgeseg.models.carafe import (CARAFE_FORMS, carafe, carafe_export,  # noqa: F401  (re-exported)
+                                   carafe_export_channels_last, carafe_reference, group_norm_export, local_cosine_similarity, local_cosine_similarity_export,
                                    neighbour_kernel, tracing, unfold_kernel)
 
 class LocalSimGuidedSampler(nn.Module):
@@ -163,6 +163,7 @@ class FreqFusion(nn.Module):
         self.register_buffer("hamming_lowpass", torch.ones(1))
         self.register_buffer("hamming_highpass", torch.ones(1))
         self.export_form = False  # set by prepare_for_export: few-node CARAFE (carafe_export)
+        self.carafe_form = "conv_bmm"  # which export form of CARAFE (prepare_for_export's `carafe`)
         self.unit_windows = False  # set by prepare_for_export: both hamming windows hold only 1.0
         for m in (self.hr_channel_compressor, self.lr_channel_compressor):
             nn.init.xavier_uniform_(m.weight)
@@ -171,12 +172,16 @@ class FreqFusion(nn.Module):
             nn.init.normal_(m.weight, 0.0, 0.001)
             nn.init.zeros_(m.bias)
 
-    def prepare_for_export(self, input_hw) -> None:
+    def prepare_for_export(self, input_hw, carafe: str = "conv_bmm") -> None:
         """Switch to the export form for traced graphs (torch.export / dynamo / jit trace): CARAFE as
         conv-im2col + matmul (`carafe_export`, ~10 nodes a call instead of ~100) with constant one-hot unfold
         kernels, the local similarity the same way, and the sampler's centre grid as a constant for every low-res
         size this stage can see at `input_hw` (strides 2..64). Eager calls keep the training form, so eager
-        outputs are bit-identical after this call; the traced forms agree to float rounding (tested)."""
+        outputs are bit-identical after this call; the traced forms agree to float rounding (tested). `carafe`
+        picks CARAFE's export form (CARAFE_FORMS: "conv_bmm", or "channels_last", which is faster on OpenVINO)."""
+        if carafe not in CARAFE_FORMS:
+            raise ValueError(f"carafe form {carafe!r} is not one of {', '.join(CARAFE_FORMS)}")
+        self.carafe_form = carafe
         h, w = int(input_hw[0]), int(input_hw[1])
         dev = self.hamming_lowpass.device
         for k in {self.lowpass_kernel, self.highpass_kernel}:
@@ -195,6 +200,8 @@ class FreqFusion(nn.Module):
 
     def _carafe(self, x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1) -> torch.Tensor:
         if self.export_form and tracing():
+            if self.carafe_form == "channels_last":
+                return carafe_export_channels_last(x, mask, kernel, scale)
             return carafe_export(x, mask, kernel, scale, getattr(self, f"unfold_kernel_{kernel}"))
         return carafe(x, mask, kernel, scale)
 
