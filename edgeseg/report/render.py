@@ -28,22 +28,22 @@ _PLOT_NAMES = ("accuracy_vs_latency.png", "per_class_iou_delta.png", "disagreeme
 def merge(validation: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per artifact: the validation record's accuracy fields plus the bench record's latency.
 
-    Artifacts are matched by path; an artifact only in `bench` still gets a row. p50/p90 come from bench only, so
-    every latency in that column is the same measurement; a row bench did not run has none (validate's per-image
-    `segment()` time stays in `validate_segment_ms`)."""
+    Artifacts are matched by path; an artifact only in `bench` still gets a row. Every latency in the p50 column is
+    one measurement: bench's when there are bench records (a row bench did not run has none; validate's per-image
+    `segment()` time stays in `validate_segment_ms`), else validate's for every row (`latency_source` says which)."""
     bench_by = {str(Path(b["artifact"])): b for b in bench}
     rows, seen = [], set()
     for v in validation:
         key = str(Path(v["artifact"]))
         seen.add(key)
-        rows.append(_row(v, bench_by.get(key)))
+        rows.append(_row(v, bench_by.get(key), validate_latency=not bench))
     for key, b in bench_by.items():
         if key not in seen:
             rows.append(_row(None, b))
     return rows
 
 
-def _row(v: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+def _row(v: dict[str, Any] | None, b: dict[str, Any] | None, validate_latency: bool = False) -> dict[str, Any]:
     src = v or b or {}
     row = {k: src.get(k) for k in ("artifact", "name", "target", "precision", "model", "input_hw")}
     statuses = [r["status"] for r in (v, b) if r]
@@ -64,11 +64,15 @@ def _row(v: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
                    latency_source="bench: Session.run", threads=b.get("threads"),
                    speedup_vs_fp32=b.get("speedup_vs_fp32"), int8_not_faster=b.get("int8_not_faster"),
                    peak_rss_mb=b.get("peak_rss_mb"))
-    else:  # not benchmarked: no latency in the p50 column (validate's per-image time is another measurement)
+    else:
+        # one measurement per column: with bench records, an artifact bench did not run has no latency (validate's
+        # per-image time is another measurement); a validate-only report uses validate's time for every row
         lat = (v or {}).get("latency_ms") or {}
-        row.update(p50_ms=None, p90_ms=None, mean_ms=None, latency_source=None, threads=None,
-                   speedup_vs_fp32=None, int8_not_faster=None, peak_rss_mb=None,
-                   validate_segment_ms=lat.get("p50"))
+        use = validate_latency and lat.get("p50") is not None
+        row.update(p50_ms=lat.get("p50") if use else None, p90_ms=lat.get("p90") if use else None,
+                   mean_ms=lat.get("mean") if use else None,
+                   latency_source="validate: segment() per image" if use else None, threads=None,
+                   speedup_vs_fp32=None, int8_not_faster=None, peak_rss_mb=None, validate_segment_ms=lat.get("p50"))
     if row["status"] == "failed":
         row["passed"] = False
     return row
@@ -220,7 +224,8 @@ def _blocks(rows, validation, notes, title, images) -> list[Block]:
     head += list(notes)
     head.append("mIoU, agreement in %; drop = reference mIoU − artifact mIoU in points; bnd/int dis = disagreement "
                 "rate on boundary / interior pixels of the reference map; p50 = bench `Session.run` latency (batch "
-                "1), empty where bench did not run the artifact; int8 x = fp32 p50 / int8 p50.")
+                "1), empty where bench did not run the artifact (a validate-only report: validate's per-image `segment()` "
+                "time for every row); int8 x = fp32 p50 / int8 p50.")
     blocks += [("ul", head), ("table", list(rows))]
     failed = [r for r in rows if r["status"] == "failed" or r.get("passed") is False]
     if failed:
