@@ -46,3 +46,16 @@ def test_bench_profile_cli_writes_table_and_json(exports, tmp_path, capsys):
     assert "decode_head.freqfusions." in printed and "share" in printed
     rec = json.loads(out.read_text())
     _check(rec["profiles"][0])
+
+
+@pytest.mark.exports(lambda p: [("onnx", MODEL, "int8")])
+def test_ort_int8_runs_fused_qlinear_ops(exports):
+    """ONNX Runtime fuses the int8 QDQ graph: convolutions and matmuls run as QLinearConv / QLinearMatMul, not as
+    dequantize -> float op -> quantize (read from the ops ORT actually ran)."""
+    from edgeseg.runtime.onnx import profile_ops
+
+    art = exports.get("onnx", MODEL, "int8")
+    op_times, _ = profile_ops(art / "model.onnx", num_threads=1, runs=1)
+    ran = {op for _, op, _ in op_times}
+    assert "QLinearConv" in ran, sorted(ran)
+    assert "QLinearMatMul" in ran or "MatMulIntegerToFloat" in ran or "QLinearMul" in ran, sorted(ran)
