@@ -19,7 +19,7 @@ stride logits instead.
 
     .venv/bin/python bench/peers.py --out runs/peers                      # 384x480, 2 threads, everything
     .venv/bin/python bench/peers.py --input-size 128x160 --runs 3 --targets onnx,openvino \\
-        --models lraspp_mobilenet_v3_large,offseg_t --out /tmp/peers --force
+        --models lraspp_mobilenet_v3_large,offseg_t --out runs/peers_small --force
 
 Writes DIR/peers.json, DIR/peers.png (latency vs GMAC, one panel per runtime), DIR/table.txt and the export logs
 DIR/logs/; the artifacts too with --keep-artifacts. Threads: ONNX Runtime and OpenVINO sessions are pinned to
