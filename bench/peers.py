@@ -58,12 +58,7 @@ DEFAULT_PRECISIONS = ("fp32", "int8")
 SEED = 0
 
 
-def one_line(e: BaseException) -> str:
-    from edgeseg.errors import EdgesegError
-
-    s = str(e).strip().splitlines()
-    msg = s[0] if s else ""
-    return msg if isinstance(e, EdgesegError) else f"{type(e).__name__}: {msg}"
+from edgeseg.errors import describe as one_line  # noqa: E402  (an error as one table line)
 
 
 def _csv(values: Sequence[str] | None) -> list[str]:

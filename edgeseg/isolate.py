@@ -8,11 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def _one_line(e: BaseException) -> str:
-    from edgeseg.errors import describe
-
-    return describe(e)
+from edgeseg.errors import describe
 
 
 def _isolated_main() -> None:
@@ -36,7 +32,7 @@ def _isolated_main() -> None:
             mod, name = req["func"].split(":")
             msg = ["ok", str(getattr(importlib.import_module(mod), name)(*req["args"], **req["kwargs"]))]
         except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as one line
-            msg = ["error", _one_line(e)]
+            msg = ["error", describe(e)]
     Path(req["result"]).write_text(json.dumps(msg))
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from edgeseg.errors import describe
 from edgeseg.isolate import export_isolated
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,6 @@ class PipelineResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.failures else 0
-
-
-def _one_line(e: BaseException) -> str:
-    from edgeseg.errors import describe
-
-    return describe(e)
 
 
 def split_embedded(data_root: Path, dest: Path, every: int = EMBEDDED_CALIB_EVERY) -> tuple[Path, Path, dict]:
@@ -135,7 +130,7 @@ def _plan(targets: Sequence[str] | None, precisions: Sequence[str]
         try:
             prof = load_profile(t)
         except Exception as e:  # a broken profile is a FAILED row for that target, not a crash of the run
-            failed.append({"target": t, "precision": "all", "reason": _one_line(e)})
+            failed.append({"target": t, "precision": "all", "reason": describe(e)})
             continue
         ps = [p for p in precisions if p in prof.precisions]
         if not ps:
@@ -215,7 +210,7 @@ def _export_all(run: _Run, jobs: list[tuple[str, str]], calib_root: Path, isolat
             run.step(f"export {target} {precision}")
             results[(target, precision)] = res
             if isinstance(res, Exception):
-                reason = f"export: {_one_line(res)}"
+                reason = f"export: {describe(res)}"
                 log.error("export %s %s: FAILED: %s (%.1f s)", target, precision, reason, secs)
             else:
                 log.info("export %s %s: ok (%.1f s)", target, precision, secs)
@@ -233,7 +228,7 @@ def _artifacts(run: _Run, jobs: list[tuple[str, str]], results: dict[tuple[str, 
     for target, precision in jobs:
         res = results[(target, precision)]
         if isinstance(res, Exception):
-            failed.append(failed_record(target, precision, f"export: {_one_line(res)}",
+            failed.append(failed_record(target, precision, f"export: {describe(res)}",
                                         artifact=run.tmp / "artifacts" / f"{target}-{precision}"))
         else:
             artifacts.append(res)

@@ -190,7 +190,8 @@ def _parse_pipeline(table: Any, precisions: list, where: str) -> dict[str, dict[
     return {p: dict(v) for p, v in table.items()}
 
 
-# export forms a profile may pick, and their choices (the models' prepare_for_export keywords)
+# export forms a profile may pick, and their choices (the models' prepare_for_export keywords); kept here so that
+# reading a profile imports no model code; equal to edgeseg.models.carafe.CARAFE_FORMS (tests/test_offseg.py)
 EXPORT_FORMS = {"carafe": ("conv_bmm", "channels_last")}
 
 

@@ -261,6 +261,10 @@ def test_freqfusion_channels_last_form_traced_equals_eager():
     assert any("unfold_kernel" in str(n.args[1]) for n in ref)  # the check above can fail
     with pytest.raises(ValueError, match="carafe form"):
         prepare_for_export(create_model("test_offseg", 5), (64, 96), carafe="nope")
+    from edgeseg.models.carafe import CARAFE_FORMS
+    from edgeseg.targets import EXPORT_FORMS
+
+    assert EXPORT_FORMS["carafe"] == CARAFE_FORMS  # profiles may name exactly the forms the model has
 
 
 def test_local_cosine_similarity_export_form_matches_unfold_form():

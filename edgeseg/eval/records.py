@@ -19,9 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeseg.eval.validate")  # the name these lines always logged under
 
 
-def one_line(e: BaseException) -> str:
-    """An error as the one line a record holds (edgeseg.errors.describe)."""
-    return describe(e)
+one_line = describe  # an error as the one line a record holds (edgeseg.errors.describe)
 
 
 def base_record(art: Path, manifest: "Manifest | None") -> dict[str, Any]:

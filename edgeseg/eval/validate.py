@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_one_line = one_line  # the name callers outside this package import
 
 __all__ = ["DEFAULT_MAX_MIOU_DROP", "DEFAULT_MIN_AGREEMENT", "MANIFEST", "Thresholds", "artifact_size_bytes",
            "boundary_mask", "failed_record", "find_fp32_sibling", "is_artifact", "is_checkpoint", "latency_stats",

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeseg.errors import ArtifactError, UsageError
+from edgeseg.errors import ArtifactError, UsageError, one_line
 from edgeseg.export.base import (
     INPUT_NAME,
     Exporter,
@@ -85,11 +85,6 @@ class OpenVINOOptions(ExportOptions):
                                  f"{', '.join(repr(c) for c in choices)}")
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
-
-
 @dataclass
 class Converted:
     """What `convert` returns: the OV model, the route used, and the FX graph the OpenVINO frontend converted
@@ -130,14 +125,14 @@ def convert(model, route: str = "auto", static: bool = True) -> Converted:
                 ov_model = ov.convert_model(ep)
             used = "torch.export"
         except Exception as e:  # noqa: BLE001 - tried next route / reported below
-            errors.append(f"torch.export route: {_first_line(e)}")
+            errors.append(f"torch.export route: {one_line(e, with_type=True)}")
             log.info("openvino: torch.export route failed (%s)", errors[-1])
     if ov_model is None and route in ("auto", "module"):
         try:
             with torch.no_grad():
                 ov_model, used = ov.convert_model(model, example_input=example), "module (TorchScript)"
         except Exception as e:  # noqa: BLE001
-            errors.append(f"module route: {_first_line(e)}")
+            errors.append(f"module route: {one_line(e, with_type=True)}")
     if ov_model is None:
         raise ArtifactError(f"openvino: ov.convert_model failed; {'; '.join(errors)}")
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
@@ -275,7 +270,7 @@ def query_in_child(xml: Path, device: str, timeout: float = 300) -> list[str] | 
             return json.loads(r.stdout.strip().splitlines()[-1])
         log.warning("openvino: query_model on %s failed (exit %s); fallback ops unknown", device, r.returncode)
     except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
-        log.warning("openvino: query_model on %s failed (%s); fallback ops unknown", device, _first_line(e))
+        log.warning("openvino: query_model on %s failed (%s); fallback ops unknown", device, one_line(e, with_type=True))
     return None
 
 
@@ -314,7 +309,7 @@ class OpenVINOExporter(Exporter):
         try:
             ov.save_model(ov_model, str(out_dir / MODEL_FILE), compress_to_fp16=(job.precision == "fp16"))
         except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"openvino: ov.save_model failed: {_first_line(e)}") from e
+            raise ArtifactError(f"openvino: ov.save_model failed: {one_line(e, with_type=True)}") from e
         timings["save_model"] = time.perf_counter() - t
 
         core = ov.Core()
@@ -389,7 +384,7 @@ def _compile(core, saved, job: ExportJob, inspection: dict[str, Any], timings: d
             compiled = core.compile_model(saved, options.device,
                                           {"INFERENCE_NUM_THREADS": max(1, options.num_threads)})
         except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"openvino: compile_model on {options.device} failed: {_first_line(e)}") from e
+            raise ArtifactError(f"openvino: compile_model on {options.device} failed: {one_line(e, with_type=True)}") from e
         timings["compile_model"] = time.perf_counter() - t
         if options.device == "CPU":
             # The CPU plugin has no fallback device: an op it does not take fails compile_model, so a compiled
