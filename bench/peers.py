@@ -22,8 +22,8 @@ stride logits instead.
         --models lraspp_mobilenet_v3_large,offseg_t --out runs/peers_small --force
 
 Writes DIR/peers.json, DIR/peers.png (latency vs GMAC, one panel per runtime), DIR/table.txt and the export logs
-DIR/logs/; the artifacts too with --keep-artifacts. Threads: ONNX Runtime and OpenVINO sessions are pinned to
---threads; executorch 1.5.1's Python runtime cannot pin (XNNPACK's process-wide pool), recorded per row.
+DIR/logs/; the artifacts too with --keep-artifacts. Threads: every runtime is pinned to --threads (ExecuTorch by
+resetting XNNPACK's process-wide threadpool), recorded per row.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def _check(rec: dict) -> None:
 
 
 @pytest.mark.exports(lambda p: [(p["target"], MODEL, "fp32")])
-@pytest.mark.parametrize("target", ["onnx", "openvino"])
+@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch-xnnpack"])
 def test_profile_attributes_time_to_model_parts(exports, target):
     _check(profile_artifact(exports.get(target, MODEL, "fp32"), num_threads=1, runs=2))
 

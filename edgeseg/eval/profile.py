@@ -9,8 +9,12 @@ NMF, AFM, ...), so the speed work starts from measured shares rather than guesse
 - OpenVINO: per-layer performance counters; an executed layer is attributed through the original ops it fused
   (`originalLayersNames`), whose module paths the OpenVINO exporter stores in the IR's rt_info (`edgeseg_module`).
   Reorders OpenVINO inserts between memory formats have no original op: "(runtime-inserted)".
-- ExecuTorch 1.5.1's Python runtime times whole XNNPACK delegate calls only, and Core ML cannot run on Linux:
-  for those the record says that no per-op profile is available here, and why (the runtime module's NO_PROFILE).
+- ExecuTorch: an ETDump of the same program (XNNPACK logs each of its operators inside a delegate call; portable
+  kernels log their instruction), joined with the debug map the ExecuTorch exporter writes beside the .pte
+  (instruction -> debug handles -> op and module path). Inside one delegate call the XNNPACK operators are matched
+  to the delegated ops in order by kind, so shares within a delegate are approximate (edgeseg.runtime.executorch).
+- Core ML cannot run on Linux: its record says that no per-op profile is available here, and why (the runtime
+  module's NO_PROFILE).
 
 Each runtime module that can profile defines `profile_ops(model_path, num_threads, runs, optimize) ->
 ([(module path | INSERTED | UNKNOWN, op type, total us over the runs)], extra record fields)`; this module rolls

@@ -235,3 +235,15 @@ def _distribution_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def module_path(node) -> str | None:
+    """The module path of an FX node (the innermost `nn_module_stack` entry, torch.export's `L__self__` prefixes
+    dropped), or None for a node traced outside any module. Exporters store it per op so that `edgeseg bench
+    --profile` can roll op time up to model parts."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    entry = list(stack.values())[-1]
+    fqn = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+    return fqn.replace("L__self__.", "").replace("L['self'].", "")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from typing import Any
 import torch
 
 from edgeseg.errors import ArtifactError, UsageError
-from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
+from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy, module_path
+from edgeseg.runtime.executorch import DEBUG_MAP
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,46 @@ def delegated_op_counts(program) -> dict[str, int]:
     return dict(sorted(hist.items()))
 
 
+def debug_map(lowered) -> dict[str, Any]:
+    """What `edgeseg bench --profile` needs to attribute ETDump events to model parts without an ETRecord (which
+    would store the whole program again): the op and module path behind each top-level debug handle, and each XNNPACK
+    delegate's ops in graph order with the set of debug handles they carry. Read before `to_executorch`, whose
+    passes rewrite the top-level graph; `instruction_map` then keys both by program instruction."""
+    def entry(n) -> list:
+        return [_op_name(n.target), module_path(n)]
+
+    gm = lowered.graph_module
+    top: dict[int, list] = {}
+    delegates = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.meta.get("debug_handle") is not None:
+            top.setdefault(node.meta["debug_handle"], entry(node))
+        if node.op == "get_attr" and str(node.target).startswith("lowered_module"):
+            original = getattr(getattr(gm, node.target), "original_module", None)
+            inner = [n for n in (original.graph_module.graph.nodes if original is not None else ())
+                     if n.op == "call_function" and n.meta.get("debug_handle") is not None]
+            delegates.append(({n.meta["debug_handle"] for n in inner}, [entry(n) for n in inner]))
+    return {"top": top, "delegates": delegates}
+
+
+def instruction_map(info: dict[str, Any], handle_map: dict) -> dict[str, dict]:
+    """{"ops": {instruction: [op, path]}, "delegates": {instruction: [[op, path], ...]}} from `debug_map`'s record
+    and `ExecutorchProgramManager.debug_handle_map["forward"]` (instruction -> debug handle(s)). A delegate call's
+    instruction carries exactly its delegated nodes' handles; handles of decomposed ops repeat (one per original
+    node), and top-level handles may equal delegated ones, so both readings are kept and the ETDump event's kind
+    (OPERATOR_CALL / DELEGATE_CALL) picks one."""
+    ops, delegates = {}, {}
+    for instr, handles in handle_map.items():
+        hs = set(handles) if isinstance(handles, (list, tuple)) else {handles}
+        match = [seq for hset, seq in info["delegates"] if hset == hs]
+        if match:
+            delegates[str(instr)] = match[0]
+        hit = next((info["top"][h] for h in sorted(hs) if h in info["top"]), None)
+        if hit is not None:
+            ops[str(instr)] = hit
+    return {"ops": ops, "delegates": delegates}
+
+
 def _op_name(target) -> str:
     name = str(getattr(target, "_name", None) or getattr(target, "__name__", target))
     return name.replace("::", ".")
@@ -284,14 +326,17 @@ class ExecutorchExporter(Exporter):
         delegates = sum(1 for n in lowered.graph_module.graph.nodes
                         if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
         delegated = delegated_op_counts(lowered)
+        handles = debug_map(lowered)  # before to_executorch, whose passes rewrite the top-level graph
         t = time.perf_counter()
         prog = edge.to_executorch()
         timings["to_executorch"] = time.perf_counter() - t
         (Path(out_dir) / MODEL_FILE).write_bytes(prog.buffer)
+        dmap = instruction_map(handles, prog.debug_handle_map.get("forward", {}))
+        (Path(out_dir) / DEBUG_MAP).write_text(json.dumps(dmap, separators=(",", ":")))
         timings = {k: round(v, 2) for k, v in timings.items()}
         log.info("executorch: timings %s; %d delegate call(s); off XNNPACK: %s", timings, delegates, hist or "none")
         return ExportResult(
-            files=[MODEL_FILE], fallback_ops=sorted(hist), executed_here=True, quantization=quant,
+            files=[MODEL_FILE, DEBUG_MAP], fallback_ops=sorted(hist), executed_here=True, quantization=quant,
             inspection={"delegate_calls": delegates, "non_delegated_op_counts": hist, "timings_s": timings,
                         "delegated_op_counts": delegated, "softmax_rewritten_for_xnnpack": rewritten,
                         "constants_unshared": unshared})

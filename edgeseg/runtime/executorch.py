@@ -1,24 +1,57 @@
 """ExecuTorch session: runs a `.pte` through the ExecuTorch Python runtime (Runtime -> Program -> Method.execute),
-with the XNNPACK delegate built into the installed executorch wheel."""
+with the XNNPACK delegate built into the installed executorch wheel; and its op profile (`profile_ops`) from an
+ETDump of the same program."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.runtime.base import Session
+from edgeseg.runtime.base import INSERTED, UNKNOWN, Session
 
-# no per-op profile: the Python runtime times whole XNNPACK delegate calls (executorch 1.5.1)
-NO_PROFILE = "ExecuTorch's Python runtime times whole XNNPACK delegate calls, not ops"
+# written beside the .pte by the ExecuTorch exporter: the op (and module path) of each program instruction, and the
+# ops of each delegate call in graph order, so that ETDump events can be rolled up to model parts without an ETRecord
+DEBUG_MAP = "debug_map.json"
+
+# XNNPACK operator kind (the ETDump event name up to " (" or " #") -> the edge ops it can come from, for matching
+# a delegate's runtime operators to its delegated graph in order
+_XNN_KINDS: dict[str, tuple[str, ...]] = {
+    "Convolution": ("convolution",), "Deconvolution": ("convolution",),
+    "Fully Connected": ("linear", "addmm", "mm"), "Batch Matrix Multiply": ("bmm", "matmul"),
+    "Multiply": ("mul",), "Add": ("add",), "Subtract": ("sub",), "Divide": ("div",), "Square": ("mul", "pow"),
+    "Square Root": ("sqrt",), "Reciprocal Square Root": ("rsqrt",), "Softmax": ("softmax",),
+    "Sigmoid": ("sigmoid",), "Clamp": ("hardtanh", "relu", "clamp"), "HardSwish": ("hardswish",),
+    "GELU": ("gelu",), "Tanh": ("tanh",), "Exp": ("exp",), "Abs": ("abs",), "Negate": ("neg",),
+    "Maximum": ("maximum", "max"), "Minimum": ("minimum", "min"), "Mean": ("mean",),
+    "Global Average Pooling": ("mean", "avg_pool"), "Average Pooling": ("avg_pool",), "Max Pooling": ("max_pool",),
+    "Constant Pad": ("pad",), "Transpose": ("permute", "transpose"), "Concatenate": ("cat",), "Slice": ("slice",),
+    "Copy": ("view", "reshape", "clone", "expand", "squeeze", "unsqueeze", "_to_copy"),
+    "Resize Bilinear": ("upsample",), "Convert": ("quantize", "dequantize"), "Leaky ReLU": ("leaky",),
+}
+_MATCH_WINDOW = 64  # delegated ops looked ahead for a runtime operator's source (fused/elided ops are skipped)
+
+
+def set_threads(num_threads: int | None) -> int:
+    """Pin the XNNPACK threadpool (process-wide in executorch 1.5.1) to `num_threads`; returns the count in use."""
+    from executorch.extension.pybindings import portable_lib
+
+    if num_threads and portable_lib._threadpool_get_thread_count() != int(num_threads):
+        portable_lib._unsafe_reset_threadpool(int(num_threads))  # "unsafe" only while another thread runs it
+    return int(portable_lib._threadpool_get_thread_count())
 
 
 class ExecutorchSession(Session):
-    """Runs `manifest.model_file` (a .pte). `num_threads` is not settable per session in executorch 1.5.1's
-    Python runtime (XNNPACK uses the process-wide threadpool); it is recorded only."""
+    """Runs `manifest.model_file` (a .pte). `num_threads` pins XNNPACK's threadpool, which executorch 1.5.1 keeps
+    process-wide: the last session opened in a process sets it for all."""
 
     def _load(self) -> None:
         from executorch.runtime import Runtime
 
         try:
+            self.threads_in_use = set_threads(self.num_threads)
             self._runtime = Runtime.get()
             self._program = self._runtime.load_program(str(self.model_path))
             self._method = self._program.load_method("forward")
@@ -34,6 +67,91 @@ class ExecutorchSession(Session):
 
     def close(self) -> None:
         self._method = self._program = None
+
+
+def profile_ops(pte_path: Path, num_threads: int, runs: int, optimize: bool = True
+                ) -> tuple[list[tuple[str, str, float]], dict[str, Any]]:
+    """Op times from an ETDump of `runs` runs (after one untimed run): [(module path | INSERTED | UNKNOWN, op type,
+    total us)]. Operators on portable kernels map to their module path through their instruction; inside an XNNPACK
+    delegate call, each XNNPACK operator is matched in order to the delegated op it comes from by kind (a
+    convolution to the next delegated convolution, ...), and layout copies XNNPACK adds to the next unmatched op,
+    so per-part shares inside a delegate are approximate; the delegate call's own overhead is INSERTED.
+    Read by edgeseg.eval.profile; `optimize` has no meaning here."""
+    import tempfile
+    import time
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    pte_path = Path(pte_path)
+    dmap_path = pte_path.parent / DEBUG_MAP
+    dmap = json.loads(dmap_path.read_text()) if dmap_path.is_file() else None
+    threads = set_threads(num_threads)
+    module = portable_lib._load_for_executorch(str(pte_path), enable_etdump=True, debug_buffer_size=0)
+    meta = module.method_meta("forward").input_tensor_meta(0)
+    x = torch.zeros(list(meta.sizes()), dtype=torch.uint8 if meta.dtype() == 0 else torch.float32)
+    module.forward([x])  # untimed: its events are dropped below
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        module.forward([x])
+    wall = (time.perf_counter() - t0) / runs
+    with tempfile.TemporaryDirectory() as tmp:
+        etdump = Path(tmp) / "etdump.etdp"
+        module.write_etdump_result_to_file(str(etdump))
+        inspector = Inspector(etdump_path=str(etdump))
+    events = [ev for block in inspector.event_blocks if block.name == "Execute" for ev in block.events]
+    op_times = _attribute(events, dmap, runs)
+    return op_times, {"wall_ms": round(1000 * wall, 3), "threads_in_use": threads,
+                      "source": "ExecuTorch ETDump (XNNPACK operator events, portable kernel calls) + "
+                                + (DEBUG_MAP if dmap else f"no {DEBUG_MAP} in the artifact: no module paths "
+                                   "(re-export it with this edgeseg)")}
+
+
+def _us(ev, runs: int) -> float:
+    raw = list(ev.perf_data.raw) if ev.perf_data is not None else []
+    return 1000.0 * sum(raw[-runs:])  # ms -> us, the untimed first run left out
+
+
+def _attribute(events, dmap: dict | None, runs: int) -> list[tuple[str, str, float]]:
+    """ETDump events (one Execute block) -> [(path, op type, us)] (see profile_ops)."""
+    ops, delegates = (dmap or {}).get("ops", {}), (dmap or {}).get("delegates", {})
+    inner: dict[int, list] = {}  # delegate instruction -> its XNNPACK operator events, in execution order
+    for ev in events:
+        if ev.is_delegated_op and ev.perf_data is not None:
+            inner.setdefault(ev._instruction_id, []).append(ev)
+    out: list[tuple[str, str, float]] = []
+    for ev in events:
+        if ev.perf_data is None or ev.is_delegated_op:
+            continue
+        if ev.name == "DELEGATE_CALL":
+            rows = _match_delegate(inner.get(ev._instruction_id, []), delegates.get(str(ev._instruction_id), []),
+                                   runs)
+            out.extend(rows)
+            out.append((INSERTED, "delegate call overhead", max(0.0, _us(ev, runs) - sum(t for *_, t in rows))))
+        elif ev.name == "OPERATOR_CALL":  # its `native_call_<op>` child event times the kernel alone
+            op, path = ops.get(str(ev._instruction_id), ("op", UNKNOWN))
+            name = op.removeprefix("aten.").split(".")[0]  # aten.grid_sampler_2d.out -> grid_sampler_2d
+            out.append((path or UNKNOWN, "portable " + name, _us(ev, runs)))
+    return out
+
+
+def _match_delegate(xnn_events, ops: list, runs: int) -> list[tuple[str, str, float]]:
+    """Attribute a delegate call's XNNPACK operator events to its delegated ops ([op, path] in graph order)."""
+    out = []
+    p = 0
+    for ev in xnn_events:
+        name = ev.name.split(" #")[0]
+        kind = name.split(" (")[0]
+        wanted = _XNN_KINDS.get(kind, ())
+        j = next((i for i in range(p, min(len(ops), p + _MATCH_WINDOW)) if any(w in ops[i][0] for w in wanted)),
+                 None)
+        if j is not None:
+            path, p = ops[j][1], j + 1
+        else:
+            path = ops[min(p, len(ops) - 1)][1] if ops else UNKNOWN
+        out.append((path or UNKNOWN, "xnnpack " + name, _us(ev, runs)))
+    return out
 
 
 SESSION = ExecutorchSession
