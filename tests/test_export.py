@@ -196,6 +196,13 @@ def test_modified_file_is_caught_by_sha256(target, exported, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # int8
 # ----------------------------------------------------------------------------------------------------------------
+# int8 vs eager argmax agreement of tiny_ops, measured on an Intel Xeon (AVX-512, VNNI, AMX): ExecuTorch 0.991 (0.992
+# with a kept-float module), ONNX Runtime 0.992, jetson-tensorrt's QDQ checked with ORT's reference kernels 0.977.
+# Floors: minus 0.05 where the int8 scheme does not depend on the CPU (XNNPACK, TensorRT's symmetric QDQ), minus
+# 0.08 for ONNX Runtime, whose weights are 7-bit (reduce_range) on AVX2 CPUs without VNNI.
+INT8_AGREEMENT_FLOOR = {"executorch-xnnpack": 0.94, "onnx": 0.91, "jetson-tensorrt": 0.92}
+# the same for the float-policy ONNX exports: test_segnext 0.941, test_offseg 1.0 (minus 0.08)
+ONNX_FLOAT_POLICY_FLOOR = {"test_segnext": 0.86, "test_offseg": 0.92}
 @pytest.mark.exports([("executorch-xnnpack", _tiny.TINY, "int8")])
 def test_executorch_int8_delegates_quantized_ops(exported):
     art = exported("executorch-xnnpack", precision="int8")
@@ -206,7 +213,7 @@ def test_executorch_int8_delegates_quantized_ops(exported):
     assert m["quantization"]["scheme"].startswith("PT2E") and m["calibration"]["count"] >= 4
     print(f"\nexecutorch int8: agreement {m['proof']['argmax_agreement']:.4f}, "
           f"max|dlogit| {m['proof']['max_abs_logit_diff']:.3f}; fallback {m['fallback_ops']}")
-    assert m["proof"]["argmax_agreement"] >= 0.8
+    assert m["proof"]["argmax_agreement"] >= INT8_AGREEMENT_FLOOR["executorch-xnnpack"]
 
 
 @pytest.mark.exports([("onnx", _tiny.TINY, "int8")])
@@ -218,7 +225,7 @@ def test_onnx_int8_is_qdq_and_close_to_eager(exported):
     assert m["files"] == ["model.onnx"]
     print(f"\nonnx int8: agreement {m['proof']['argmax_agreement']:.4f}, "
           f"max|dlogit| {m['proof']['max_abs_logit_diff']:.3f}")
-    assert m["proof"]["argmax_agreement"] >= 0.8
+    assert m["proof"]["argmax_agreement"] >= INT8_AGREEMENT_FLOOR["onnx"]
     # ORT's fused int8 kernels must compute what the QDQ graph means (no saturation on this CPU)
     x = torch.randn(1, 3, *HW).numpy()
     with open_session(art) as fast, open_session(art, optimize=False) as ref:
@@ -242,7 +249,7 @@ def test_jetson_tensorrt_int8_is_symmetric_qdq_with_build_files(exported):
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)  # symmetric int8: zero point 0
     if not m["executed_here"]:
         assert "TensorRT" in m["not_executed_reason"] or "CUDA" in m["not_executed_reason"]
-    assert m["inspection"]["onnxruntime_check"]["argmax_agreement"] >= 0.8
+    assert m["inspection"]["onnxruntime_check"]["argmax_agreement"] >= INT8_AGREEMENT_FLOOR["jetson-tensorrt"]
     # checked here the way TensorRT computes int8 (ORT's reference QDQ arithmetic, not its saturating x86 kernels)
     assert "reference" in m["inspection"]["onnxruntime_check"]["runtime"]
     import onnxruntime as ort
@@ -458,7 +465,7 @@ def test_onnx_int8_keeps_float_policy_modules_float(model, exported):
     n_region, bad = _onnx_float_violations(art / "model.onnx", policy)
     assert n_region == q["float_nodes"] and not bad, bad[:10]
     assert m["inspection"]["op_histogram"].get("QuantizeLinear", 0) > 0  # the rest is int8
-    assert m["proof"]["argmax_agreement"] >= 0.8
+    assert m["proof"]["argmax_agreement"] >= ONNX_FLOAT_POLICY_FLOOR[model]
 
 
 @pytest.mark.slow
@@ -513,7 +520,7 @@ def test_executorch_int8_float_policy_end_to_end(exported):
     m = json.loads((art / MANIFEST).read_text())
     q = m["quantization"]
     assert q["float_ops"] > 0 and "model.decode_head.kernel" in q["float_modules"], q
-    assert m["proof"]["argmax_agreement"] >= 0.8
+    assert m["proof"]["argmax_agreement"] >= INT8_AGREEMENT_FLOOR["executorch-xnnpack"]
 
 
 @pytest.mark.exports([("onnx", _tiny.TINY, "fp32"), ("onnx", _tiny.TINY, "int8")])

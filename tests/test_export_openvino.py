@@ -32,6 +32,12 @@ pytest.importorskip("nncf")
 # (model, precision, options) is shared by every test of the session (the `exported` fixture, conftest.py).
 MODELS = [_tiny.TINY] + list_models("test_*")
 FAST = {_tiny.TINY, "test_segnext", "test_offseg_afm"}
+# int8 vs eager argmax agreement of the random-weight tiny models, measured on an Intel Xeon (AVX-512, VNNI, AMX;
+# full 8-bit weights): tiny_ops 0.985, test_offseg 1.0, test_offseg_afm 0.921, test_segnext 0.930,
+# test_segnext_afm 0.902, test_segnext_offset 0.996, test_segnext_ssa 0.941. Floors are those minus 0.08: AVX2
+# CPUs without VNNI export 7-bit weights (NNCF's overflow fix), a coarser grid than the one measured.
+OV_INT8_AGREEMENT_FLOOR = {"tiny_ops": 0.90, "test_offseg": 0.92, "test_offseg_afm": 0.84, "test_segnext": 0.85,
+                           "test_segnext_afm": 0.82, "test_segnext_offset": 0.91, "test_segnext_ssa": 0.86}
 SUBSET = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODELS]
 HW = (64, 64)
 
@@ -114,9 +120,7 @@ def test_int8_nncf_ir_has_fake_quantize_int8_weights_and_runs_int8(model, export
     if model != _tiny.TINY:
         assert q["float_modules"] and q["float_nodes"] > 0, q
         assert insp["float_compute_layers"].get("MatMul", 0) > 0, insp["float_compute_layers"]
-    # random-weight tiny models; measured 0.99 (tiny_ops), 1.0 (test_offseg), 0.88 (test_offseg_afm: its spectral
-    # path is quantized too; the mixed-precision policy of the quantization issue keeps it float)
-    assert m["proof"]["argmax_agreement"] >= 0.8, m["proof"]
+    assert m["proof"]["argmax_agreement"] >= OV_INT8_AGREEMENT_FLOOR[model], m["proof"]
 
 
 @pytest.mark.exports([("openvino", _tiny.TINY, "fp32",
