@@ -20,7 +20,7 @@ DEBUG_MAP = "debug_map.json"
 # a delegate's runtime operators to its delegated graph in order
 _XNN_KINDS: dict[str, tuple[str, ...]] = {
     "Convolution": ("convolution",), "Deconvolution": ("convolution",),
-    "Fully Connected": ("linear", "addmm", "mm"), "Batch Matrix Multiply": ("bmm", "matmul"),
+    "Fully Connected": ("linear", "addmm", "mm", "convolution"),  # XNNPACK runs 1x1 convolutions as GEMMs "Batch Matrix Multiply": ("bmm", "matmul"),
     "Multiply": ("mul",), "Add": ("add",), "Subtract": ("sub",), "Divide": ("div",), "Square": ("mul", "pow"),
     "Square Root": ("sqrt",), "Reciprocal Square Root": ("rsqrt",), "Softmax": ("softmax",),
     "Sigmoid": ("sigmoid",), "Clamp": ("hardtanh", "relu", "clamp"), "HardSwish": ("hardswish",),
@@ -29,7 +29,7 @@ _XNN_KINDS: dict[str, tuple[str, ...]] = {
     "Global Average Pooling": ("mean", "avg_pool"), "Average Pooling": ("avg_pool",), "Max Pooling": ("max_pool",),
     "Constant Pad": ("pad",), "Transpose": ("permute", "transpose"), "Concatenate": ("cat",), "Slice": ("slice",),
     "Copy": ("view", "reshape", "clone", "expand", "squeeze", "unsqueeze", "_to_copy"),
-    "Resize Bilinear": ("upsample",), "Convert": ("quantize", "dequantize"), "Leaky ReLU": ("leaky",),
+    "Resize Bilinear": ("upsample",), "Leaky ReLU": ("leaky",),
 }
 _MATCH_WINDOW = 64  # delegated ops looked ahead for a runtime operator's source (fused/elided ops are skipped)
 
@@ -137,21 +137,29 @@ def _attribute(events, dmap: dict | None, runs: int) -> list[tuple[str, str, flo
 
 
 def _match_delegate(xnn_events, ops: list, runs: int) -> list[tuple[str, str, float]]:
-    """Attribute a delegate call's XNNPACK operator events to its delegated ops ([op, path] in graph order)."""
+    """Attribute a delegate call's XNNPACK operator events to its delegated ops ([op, path] in graph order).
+    Events matching no op kind (XNNPACK's layout transposes, int8 converts) go to the next op that has a path."""
+    # quantize / dequantize nodes (half of an int8 delegate's nodes) are fused into XNNPACK's int8 operators or run
+    # as its "Convert": leaving them out keeps the look-ahead window on the compute ops
+    ops = [o for o in ops if "quantize_per" not in o[0]]
     out = []
     p = 0
     for ev in xnn_events:
         name = ev.name.split(" #")[0]
-        kind = name.split(" (")[0]
-        wanted = _XNN_KINDS.get(kind, ())
+        wanted = _XNN_KINDS.get(name.split(" (")[0], ())
         j = next((i for i in range(p, min(len(ops), p + _MATCH_WINDOW)) if any(w in ops[i][0] for w in wanted)),
                  None)
         if j is not None:
-            path, p = ops[j][1], j + 1
-        else:
-            path = ops[min(p, len(ops) - 1)][1] if ops else UNKNOWN
-        out.append((path or UNKNOWN, "xnnpack " + name, _us(ev, runs)))
+            p = j + 1
+        out.append((_path_near(ops, p - 1 if j is not None else p), "xnnpack " + name, _us(ev, runs)))
     return out
+
+
+def _path_near(ops: list, i: int) -> str:
+    """The module path of ops[i], else of the nearest op after it that has one, else before it."""
+    after = (o[1] for o in ops[max(i, 0):] if o[1])
+    before = (o[1] for o in reversed(ops[:max(i, 0)]) if o[1])
+    return next(after, None) or next(before, None) or UNKNOWN
 
 
 SESSION = ExecutorchSession
