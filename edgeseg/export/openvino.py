@@ -294,6 +294,14 @@ class OpenVINOExporter(Exporter):
     Options = OpenVINOOptions
     tools = ("openvino", "nncf", "torch")
 
+    def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
+        """The PT2E quantizer `edgeseg qat --target openvino` trains for: executorch's OpenVINOQuantizer (NNCF's
+        INT8_SYM placement) with fake quants (openvino_quant.openvino_qat_quantizer). The PTQ itself is NNCF on
+        the converted OpenVINO model (openvino_quant.quantize), not PT2E."""
+        from edgeseg.export.openvino_quant import openvino_qat_quantizer
+
+        return openvino_qat_quantizer()
+
     def export(self, job: ExportJob) -> ExportResult:
         import openvino as ov
 

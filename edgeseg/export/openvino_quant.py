@@ -104,4 +104,58 @@ def quantized_float_nodes(ov_model, names) -> list[str]:
         i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs()))
 
 
-__all__ = ["float_node_names", "resolve_overflow_fix", "quantize", "quantized_float_nodes"]
+def openvino_qat_quantizer():
+    """executorch's OpenVINOQuantizer (NNCF's INT8_SYM scheme) made usable for PT2E QAT and the float policy.
+
+    * It annotates activations on the producer's output, so a conv's `input_qspec_map` holds only its weight;
+      torchao 0.18's conv-BN QAT fusion maps that dict by position (input, weight, bias) and failed with
+      IndexError on every conv+BN (measured on qat_tiny). An explicit `None` input entry (no extra observer:
+      the producer's output observer still quantizes it) restores the positions.
+    * Its specs name plain observers (HistogramObserver, PerChannelMinMaxObserver), which prepare_qat_pt2e would
+      insert as is: training would then see float activations and weights, not int8. `fake_quant_spec`
+      (edgeseg.quant.pt2e_specs) swaps in FakeQuantize modules with moving-average observers of the same
+      dtype/range/qscheme (the XNNPACK QAT configuration's choice), so the forward pass rounds like the OpenVINO
+      int8 model will.
+    * `set_filter_function(keep)`: nodes with `keep(node)` False go to NNCF's ignored scope by FX node name
+      (OpenVINOQuantizer has no module-name hook).
+    * It gives LayerNorm/GroupNorm biases (1-D) a per-channel weight spec; torchao's per-channel observer
+      flattens from dim 1 and fails on them (IndexError at the first QAT step of segnext_t_offset), so those stay
+      float; so do non-tensor inputs such as the dynamic batch size (`unobservable`).
+    """
+    import torch
+    from executorch.backends.openvino.quantizer import OpenVINOQuantizer
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    from edgeseg.quant.pt2e_specs import fake_quant_spec, unobservable
+
+    class QatOpenVINOQuantizer(OpenVINOQuantizer):
+        filter_fn = None
+
+        def set_filter_function(self, fn):
+            self.filter_fn = fn
+            return self
+
+        def annotate(self, model):
+            if self.filter_fn is not None:
+                names = [n.name for n in model.graph.nodes if n.op == "call_function" and not self.filter_fn(n)]
+                if names:
+                    self.set_ignored_scope(names=names, validate=False)
+            model = super().annotate(model)
+            for n in model.graph.nodes:
+                qa = n.meta.get("quantization_annotation")
+                if not isinstance(qa, QuantizationAnnotation):
+                    continue
+                qa.input_qspec_map = {k: fake_quant_spec(v, reduce_weight_range=True)
+                                      for k, v in qa.input_qspec_map.items() if not unobservable(k, v)}
+                own = n.meta.get("val")
+                qa.output_qspec = (None if own is not None and not isinstance(own, torch.Tensor)
+                                   else fake_quant_spec(qa.output_qspec))
+                if (n.op == "call_function" and n.args and "conv" in str(n.target)
+                        and n.args[0] not in qa.input_qspec_map):
+                    qa.input_qspec_map = {n.args[0]: None, **qa.input_qspec_map}
+            return model
+
+    return QatOpenVINOQuantizer()
+
+
+__all__ = ["float_node_names", "resolve_overflow_fix", "quantize", "quantized_float_nodes", "openvino_qat_quantizer"]
