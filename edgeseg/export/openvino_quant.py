@@ -18,15 +18,30 @@ it converts (the ExportedProgram after openvino's own `run_decompositions`) is b
 (edgeseg.export.openvino) with `TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their
 `nn_module_stack`) map to OV nodes exactly. NNCF validates the names (`validate=True`), and a non-empty policy that
 matches no OV node is an error, never a silent all-int8 model.
+
+QAT for openvino (`openvino_qat_quantizer`, the exporter's `quantizer`) trains with executorch's OpenVINOQuantizer,
+NNCF's INT8_SYM placement on the PT2E graph; the exporter converts the resulting q/dq graph without NNCF.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from edgeseg.errors import ArtifactError, UsageError, one_line
 from edgeseg.quant.calibration import CalibrationData
 
 _NOT_QUANTIZABLE_TYPES = ("Parameter", "Result", "Constant")
+
+
+def fx_node_names(policy, graph_module) -> list[str]:
+    """FX node names inside the policy's float modules (the torch.export route: OV node names start with them)."""
+    return [n.name for n in graph_module.graph.nodes if n.op == "call_function" and policy.node_is_float(n)]
+
+
+def nncf_patterns(policy) -> list[str]:
+    """Regex patterns over OpenVINO node names (`__module.<fqn>/aten::op/Op`, the TorchScript route) of the
+    policy's float modules."""
+    return [rf"^__module\.{re.escape(n)}(\.|/).*" for n in policy.names]
 
 
 def float_node_names(converted, policy) -> list[str]:
@@ -36,16 +51,14 @@ def float_node_names(converted, policy) -> list[str]:
     `<fx name>/.../decomposed/<step>`), matched against the FX nodes whose `nn_module_stack` lies in a float module.
     Module route (TorchScript): the policy's `__module.<fqn>` regex patterns, resolved against the OV names here.
     Raises ArtifactError when the policy names modules but no OV node matches (the mapping broke)."""
-    import re
-
     if not len(policy):
         return []
     ops = [op for op in converted.model.get_ops() if op.get_type_name() not in _NOT_QUANTIZABLE_TYPES]
     if converted.fx_graph is not None:
-        fx_float = set(policy.fx_node_names(converted.fx_graph))
+        fx_float = set(fx_node_names(policy, converted.fx_graph))
         names = sorted(op.get_friendly_name() for op in ops if op.get_friendly_name().split("/", 1)[0] in fx_float)
     else:
-        pats = [re.compile(p) for p in policy.nncf_patterns()]
+        pats = [re.compile(p) for p in nncf_patterns(policy)]
         names = sorted(op.get_friendly_name() for op in ops if any(p.match(op.get_friendly_name()) for p in pats))
     if not names:
         raise ArtifactError(f"openvino: the float policy ({', '.join(policy.names)}) matches no node of the "
@@ -158,4 +171,5 @@ def openvino_qat_quantizer():
     return QatOpenVINOQuantizer()
 
 
-__all__ = ["float_node_names", "resolve_overflow_fix", "quantize", "quantized_float_nodes", "openvino_qat_quantizer"]
+__all__ = ["fx_node_names", "nncf_patterns", "float_node_names", "resolve_overflow_fix", "quantize",
+           "quantized_float_nodes", "openvino_qat_quantizer"]
