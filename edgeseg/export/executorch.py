@@ -14,6 +14,7 @@ import torch
 
 from edgeseg.errors import ArtifactError, UsageError
 from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
+from edgeseg.export.executorch_passes import requantize_after_zero_pad
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,10 @@ class ExecutorchExporter(Exporter):
         out_dir = Path(job.out_dir)
         timings: dict[str, float] = {}
         example = (model.example_input(),)
+        graph = getattr(model, "model", model)
+        if job.qat and isinstance(graph, torch.fx.GraphModule):
+            # for QAT checkpoints converted before QAT's convert ran this pass (a no-op on the others)
+            requantize_after_zero_pad(graph)
         t = time.perf_counter()
         ep = torch.export.export(model, example, strict=False)
         timings["torch_export"] = time.perf_counter() - t
@@ -264,8 +269,6 @@ class ExecutorchExporter(Exporter):
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: executorch-xnnpack needs calibration images")
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-            from edgeseg.quant.passes import requantize_after_zero_pad
 
             t = time.perf_counter()
             quantizer, policy = self.ptq_quantizer(model, options)  # float modules: ops left unannotated
