@@ -545,6 +545,7 @@ def test_executorch_exporter_requantizes_zero_pads_of_an_older_qat_program(tmp_p
     on the QAT graph it is given, so the .pte still loads and matches the graph."""
     pytest.importorskip("executorch.runtime")
     from executorch.runtime import Runtime
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from edgeseg.export.base import ExportJob, ExportWrapper
@@ -558,12 +559,15 @@ def test_executorch_exporter_requantizes_zero_pads_of_an_older_qat_program(tmp_p
         prepared(torch.randn(1, 3, 8, 8))
     old_program = convert_pt2e(prepared)  # as QAT's convert wrote it before the pass
     assert _float_output_pads(old_program)
+    allow_exported_model_train_eval(old_program)  # as load_qat_program does
     wrapper = ExportWrapper(old_program, (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
     job = ExportJob(model=wrapper, spec=None, precision="int8", input_hw=(8, 8), out_dir=tmp_path,
                     options=exporter.Options(), qat={"target": "executorch-xnnpack"})
     result = exporter.export(job)
     assert not _float_output_pads(old_program)
-    method = Runtime.get().load_program((tmp_path / result.files[0]).read_bytes()).load_method("forward")
+    pte = (tmp_path / result.files[0]).read_bytes()  # kept alive: the loaded program reads from it
+    program = Runtime.get().load_program(pte)
+    method = program.load_method("forward")
     assert torch.allclose(method.execute([x])[0], wrapper(x), atol=1e-5)
 
 
