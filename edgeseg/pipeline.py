@@ -304,8 +304,7 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
         data: dataset root; None = the embedded CamVid images (`default_data_dir()`), split into calibration and
             evaluation images (see the module docstring).
         targets: target names (default: every profile in export_targets/).
-        out: output folder; refuses to overwrite it without `force`.
-        force: replace an existing `out`.
+        out, force: output folder; an existing one is replaced only with `force`.
         precisions: precisions to export per target (those its profile supports).
         split: evaluation split of `data`.
         max_images: validate on the first N evaluation images only.

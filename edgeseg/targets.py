@@ -21,7 +21,8 @@ A profile (`export_targets/<name>.toml`):
     int8_runtime_optimize = true       # (bool) run int8 artifacts with the runtime's graph optimisations
     host_run_note = "..."              # (str) optional: what running the artifact here stands for
     [qat]                              # optional: the int8 scheme `edgeseg qat --target NAME` trains for
-    scheme = "xnnpack-7bit"            # (str) quantizer family (edgeseg.train.qat_quantizers.target_quantizer)
+    scheme = "xnnpack-7bit"            # (str) the scheme's name, recorded by its QAT checkpoints; its quantizer
+                                       #   is the exporter's `quantizer(options, is_qat=True)`
     about = "..."                      # (str) the scheme in one line, for manifests
     exports_from = ["xnnpack"]         # (list[str]) QAT schemes whose checkpoints this target exports
     fold_quantize = true               # (bool) optional: QAT convert folds weight quantize ops into constants

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from edgeseg.models.registry import list_models, register_model
 
@@ -495,12 +496,29 @@ def test_qat_run_records_its_range_init(qat_run):
     assert init["split"] == "train" and init["count"] == 8 and len(init["files"]) == 8
 
 
+class _PadThenFloat(nn.Module):  # the CARAFE pattern: pad, flatten, shifted slices times a float mask
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        p = F.pad(y, (1, 1, 1, 2)).reshape(n, c, -1)
+        return (p[:, :, :h * w] * self.b(y).reshape(n, c, -1) + p[:, :, 1:h * w + 1]).reshape(n, c, h, w)
+
+
+def _float_output_pads(gm) -> list:
+    """Zero pads of a dequantized tensor whose output is not re-quantized (what XNNPACK refuses)."""
+    return [n for n in gm.graph.nodes if "pad" in str(n.target) and "dequantize" in str(n.args[0].target)
+            and not all("quantize_per_tensor" in str(u.target) for u in n.users)]
+
+
 def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
     """offseg_t's ExecuTorch QAT .pte was refused at load: FreqFusion zero-pads a dequantized tensor whose pad
     output stays float, XNNPACK's partitioner still takes the pad as quantized ("Failed to create
     StaticConstantPad node ... xnn_status_invalid_parameter"). convert_qat re-quantizes such pads (exactly)."""
     pytest.importorskip("executorch.runtime")
-    import torch.nn.functional as F
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
@@ -509,19 +527,8 @@ def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
     from edgeseg.quant.policy import FloatPolicy
     from edgeseg.train.qat import convert_qat, init_observers, prepare_qat
 
-    class PadThenFloat(nn.Module):  # the CARAFE pattern: pad, flatten, shifted slices times a float mask
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(4, 4, 1)
-
-        def forward(self, x):
-            y = self.a(x)
-            n, c, h, w = y.shape
-            p = F.pad(y, (1, 1, 1, 2)).reshape(n, c, -1)
-            return p[:, :, :h * w] * self.b(y).reshape(n, c, -1) + p[:, :, 1:h * w + 1]
-
     torch.manual_seed(0)
-    prepared = prepare_qat(PadThenFloat(), "executorch-xnnpack", (8, 8), FloatPolicy({}))
+    prepared = prepare_qat(_PadThenFloat(), "executorch-xnnpack", (8, 8), FloatPolicy({}))
     init_observers(prepared, [torch.randn(1, 3, 8, 8) for _ in range(4)])
     ep = convert_qat(prepared, (8, 8))
     pads = [n for n in ep.graph.nodes if "pad" in str(n.target)]
@@ -531,6 +538,37 @@ def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
     method = Runtime.get().load_program(prog.buffer).load_method("forward")  # raised before the fix
     x = torch.randn(1, 3, 8, 8)
     assert torch.allclose(method.execute([x])[0], ep.module()(x), atol=1e-5)
+
+
+def test_executorch_exporter_requantizes_zero_pads_of_an_older_qat_program(tmp_path):
+    """A QAT program converted before convert_qat re-quantized such pads: the ExecuTorch exporter runs the pass
+    on the QAT graph it is given, so the .pte still loads and matches the graph."""
+    pytest.importorskip("executorch.runtime")
+    from executorch.runtime import Runtime
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edgeseg.export.base import ExportJob, ExportWrapper
+    from edgeseg.export.executorch import ExecutorchExporter
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    exporter = ExecutorchExporter()
+    prepared = prepare_pt2e(torch.export.export(_PadThenFloat().eval(), (x,)).module(), exporter.quantizer())
+    for _ in range(4):
+        prepared(torch.randn(1, 3, 8, 8))
+    old_program = convert_pt2e(prepared)  # as QAT's convert wrote it before the pass
+    assert _float_output_pads(old_program)
+    allow_exported_model_train_eval(old_program)  # as load_qat_program does
+    wrapper = ExportWrapper(old_program, (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
+    job = ExportJob(model=wrapper, spec=None, precision="int8", input_hw=(8, 8), out_dir=tmp_path,
+                    options=exporter.Options(), qat={"target": "executorch-xnnpack"})
+    result = exporter.export(job)
+    assert not _float_output_pads(old_program)
+    pte = (tmp_path / result.files[0]).read_bytes()  # kept alive: the loaded program reads from it
+    program = Runtime.get().load_program(pte)
+    method = program.load_method("forward")
+    assert torch.allclose(method.execute([x])[0], wrapper(x), atol=1e-5)
 
 
 def test_executorch_qat_shared_conv_weight_is_quantized_per_use_and_runs():

@@ -169,6 +169,35 @@ class EvalTransform:
 
 # ----------------------------------------------------------------------------------------------- GPU batch
 
+def _gpu_jitter(out, rand, n: int):
+    """gpu_augment's photometric jitter of a (N, 3, h, w) batch on the 0..255 scale; each step per sample with
+    probability 0.5, drawing from `rand` in a fixed order (reproducible with a generator)."""
+    import torch
+
+    dev = out.device
+
+    def coin():
+        return (rand(n) < 0.5).float()[:, None, None, None]
+
+    out = out + coin() * (rand(n)[:, None, None, None] * 64 - 32)
+    out = out.clamp(0, 255)
+    out = out * (1 + coin() * (rand(n)[:, None, None, None] - 0.5))
+    out = out.clamp(0, 255)
+    luma = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2])[:, None]
+    sat = 1 + coin() * (rand(n)[:, None, None, None] - 0.5)
+    out = (luma + (out - luma) * sat).clamp(0, 255)
+    theta = coin()[:, 0, 0, 0] * (rand(n) * 2 - 1) * (math.pi / 5)  # +-36 degrees
+    c, si = torch.cos(theta), torch.sin(theta)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    rgb = torch.linalg.inv(yiq)
+    rot = torch.zeros(n, 3, 3, device=dev)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -si, si, c
+    m = rgb[None] @ rot @ yiq[None]  # (N, 3, 3)
+    out = torch.einsum("nij,njhw->nihw", m, out).clamp(0, 255)
+    return out
+
+
 def gpu_augment(images, labels, crop_hw, mean: Sequence[float], std: Sequence[float], ignore_index: int = 255,
                 scale_range: tuple[float, float] = (0.5, 2.0), flip_p: float = 0.5, jitter: bool = True,
                 generator=None):
@@ -229,26 +258,7 @@ def gpu_augment(images, labels, crop_hw, mean: Sequence[float], std: Sequence[fl
     lab = torch.where(inside, lab, torch.full_like(lab, ignore_index))
 
     if jitter:
-        def coin():
-            return (rand(n) < 0.5).float()[:, None, None, None]
-
-        out = out + coin() * (rand(n)[:, None, None, None] * 64 - 32)
-        out = out.clamp(0, 255)
-        out = out * (1 + coin() * (rand(n)[:, None, None, None] - 0.5))
-        out = out.clamp(0, 255)
-        luma = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2])[:, None]
-        sat = 1 + coin() * (rand(n)[:, None, None, None] - 0.5)
-        out = (luma + (out - luma) * sat).clamp(0, 255)
-        theta = coin()[:, 0, 0, 0] * (rand(n) * 2 - 1) * (math.pi / 5)  # +-36 degrees
-        c, si = torch.cos(theta), torch.sin(theta)
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
-        rgb = torch.linalg.inv(yiq)
-        rot = torch.zeros(n, 3, 3, device=dev)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -si, si, c
-        m = rgb[None] @ rot @ yiq[None]  # (N, 3, 3)
-        out = torch.einsum("nij,njhw->nihw", m, out).clamp(0, 255)
-        out = out * inside[:, None]
+        out = _gpu_jitter(out, rand, n) * inside[:, None]
     m_t = torch.tensor(list(mean), device=dev, dtype=torch.float32)[None, :, None, None]
     s_t = torch.tensor(list(std), device=dev, dtype=torch.float32)[None, :, None, None]
     return (out - m_t) / s_t, lab

@@ -206,9 +206,15 @@ class Exporter(ABC):
         The precision and options are already checked against this exporter (profile, `Options`); a target-
         specific impossibility raises UsageError, a vendor failure ArtifactError, each one line."""
 
-    def quantizer(self, options: ExportOptions | None = None) -> Any:
-        """The target's int8 quantizer object for PT2E flows (PTQ and QAT), or None if the target quantizes
-        some other way (e.g. ONNX Runtime's quantize_static) or has no int8."""
+    def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False) -> Any:
+        """The target's PT2E int8 quantizer: the one source of PT2E quantizers for PTQ and QAT
+        (`edgeseg.train.qat_quantizers.target_quantizer` asks it for the scheme of the profile's `[qat]` table).
+
+        Where the exporter's PTQ is PT2E (ExecuTorch, Core ML W8A8) it is the quantizer that PTQ uses; where PTQ
+        goes another way (ONNX Runtime's quantize_static, NNCF on the OpenVINO model) it is the scheme QAT trains
+        for, whose converted graph the exporter takes as is. `is_qat`: fake quants for training in place of
+        observers. `options.per_channel`, where set, picks per-channel weight scales (default True). None: the
+        target has no PT2E scheme."""
         return None
 
     def fallback_ops(self, lowered: Any) -> list[str] | None:

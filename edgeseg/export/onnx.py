@@ -211,6 +211,14 @@ class OnnxExporter(Exporter):
     Options = OnnxOptions
     tools = ("onnx", "onnxruntime", "onnxscript", "torch")
 
+    def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
+        """The PT2E quantizer `edgeseg qat --target onnx` trains for: XNNPACK's symmetric int8 config with 7-bit
+        weights, as this exporter's PTQ uses reduce_range. The PTQ itself is ONNX Runtime's quantize_static on
+        the float ONNX (onnx_quant.quantize_qdq), not PT2E."""
+        from edgeseg.export.executorch import xnnpack_quantizer
+
+        return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat, weight_7bit=True)
+
     def export(self, job: ExportJob) -> ExportResult:
         model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
         out_dir = Path(job.out_dir)

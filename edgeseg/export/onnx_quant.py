@@ -3,7 +3,6 @@ TensorRT exporter uses it too), with the float policy's nodes excluded. Heavy im
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,6 @@ import numpy as np
 
 from edgeseg.errors import ArtifactError, one_line
 from edgeseg.export.base import INPUT_NAME, CalibrationData
-
-log = logging.getLogger(__name__)
 
 
 class _Reader:
@@ -33,20 +30,23 @@ def _name_scopes(node) -> list[str]:
     return onnx_name_scopes(node)
 
 
-def float_nodes(onnx_model, policy) -> list[str]:
-    """Names of the ONNX nodes traced from inside the float policy's modules (ORT `nodes_to_exclude`)."""
+def onnx_nodes_to_exclude(policy, onnx_model) -> list[str]:
+    """Names of the ONNX nodes that lie inside the policy's float modules, by the module paths the dynamo
+    exporter records in each node's `pkg.torch.onnx.name_scopes` metadata. `onnx_model`: a ModelProto or a
+    path."""
     import onnx
 
     if isinstance(onnx_model, (str, Path)):
         onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+    return [n.name for n in onnx_model.graph.node if any(policy.covers(s) for s in _name_scopes(n))]
+
+
+def float_nodes(onnx_model, policy) -> list[str]:
+    """Names of the ONNX nodes traced from inside the float policy's modules (ORT `nodes_to_exclude`), sorted;
+    none for no policy."""
     if policy is None or not len(policy):
         return []
-    names = {n.name for n in onnx_model.graph.node if any(policy.covers(s) for s in _name_scopes(n))}
-    try:  # the policy's own reader, in case it knows metadata this one does not
-        names.update(policy.onnx_nodes_to_exclude(onnx_model))
-    except Exception as e:  # noqa: BLE001
-        log.debug("FloatPolicy.onnx_nodes_to_exclude failed: %s", e)
-    return sorted(names)
+    return sorted(set(onnx_nodes_to_exclude(policy, onnx_model)))
 
 
 def unshare_initializers(onnx_model, excluded: list[str]) -> int:
@@ -180,5 +180,5 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calib: CalibrationData, *, act
             "float_nodes": len(policy_nodes), "float_gather_convs": len(gathers)}
 
 
-__all__ = ["float_nodes", "one_hot_gather_convs", "unshare_initializers", "resolve_reduce_range", "per_tensor_weight_overrides",
-           "quantize_qdq"]
+__all__ = ["onnx_nodes_to_exclude", "float_nodes", "one_hot_gather_convs", "unshare_initializers",
+           "resolve_reduce_range", "per_tensor_weight_overrides", "quantize_qdq"]

@@ -17,7 +17,8 @@ I/O renaming: a bare torch.export -> convert_model -> compile_model of the model
 here and for every consumer of the IR (no plugin option needed): `decompose_group_norm` rewrites each
 `GroupNormalization` node into Reshape -> MVN -> Reshape -> Multiply -> Add (bitwise-close: max |d| ~5e-8).
 
-int8 (NNCF PTQ, its overflow fix and the float policy's IgnoredScope): edgeseg.export.openvino_quant.
+int8 (NNCF PTQ, its overflow fix and the float policy's IgnoredScope) and the QAT quantizer: `openvino_quant.py`;
+what the manifest reports about the IR (histograms, device queries): `openvino_inspect.py`.
 
 Fallback ops: the CPU plugin has no fallback device (an op it does not take fails `compile_model`), so a CPU IR
 that compiles has none; everything our models use is supported (grid_sample -> GridSample, unfold, bicubic ->
@@ -27,7 +28,6 @@ compute layers that still run in float.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -43,6 +43,13 @@ from edgeseg.export.base import (
     ExportResult,
     export_float_policy,
 )
+from edgeseg.export.openvino_inspect import (
+    constant_dtypes,
+    fake_quantize_levels,
+    op_histogram,
+    query_in_child,
+    runtime_precisions,
+)
 from edgeseg.export.openvino_quant import float_node_names, quantize, quantized_float_nodes
 
 log = logging.getLogger(__name__)
@@ -50,8 +57,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
 OVERFLOW_FIX = ("auto", "enable", "first_layer_only", "disable")
-# OpenVINO op types that carry the arithmetic; used for the "still in float" report of int8 IRs.
-_COMPUTE_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData", "FullyConnected")
 
 
 @dataclass
@@ -153,15 +158,10 @@ def tag_module_paths(ov_model, fx_graph) -> int:
     with it. Returns the number of ops covered."""
     import json
 
+    from edgeseg.export.base import module_path
     from edgeseg.runtime.base import RT_INFO_KEY
 
-    path_of = {}
-    for node in fx_graph.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if stack:
-            entry = list(stack.values())[-1]
-            fqn = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
-            path_of[node.name] = fqn.replace("L__self__.", "").replace("L['self'].", "")
+    path_of = {node.name: path for node in fx_graph.graph.nodes if (path := module_path(node)) is not None}
     used = {}
     tagged = 0
     for op in ov_model.get_ops():
@@ -217,75 +217,6 @@ def name_io(ov_model, output_name: str) -> None:
     ov_model.outputs[0].get_tensor().set_names({output_name})
 
 
-def op_histogram(ov_model) -> dict[str, int]:
-    hist = collections.Counter(op.get_type_name() for op in ov_model.get_ops())
-    for skip in ("Parameter", "Result"):
-        hist.pop(skip, None)
-    return dict(sorted(hist.items()))
-
-
-def constant_dtypes(ov_model) -> dict[str, int]:
-    """How many constants (larger than 16 elements: weights, not scalars) of each element type the IR holds."""
-    c: collections.Counter = collections.Counter()
-    for op in ov_model.get_ops():
-        if op.get_type_name() == "Constant":
-            shape = op.get_output_partial_shape(0)
-            n = 1
-            for d in shape.to_shape():
-                n *= d
-            if n > 16:
-                c[op.get_output_element_type(0).get_type_name()] += 1
-    return dict(sorted(c.items()))
-
-
-def fake_quantize_levels(ov_model) -> dict[str, int]:
-    c: collections.Counter = collections.Counter()
-    for op in ov_model.get_ops():
-        if op.get_type_name() == "FakeQuantize":
-            c[str(op.get_attributes()["levels"])] += 1
-    return dict(c)
-
-
-def unsupported_ops(core, ov_model, device: str) -> list[str]:
-    """Ops of `ov_model` that `device` does not take ("Type friendly_name"), from Core.query_model."""
-    supported = core.query_model(ov_model, device)
-    return sorted(f"{op.get_type_name()} {op.get_friendly_name()}" for op in ov_model.get_ops()
-                  if op.get_type_name() not in ("Parameter", "Result", "Constant")
-                  and op.get_friendly_name() not in supported)
-
-
-def query_in_child(xml: Path, device: str, timeout: float = 300) -> list[str] | None:
-    """`unsupported_ops` of a saved IR in a child process (query_model can crash the interpreter); None if the
-    device is absent or the query fails."""
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json, sys, openvino as ov; from edgeseg.export.openvino import unsupported_ops; "
-            "c = ov.Core(); print(json.dumps(unsupported_ops(c, c.read_model(sys.argv[1]), sys.argv[2])))")
-    try:
-        r = subprocess.run([sys.executable, "-c", code, str(xml), device], capture_output=True, text=True,
-                           timeout=timeout)
-        if r.returncode == 0:
-            return json.loads(r.stdout.strip().splitlines()[-1])
-        log.warning("openvino: query_model on %s failed (exit %s); fallback ops unknown", device, r.returncode)
-    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
-        log.warning("openvino: query_model on %s failed (%s); fallback ops unknown", device, one_line(e, with_type=True))
-    return None
-
-
-def runtime_precisions(compiled) -> dict[str, dict[str, int]]:
-    """Per compute layer type of the compiled (executable) graph: how many run at each runtime precision."""
-    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for op in compiled.get_runtime_model().get_ops():
-        rt = op.get_rt_info()
-        layer = rt["layerType"].astype(str) if "layerType" in rt else op.get_type_name()
-        if layer in _COMPUTE_OPS:
-            prec = rt["runtimePrecision"].astype(str) if "runtimePrecision" in rt else "?"
-            out[layer][prec] += 1
-    return {k: dict(v) for k, v in sorted(out.items())}
-
-
 class OpenVINOExporter(Exporter):
     """OpenVINO IR for Intel CPU/GPU/NPU: fp32, fp16 (fp16 weights), int8 (NNCF PTQ, or a QAT checkpoint's graph)."""
 
@@ -293,6 +224,14 @@ class OpenVINOExporter(Exporter):
     precisions = ("fp32", "fp16", "int8")
     Options = OpenVINOOptions
     tools = ("openvino", "nncf", "torch")
+
+    def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
+        """The PT2E quantizer `edgeseg qat --target openvino` trains for: executorch's OpenVINOQuantizer (NNCF's
+        INT8_SYM placement) with fake quants (openvino_quant.openvino_qat_quantizer). The PTQ itself is NNCF on
+        the converted OpenVINO model (openvino_quant.quantize), not PT2E."""
+        from edgeseg.export.openvino_quant import openvino_qat_quantizer
+
+        return openvino_qat_quantizer()
 
     def export(self, job: ExportJob) -> ExportResult:
         import openvino as ov

@@ -18,15 +18,30 @@ it converts (the ExportedProgram after openvino's own `run_decompositions`) is b
 (edgeseg.export.openvino) with `TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their
 `nn_module_stack`) map to OV nodes exactly. NNCF validates the names (`validate=True`), and a non-empty policy that
 matches no OV node is an error, never a silent all-int8 model.
+
+QAT for openvino (`openvino_qat_quantizer`, the exporter's `quantizer`) trains with executorch's OpenVINOQuantizer,
+NNCF's INT8_SYM placement on the PT2E graph; the exporter converts the resulting q/dq graph without NNCF.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from edgeseg.errors import ArtifactError, UsageError, one_line
 from edgeseg.quant.calibration import CalibrationData
 
 _NOT_QUANTIZABLE_TYPES = ("Parameter", "Result", "Constant")
+
+
+def fx_node_names(policy, graph_module) -> list[str]:
+    """FX node names inside the policy's float modules (the torch.export route: OV node names start with them)."""
+    return [n.name for n in graph_module.graph.nodes if n.op == "call_function" and policy.node_is_float(n)]
+
+
+def nncf_patterns(policy) -> list[str]:
+    """Regex patterns over OpenVINO node names (`__module.<fqn>/aten::op/Op`, the TorchScript route) of the
+    policy's float modules."""
+    return [rf"^__module\.{re.escape(n)}(\.|/).*" for n in policy.names]
 
 
 def float_node_names(converted, policy) -> list[str]:
@@ -36,16 +51,14 @@ def float_node_names(converted, policy) -> list[str]:
     `<fx name>/.../decomposed/<step>`), matched against the FX nodes whose `nn_module_stack` lies in a float module.
     Module route (TorchScript): the policy's `__module.<fqn>` regex patterns, resolved against the OV names here.
     Raises ArtifactError when the policy names modules but no OV node matches (the mapping broke)."""
-    import re
-
     if not len(policy):
         return []
     ops = [op for op in converted.model.get_ops() if op.get_type_name() not in _NOT_QUANTIZABLE_TYPES]
     if converted.fx_graph is not None:
-        fx_float = set(policy.fx_node_names(converted.fx_graph))
+        fx_float = set(fx_node_names(policy, converted.fx_graph))
         names = sorted(op.get_friendly_name() for op in ops if op.get_friendly_name().split("/", 1)[0] in fx_float)
     else:
-        pats = [re.compile(p) for p in policy.nncf_patterns()]
+        pats = [re.compile(p) for p in nncf_patterns(policy)]
         names = sorted(op.get_friendly_name() for op in ops if any(p.match(op.get_friendly_name()) for p in pats))
     if not names:
         raise ArtifactError(f"openvino: the float policy ({', '.join(policy.names)}) matches no node of the "
@@ -104,4 +117,59 @@ def quantized_float_nodes(ov_model, names) -> list[str]:
         i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs()))
 
 
-__all__ = ["float_node_names", "resolve_overflow_fix", "quantize", "quantized_float_nodes"]
+def openvino_qat_quantizer():
+    """executorch's OpenVINOQuantizer (NNCF's INT8_SYM scheme) made usable for PT2E QAT and the float policy.
+
+    * It annotates activations on the producer's output, so a conv's `input_qspec_map` holds only its weight;
+      torchao 0.18's conv-BN QAT fusion maps that dict by position (input, weight, bias) and failed with
+      IndexError on every conv+BN (measured on qat_tiny). An explicit `None` input entry (no extra observer:
+      the producer's output observer still quantizes it) restores the positions.
+    * Its specs name plain observers (HistogramObserver, PerChannelMinMaxObserver), which prepare_qat_pt2e would
+      insert as is: training would then see float activations and weights, not int8. `fake_quant_spec`
+      (edgeseg.quant.pt2e_specs) swaps in FakeQuantize modules with moving-average observers of the same
+      dtype/range/qscheme (the XNNPACK QAT configuration's choice), so the forward pass rounds like the OpenVINO
+      int8 model will.
+    * `set_filter_function(keep)`: nodes with `keep(node)` False go to NNCF's ignored scope by FX node name
+      (OpenVINOQuantizer has no module-name hook).
+    * It gives LayerNorm/GroupNorm biases (1-D) a per-channel weight spec; torchao's per-channel observer
+      flattens from dim 1 and fails on them (IndexError at the first QAT step of segnext_t_offset), so those stay
+      float; so do non-tensor inputs such as the dynamic batch size (`unobservable`).
+    """
+    import torch
+    from executorch.backends.openvino.quantizer import OpenVINOQuantizer
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    from edgeseg.quant.pt2e_specs import fake_quant_spec, unobservable
+
+    class QatOpenVINOQuantizer(OpenVINOQuantizer):
+        filter_fn = None
+
+        def set_filter_function(self, fn):
+            self.filter_fn = fn
+            return self
+
+        def annotate(self, model):
+            if self.filter_fn is not None:
+                names = [n.name for n in model.graph.nodes if n.op == "call_function" and not self.filter_fn(n)]
+                if names:
+                    self.set_ignored_scope(names=names, validate=False)
+            model = super().annotate(model)
+            for n in model.graph.nodes:
+                qa = n.meta.get("quantization_annotation")
+                if not isinstance(qa, QuantizationAnnotation):
+                    continue
+                qa.input_qspec_map = {k: fake_quant_spec(v, reduce_weight_range=True)
+                                      for k, v in qa.input_qspec_map.items() if not unobservable(k, v)}
+                own = n.meta.get("val")
+                qa.output_qspec = (None if own is not None and not isinstance(own, torch.Tensor)
+                                   else fake_quant_spec(qa.output_qspec))
+                if (n.op == "call_function" and n.args and "conv" in str(n.target)
+                        and n.args[0] not in qa.input_qspec_map):
+                    qa.input_qspec_map = {n.args[0]: None, **qa.input_qspec_map}
+            return model
+
+    return QatOpenVINOQuantizer()
+
+
+__all__ = ["fx_node_names", "nncf_patterns", "float_node_names", "resolve_overflow_fix", "quantize",
+           "quantized_float_nodes", "openvino_qat_quantizer"]

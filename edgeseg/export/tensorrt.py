@@ -159,6 +159,15 @@ class TensorrtExporter(Exporter):
     Options = TensorrtOptions
     tools = ("onnx", "onnxruntime", "onnxscript", "torch")
 
+    def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
+        """The PT2E quantizer `edgeseg qat --target jetson-tensorrt` trains for: XNNPACK's symmetric int8 config
+        with symmetric activations (TensorRT's explicit quantization needs zero points of 0). The PTQ itself is
+        ONNX Runtime's symmetric quantize_static on the float ONNX (onnx_quant.quantize_qdq), not PT2E."""
+        from edgeseg.export.executorch import xnnpack_quantizer
+
+        return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat,
+                                 symmetric_activations=True)
+
     def export(self, job: ExportJob) -> ExportResult:
         model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
         out_dir = Path(job.out_dir)

@@ -18,13 +18,14 @@ Defaults (by module class, so every model family that uses the block gets them):
 A user adds module-name patterns (`fnmatch`, e.g. "backbone.stages.3.*") to keep more in float, or removes a
 default with a pattern prefixed by "!" (e.g. "!decode_head.offset_learning").
 
-Mechanisms per target (`FloatPolicy.apply_*`):
-  * PT2E quantizers (XNNPACK, CoreMLQuantizer, executorch's OpenVINOQuantizer): a node filter on the node's
-    `nn_module_stack` (`quantizer.set_filter_function`); the quantizer then leaves those ops unannotated.
-  * NNCF (OpenVINO IR from ov.convert_model of a torch module): `nncf.IgnoredScope(patterns=...)` on the
-    `__module.<name>/...` node names the OpenVINO PyTorch frontend gives.
-  * ONNX Runtime `quantize_static(nodes_to_exclude=...)`: node names of the ONNX graph whose
-    `pkg.torch.onnx.name_scopes` metadata (torch.onnx dynamo exporter) lies under a float module.
+Mechanisms per target: the policy says which modules stay float; each target's quantization reads it its way.
+  * PT2E quantizers (XNNPACK, CoreMLQuantizer, executorch's OpenVINOQuantizer for QAT): `FloatPolicy.apply_pt2e`,
+    a node filter on the node's `nn_module_stack` (`quantizer.set_filter_function`); the quantizer then leaves
+    those ops unannotated. It stays here because several targets share it.
+  * NNCF (OpenVINO IR): `edgeseg.export.openvino_quant` (`fx_node_names`, `nncf_patterns`) turns the policy into
+    the OpenVINO node names of an `nncf.IgnoredScope`.
+  * ONNX Runtime `quantize_static(nodes_to_exclude=...)`: `edgeseg.export.onnx_quant.onnx_nodes_to_exclude`, the
+    ONNX nodes whose `pkg.torch.onnx.name_scopes` metadata (torch.onnx dynamo exporter) lies under a float module.
 
 Must not import export runtimes at module level.
 """
@@ -32,10 +33,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch.nn as nn
 
@@ -63,13 +62,6 @@ class FloatPolicy:
 
     def __len__(self) -> int:
         return len(self.modules)
-
-    def with_modules(self, names: Iterable[str], reason: str = "requested") -> "FloatPolicy":
-        """A new policy with `names` added."""
-        mods = dict(self.modules)
-        for n in names:
-            mods.setdefault(n, reason)
-        return FloatPolicy(_prune(mods))
 
     def covers(self, fqn: str) -> bool:
         """Whether module `fqn` (or an ancestor) is float."""
@@ -107,37 +99,6 @@ class FloatPolicy:
         for name in self.names:
             quantizer.set_module_name(name, None)
         return quantizer
-
-    # -- NNCF / OpenVINO ------------------------------------------------------------------------------------------
-    def nncf_patterns(self) -> list[str]:
-        """Regex patterns over OpenVINO node names (`__module.<fqn>/aten::op/Op`) for nncf.IgnoredScope."""
-        return [rf"^__module\.{re.escape(n)}(\.|/).*" for n in self.names]
-
-    def nncf_ignored_scope(self):
-        import nncf
-
-        return nncf.IgnoredScope(patterns=self.nncf_patterns(), validate=False)
-
-    def fx_node_names(self, graph_module) -> list[str]:
-        """FX node names inside float modules (for NNCF's torch.fx backend, `IgnoredScope(names=...)`)."""
-        return [n.name for n in graph_module.graph.nodes if n.op == "call_function" and self.node_is_float(n)]
-
-    # -- ONNX Runtime -------------------------------------------------------------------------------------------
-    def onnx_nodes_to_exclude(self, onnx_model) -> list[str]:
-        """Names of the ONNX nodes (dynamo exporter, which records each node's module path in the
-        `pkg.torch.onnx.name_scopes` metadata) that lie inside float modules."""
-        import onnx
-
-        from edgeseg.runtime.onnx import onnx_name_scopes
-
-        if isinstance(onnx_model, (str, Path)):
-            onnx_model = onnx.load(str(onnx_model), load_external_data=False)
-        out = []
-        for node in onnx_model.graph.node:
-            scopes = onnx_name_scopes(node)
-            if scopes and any(self.covers(s) for s in scopes):
-                out.append(node.name)
-        return out
 
 
 def _clean_fqn(fqn: str) -> str:

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from edgeseg.errors import ArtifactError, UsageError, one_line
-from edgeseg.quant.passes import requantize_after_zero_pad
 from edgeseg.targets import qat_targets, targets_exporting
 
 # target -> (quantizer family, scheme line for the manifest), a view of the profiles' [qat] tables
@@ -239,7 +238,6 @@ def load_qat_program(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]
 
     gm = ep.module()
     check_deterministic(gm, str(path))  # QAT checkpoints written before stochastic layers were switched off
-    requantize_after_zero_pad(gm)  # QAT checkpoints converted before that pass existed
     allow_exported_model_train_eval(gm)  # ExportWrapper(...).eval() must work on the loaded graph
     gm.output_stride = int(quant.get("output_stride", 1))
     return gm, quant

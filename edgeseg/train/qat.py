@@ -14,8 +14,9 @@ Flow (PT2E, torchao 0.18 / executorch 1.5.1):
      (converted program) vs 45.36 (fake-quant) after 20 uncalibrated QAT iterations (fp32 45.87).
   3. `edgeseg.train.loop.fit` trains the prepared graph (progress, validation mIoU of the fake-quant model,
      exact resume) in `<out>/train/`. Observers run in training only (`set_observers`), and the fake quants ask
-     the observers for their scales (`_unfused_fake_quant`), so the validated fake-quant graph computes what
-     convert freezes. For ExecuTorch, extra uses of a shared weight read a clone (`unshare_weight_uses`).
+     the observers for their scales (`edgeseg.quant.pt2e_specs.unfused_fake_quant`), so the validated fake-quant
+     graph computes what convert freezes. For ExecuTorch, extra uses of a shared weight read a clone
+     (`unshare_weight_uses`).
   4. `convert_pt2e` -> `torch.export.export` (dynamic batch) -> `torch.export.save` as
      `<out>/checkpoint/qat_int8.pt2`, beside the fine-tuned float weights (`model.safetensors`) and a
      `model.json` whose `quant` records target, scheme, quantizer, float modules and the program file; the
@@ -28,8 +29,9 @@ Flow (PT2E, torchao 0.18 / executorch 1.5.1):
      (ov.convert_model: q/dq -> FakeQuantize, no NNCF), coreml (ct.convert: quantize/dequantize + int8
      constexpr weights). Each profile's `[qat]` table says which QAT schemes a target exports.
 
-Modules: edgeseg.train.qat_quantizers (the quantizers), edgeseg.train.qat_graph (prepare ... convert),
-edgeseg.quant.qat_program (the program on disk, read by export). Must not import export runtimes at module level.
+Modules: edgeseg.train.qat_quantizers (each target's quantizer, served by its exporter), edgeseg.train.qat_graph
+(prepare ... convert), edgeseg.quant.qat_program (the program on disk, read by export). Must not import export
+runtimes at module level.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.quant.passes import requantize_after_zero_pad
+from edgeseg.export.executorch_passes import requantize_after_zero_pad
 from edgeseg.quant.qat_program import QAT_TARGETS, check_deterministic
 from edgeseg.train.qat_quantizers import target_quantizer
 
@@ -283,7 +283,7 @@ def convert_qat(prepared: nn.Module, input_hw: Sequence[int], fold_quantize: boo
     move_exported_model_to_eval(gm)
     _freeze_weight_clones(gm)
     converted = convert_pt2e(gm, fold_quantize=fold_quantize)
-    requantize_after_zero_pad(converted)
+    requantize_after_zero_pad(converted)  # XNNPACK needs it; exact, so every target's program gets it
     h, w = int(input_hw[0]), int(input_hw[1])
     batch = torch.export.Dim("batch", min=1, max=1024)
     return torch.export.export(converted, (torch.randn(2, 3, h, w),), dynamic_shapes=({0: batch},), strict=False)

@@ -105,8 +105,12 @@ class CoreMLExporter(Exporter):
     Options = CoreMLOptions
     tools = ("coremltools", "torch", "executorch")
 
-    def quantizer(self, options: ExportOptions | None = None):
-        return coreml_quantizer()  # callers apply their FloatPolicy (it has set_filter_function)
+    def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
+        """Core ML's W8A8 CoreMLQuantizer (coreml_quantizer): the same object serves PTQ and QAT. Callers apply
+        their FloatPolicy (it has set_filter_function)."""
+        # memoised patterns (one prepare costs ~110 s without) and a node filter for the float policy
+        # (executorch 1.5.1's CoreMLQuantizer has neither)
+        return coreml_quantizer(per_channel=getattr(options, "per_channel", True))
 
     def export(self, job: ExportJob) -> ExportResult:
         import platform

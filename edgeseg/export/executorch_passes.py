@@ -1,4 +1,5 @@
-"""Graph passes on converted (q/dq) int8 graphs, shared by the QAT hand-off and the PTQ exporters.
+"""XNNPACK's graph passes on converted (q/dq) int8 graphs: the ExecuTorch exporter runs them on its PTQ graph and
+on a QAT checkpoint's graph, QAT's convert (edgeseg.train.qat_graph) on the program it saves.
 
 Must not import export runtimes at module level.
 """
