@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile each artifact's ops on its runtime and roll them up per model "
-                        "part (ONNX Runtime, OpenVINO; table + JSON)")
+                        "part (ONNX Runtime, OpenVINO, ExecuTorch; table + JSON)")
 
 
 def _fmt(v, f="{:.2f}"):
