@@ -39,7 +39,16 @@ def _resize_bias(table: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
 
 
 class _BiasTableMixin:
-    """Shared handling of the relative-position bias table (expand, resize, bake for export)."""
+    """What both attentions share: head sizes, and the relative-position bias table (expand, resize, bake for
+    export)."""
+
+    def _init_heads(self, key_dim: int, num_heads: int, attn_ratio: float, feat_stride: int) -> None:
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.scale = key_dim ** -0.5
+        self.d = int(attn_ratio * key_dim)
+        self.dh = self.d * num_heads
+        self.feat_stride = feat_stride
 
     def _init_bias_tables(self, heads: int, offsets: dict, idxs: list, nq: int, nk: int,
                           legacy_table: tuple[int, int], legacy_idx: tuple[int, int]) -> None:
@@ -97,12 +106,7 @@ class Attention4D(_BiasTableMixin, nn.Module):
     def __init__(self, dim: int, key_dim: int = 32, num_heads: int = 8, attn_ratio: float = 4,
                  resolution: int = 7, act_layer=nn.GELU, stride: int | None = None, feat_stride: int = 16):
         super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.scale = key_dim ** -0.5
-        self.d = int(attn_ratio * key_dim)
-        self.dh = self.d * num_heads
-        self.feat_stride = feat_stride
+        self._init_heads(key_dim, num_heads, attn_ratio, feat_stride)
         self.attn_stride = stride or 1
         if stride is not None:
             self.resolution = math.ceil(resolution / stride)
@@ -180,13 +184,8 @@ class Attention4DDownsample(_BiasTableMixin, nn.Module):
     def __init__(self, dim: int, key_dim: int = 16, num_heads: int = 8, attn_ratio: float = 4,
                  resolution: int = 7, out_dim: int | None = None, act_layer=nn.GELU, feat_stride: int = 16):
         super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.scale = key_dim ** -0.5
-        self.d = int(attn_ratio * key_dim)
-        self.dh = self.d * num_heads
+        self._init_heads(key_dim, num_heads, attn_ratio, feat_stride)
         self.out_dim = out_dim if out_dim is not None else dim
-        self.feat_stride = feat_stride
         self.resolution = resolution
         self.resolution2 = math.ceil(resolution / 2)
         qk = key_dim * num_heads
