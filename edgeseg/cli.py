@@ -102,6 +102,32 @@ INTERRUPTED = "edgeseg: interrupted"
 
 def _run(args, debug: bool) -> tuple[int, str | None]:
     """Run the command: (exit code, None) or (exit code, the one-line error to print)."""
+    import signal
+    import threading
+
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    # a Ctrl-C that lands while a C extension initialises surfaces as that extension's ImportError ("initialization
+    # failed", seen with SIGINT during ONNX Runtime's import), not as KeyboardInterrupt: remember that it came
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        code, err = _run_command(args, debug)
+    except Exception:
+        if interrupted and not debug:
+            return 130, INTERRUPTED
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return (130, INTERRUPTED) if interrupted and code != 0 else (code, err)
+
+
+def _run_command(args, debug: bool) -> tuple[int, str | None]:
     try:
         return int(args._run(args) or 0), None
     except EdgesegError as e:

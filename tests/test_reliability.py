@@ -853,3 +853,28 @@ def test_fuzz_folder_classes_txt_only_dataerror(text, tmp_path_factory):
     else:
         assert ds.info.num_classes >= 1 and len(ds.info.palette) == ds.info.num_classes
         assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in ds.info.palette)
+
+
+def test_ctrl_c_turned_into_another_error_still_exits_130():
+    """A SIGINT that a C extension turns into its own error (ONNX Runtime's import raised "ImportError:
+    initialization failed" when Ctrl-C landed during it) is still reported as an interruption."""
+    from types import SimpleNamespace
+
+    from edgeseg import cli
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+        return 0
+
+    assert cli._run(SimpleNamespace(_run=command), debug=False) == (130, cli.INTERRUPTED)
+
+    # without a SIGINT the same error is an ordinary failure
+    def failing(args):
+        raise ImportError("initialization failed")
+
+    code, err = cli._run(SimpleNamespace(_run=failing), debug=False)
+    assert code == 1 and "ImportError: initialization failed" in err
