@@ -105,10 +105,12 @@ def _run(args, debug: bool) -> tuple[int, str | None]:
     import signal
     import threading
 
-    interrupted = []
+    from edgeseg import fileio
+
+    fileio.reset_interrupt()
 
     def on_sigint(signum, frame):
-        interrupted.append(signum)
+        fileio.note_interrupt(signum)  # no output is published after this, even if a library swallows the raise
         signal.default_int_handler(signum, frame)
 
     # a Ctrl-C that lands while a C extension initialises surfaces as that extension's ImportError ("initialization
@@ -118,13 +120,13 @@ def _run(args, debug: bool) -> tuple[int, str | None]:
     try:
         code, err = _run_command(args, debug)
     except Exception:
-        if interrupted and not debug:
+        if fileio.interrupted() and not debug:
             return 130, INTERRUPTED
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return (130, INTERRUPTED) if interrupted and code != 0 else (code, err)
+    return (130, INTERRUPTED) if fileio.interrupted() and code != 0 else (code, err)
 
 
 def _run_command(args, debug: bool) -> tuple[int, str | None]:

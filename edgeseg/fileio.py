@@ -16,6 +16,28 @@ from typing import Iterator
 
 from edgeseg.errors import UsageError
 
+# Set by the CLI's SIGINT handler. A library can swallow the KeyboardInterrupt a Ctrl-C raises (CI once saw an
+# export interrupted right after its temporary folder appeared run to the end, exit 0); every commit below checks
+# this first, so an interrupted command never publishes its output.
+_interrupted: list[int] = []
+
+
+def note_interrupt(signum: int) -> None:
+    _interrupted.append(signum)
+
+
+def reset_interrupt() -> None:
+    _interrupted.clear()
+
+
+def interrupted() -> bool:
+    return bool(_interrupted)
+
+
+def _refuse_if_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
+
 
 def refuse_existing(path: str | os.PathLike | None, arg: str, force: bool, *, empty_dir_ok: bool = False,
                     hint: str = "use --force to overwrite") -> None:
@@ -96,6 +118,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _refuse_if_interrupted()
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -144,6 +167,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 
 def _replace(src: Path, dst: Path) -> None:
+    _refuse_if_interrupted()
     if dst.is_dir() and not dst.is_symlink():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         os.replace(dst, old)

@@ -878,3 +878,38 @@ def test_ctrl_c_turned_into_another_error_still_exits_130():
 
     code, err = cli._run(SimpleNamespace(_run=failing), debug=False)
     assert code == 1 and "ImportError: initialization failed" in err
+
+
+def test_ctrl_c_swallowed_by_a_library_publishes_nothing_and_exits_130(tmp_path):
+    """A SIGINT whose KeyboardInterrupt some library catches and drops (CI once saw an export interrupted as soon
+    as its temporary folder existed run to the end and exit 0) still stops every commit of an output."""
+    from types import SimpleNamespace
+
+    from edgeseg import cli, fileio
+
+    out = tmp_path / "art"
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except BaseException:  # what a library that swallows the interrupt does
+            pass
+        with fileio.atomic_dir(out) as d:
+            (d / "model.onnx").write_bytes(b"x")
+        return 0
+
+    try:
+        assert cli._run(SimpleNamespace(_run=command), debug=False) == (130, cli.INTERRUPTED)
+        assert os.listdir(tmp_path) == []  # neither the output nor its temporary
+        # every way of writing an output refuses while the interrupt stands
+        with pytest.raises(KeyboardInterrupt):
+            fileio.write_text(tmp_path / "r.json", "{}")
+        with pytest.raises(KeyboardInterrupt):
+            with fileio.atomic_path(tmp_path / "m.pte") as p:
+                p.write_bytes(b"x")
+        assert os.listdir(tmp_path) == []
+    finally:
+        fileio.reset_interrupt()
+    # the next command in the same process starts clean
+    assert cli._run(SimpleNamespace(_run=lambda a: 0), debug=False) == (0, None)
