@@ -267,6 +267,54 @@ def test_freqfusion_channels_last_form_traced_equals_eager():
     assert EXPORT_FORMS["carafe"] == CARAFE_FORMS  # profiles may name exactly the forms the model has
 
 
+@pytest.mark.parametrize("n,hw,out_hw,spread", [(1, (5, 7), (10, 14), 1.2), (2, (3, 4), (6, 8), 3.0),
+                                               (4, (1, 6), (2, 12), 1.0), (1, (6, 6), (5, 9), 0.2)])
+def test_grid_sample_gather_form_equals_grid_sample(n, hw, out_hw, spread):
+    """The gather form of the sampler's resampling (ExecuTorch's) is bilinear grid_sample with border padding,
+    align_corners=False: grids that reach past every border (clamped), land exactly on the last row/column and on
+    pixel centres."""
+    from edgeseg.models.freqfusion import grid_sample_gather
+
+    g = torch.Generator().manual_seed(n * 100 + hw[0])
+    src = torch.randn(n, 5, *hw, generator=g)
+    grid = (torch.rand(n, *out_hw, 2, generator=g) * 2 - 1) * spread
+    h, w = hw
+    grid[:, 0, 0] = torch.tensor([1 - 1 / w, 1 - 1 / h])  # exactly the last pixel centre: neighbour weight 0
+    grid[:, 0, 1] = torch.tensor([-1 + 1 / w, -1 + 3 / h])  # exactly pixel centres
+    grid[:, -1, -1] = torch.tensor([5.0, -7.0])  # far outside: the border pixel
+    ref = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ours = grid_sample_gather(src, grid)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=2e-6, rtol=0), (ours - ref).abs().max()
+    assert torch.equal(ours[:, :, -1, -1], src[:, :, 0, -1])  # x past the right border, y past the top
+
+
+def test_freqfusion_gather_sampler_form_traced_equals_eager():
+    """prepare_for_export(..., sampler="gather") replaces every traced grid_sample of the fusion stages by row
+    gathers, the traced model equals eager, and an unknown form is refused."""
+    torch.manual_seed(0)
+    model = create_model("test_offseg", 5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+    prepare_for_export(model, (64, 96), sampler="gather")
+    assert all(f.dysampler.sampler_form == "gather" for f in model.decode_head.freqfusions)
+    ep = torch.export.export(model, (x,), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), eager, atol=2e-5, rtol=0)
+    targets = [str(n.target) for n in _fusion_nodes(ep)]
+    assert not any("grid_sampler" in t for t in targets) and sum("embedding" in t for t in targets) == 4 * 3
+    plain = create_model("test_offseg", 5).eval()
+    prepare_for_export(plain, (64, 96))
+    assert any("grid_sampler" in str(n.target) for n in _fusion_nodes(torch.export.export(plain, (x,), strict=False)))
+    with pytest.raises(ValueError, match="sampler form"):
+        prepare_for_export(create_model("test_offseg", 5), (64, 96), sampler="nope")
+    from edgeseg.models.freqfusion import SAMPLER_FORMS
+    from edgeseg.targets import EXPORT_FORMS
+
+    assert EXPORT_FORMS["sampler"] == SAMPLER_FORMS
+
+
 def test_local_cosine_similarity_export_form_matches_unfold_form():
     from edgeseg.models.freqfusion import local_cosine_similarity_export
 

@@ -20,6 +20,39 @@ from edgeseg.models.carafe import (CARAFE_FORMS, carafe, carafe_export,  # noqa:
                                    carafe_export_channels_last, carafe_reference, group_norm_export, local_cosine_similarity, local_cosine_similarity_export,
                                    neighbour_kernel, tracing, unfold_kernel)
 
+SAMPLER_FORMS = ("grid_sample", "gather")  # export forms of the dysampler's resampling; a target's profile picks one
+
+
+def grid_sample_gather(src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """`F.grid_sample(src, grid, "bilinear", "border", align_corners=False)` as row gathers (export form).
+
+    src: (N, C, H, W); grid: (N, Ho, Wo, 2) normalised (x, y). Every output pixel reads its four neighbours as
+    rows of a channels-last (N*H*W, C) table (`embedding`: one row copy each) and blends them with PyTorch's
+    weights in PyTorch's order, so it equals grid_sample to float rounding. For runtimes without a fast grid
+    sample: ExecuTorch runs grid_sample on a one-thread portable kernel (XNNPACK has none), while the row copy,
+    the transposes and the blend are cheap (the blend and transposes run on XNNPACK).
+    """
+    n, c, h, w = src.shape
+    ho, wo = grid.shape[1], grid.shape[2]
+    # unnormalise (align_corners=False), then border padding clamps the source coordinate into the image
+    ix = (((grid[..., 0] + 1) * w - 1) / 2).clamp(0, w - 1)
+    iy = (((grid[..., 1] + 1) * h - 1) / 2).clamp(0, h - 1)
+    x0, y0 = ix.floor(), iy.floor()
+    x1, y1 = x0 + 1, y0 + 1
+    # weights as PyTorch's kernel computes them (north-west = (x1 - ix) * (y1 - iy), ...)
+    weights = ((x1 - ix) * (y1 - iy), (ix - x0) * (y1 - iy), (x1 - ix) * (iy - y0), (ix - x0) * (iy - y0))
+    # a neighbour past the last row/column has weight 0 (ix == w - 1 exactly): read the last one instead
+    x1, y1 = x1.clamp(max=w - 1), y1.clamp(max=h - 1)
+    base = (torch.arange(n, device=src.device) * (h * w)).view(n, 1, 1)
+    table = src.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    out = None
+    for (yy, xx), wt in zip(((y0, x0), (y0, x1), (y1, x0), (y1, x1)), weights):
+        rows = F.embedding((base + (yy * w + xx).long()).reshape(-1), table)  # (N*Ho*Wo, C)
+        term = rows * wt.reshape(-1, 1)
+        out = term if out is None else out + term
+    return out.view(n, ho, wo, c).permute(0, 3, 1, 2)
+
+
 class LocalSimGuidedSampler(nn.Module):
     """FreqFusion's offset generator ('lp' style, scale 2, `direction_feat='sim'`, direct scale on).
 
@@ -60,6 +93,7 @@ class LocalSimGuidedSampler(nn.Module):
             self.norm_lr = nn.Identity()
         self.register_buffer("init_pos", self._initial_positions())
         self._centre_grids: dict[tuple[int, int], str] = {}  # (h, w) -> buffer name, set by bake_centre_grids
+        self.sampler_form = "grid_sample"  # export form of the resampling (SAMPLER_FORMS), set by FreqFusion
 
     def bake_centre_grids(self, sizes) -> None:
         """Bake the normalised pixel-centre grid of each low-res size in `sizes` ((h, w) pairs) as a constant
@@ -133,8 +167,11 @@ class LocalSimGuidedSampler(nn.Module):
         coords = F.pixel_shuffle(coords, s).view(n, 2, g, s * h, s * w)
         grid = coords.permute(0, 2, 3, 4, 1).reshape(n * g, s * h, s * w, 2)
         src = x.reshape(n * g, -1, x.shape[-2], x.shape[-1])
-        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out.view(n, -1, s * h, s * w)
+        if name is not None and self.sampler_form == "gather":
+            out = grid_sample_gather(src, grid)
+        else:
+            out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.reshape(n, -1, s * h, s * w)
 
 
 class FreqFusion(nn.Module):
@@ -172,16 +209,20 @@ class FreqFusion(nn.Module):
             nn.init.normal_(m.weight, 0.0, 0.001)
             nn.init.zeros_(m.bias)
 
-    def prepare_for_export(self, input_hw, carafe: str = "conv_bmm") -> None:
+    def prepare_for_export(self, input_hw, carafe: str = "conv_bmm", sampler: str = "grid_sample") -> None:
         """Switch to the export form for traced graphs (torch.export / dynamo / jit trace): CARAFE as
         conv-im2col + matmul (`carafe_export`, ~10 nodes a call instead of ~100) with constant one-hot unfold
         kernels, the local similarity the same way, and the sampler's centre grid as a constant for every low-res
         size this stage can see at `input_hw` (strides 2..64). Eager calls keep the training form, so eager
         outputs are bit-identical after this call; the traced forms agree to float rounding (tested). `carafe`
-        picks CARAFE's export form (CARAFE_FORMS: "conv_bmm", or "channels_last", which is faster on OpenVINO)."""
+        picks CARAFE's export form (CARAFE_FORMS: "conv_bmm", or "channels_last", which is faster on OpenVINO);
+        `sampler` the dysampler's (SAMPLER_FORMS: "grid_sample", or "gather", which is faster on ExecuTorch)."""
         if carafe not in CARAFE_FORMS:
             raise ValueError(f"carafe form {carafe!r} is not one of {', '.join(CARAFE_FORMS)}")
+        if sampler not in SAMPLER_FORMS:
+            raise ValueError(f"sampler form {sampler!r} is not one of {', '.join(SAMPLER_FORMS)}")
         self.carafe_form = carafe
+        self.dysampler.sampler_form = sampler
         h, w = int(input_hw[0]), int(input_hw[1])
         dev = self.hamming_lowpass.device
         for k in {self.lowpass_kernel, self.highpass_kernel}:
