@@ -69,7 +69,7 @@ def bench_one(ckpt: Path, target: str, args, root: Path) -> dict:
                 cmd += ["--data-size", args.data_size]
             if args.freeze_ranges:
                 cmd += ["--freeze-ranges"]
-            resumable = (qat_run / "train" / "train_state.pt").is_file()
+            resumable = (qat_run / "train" / "train_state.safetensors").is_file()
             _run(cmd + (["--resume"] if resumable else ["--force"]), log)
         if not _done(qat, "manifest.json"):
             _run(edgeseg + ["export", "--checkpoint", str(qat_run / "checkpoint"), "--target", target,

@@ -3,12 +3,18 @@ are, how to feed and read them, how they were made and their sha256. Everything 
 (export, runtime sessions, validate, bench, demo) uses this module, so none of them needs the exporters.
 
 Loading never trusts the manifest: `read_manifest` checks types and that every path stays inside the folder,
-`verify_manifest` also checks every file against its sha256.
+`verify_manifest` also checks every file against its sha256 (regular files only, no links). A runtime reads the
+files it loads through `read_hashed`, which checks the very bytes it hands over, so what was hashed is what runs.
+`source_checkpoint` checks the checkpoint an artifact records against the sha256 export recorded.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import math
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +22,8 @@ from typing import Any, Sequence
 
 from edgeseg.errors import ArtifactError
 from edgeseg.fileio import sha256_file, write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -191,8 +199,10 @@ def _check_manifest(m: Manifest, artifact_dir: Path, where: Path) -> None:
         raise bad(f"input_hw must be [height, width] (positive integers), got {_short(m.input_hw)}")
     for k in ("mean", "std"):
         v = getattr(m, k)
-        if not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) for x in v):
-            raise bad(f"{k} must be a list of 3 numbers, got {_short(v)}")
+        if not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) and math.isfinite(x) for x in v):
+            raise bad(f"{k} must be a list of 3 finite numbers, got {_short(v)}")
+    if not all(x > 0 for x in m.std):
+        raise bad(f"std must be positive, got {_short(m.std)}")
     if not isinstance(m.class_names, list) or not all(isinstance(c, str) for c in m.class_names):
         raise bad(f"class_names must be a list of strings, got {_short(m.class_names)}")
     if not isinstance(m.palette, list):
@@ -240,9 +250,110 @@ def verify_manifest(artifact_dir: str | Path) -> Manifest:
     artifact_dir = Path(artifact_dir)
     m = read_manifest(artifact_dir)
     for rel, digest in m.sha256.items():
-        p = artifact_dir / rel
-        if not p.is_file():
-            raise ArtifactError(f"{p}: listed in {MANIFEST} but missing")
+        p = _regular_file(artifact_dir, rel)
         if sha256_file(p) != digest:
             raise ArtifactError(f"{p}: sha256 does not match {MANIFEST} (file changed or corrupted)")
+    folder = artifact_dir / m.model_file
+    if folder.is_dir():  # a runtime loads every file of a model folder (.mlpackage): each one must be hashed
+        for q in sorted(folder.rglob("*")):
+            if (q.is_symlink() or q.is_file()) and str(q.relative_to(artifact_dir)) not in m.sha256:
+                raise ArtifactError(f"{q}: inside model_file {m.model_file} but not listed in {MANIFEST}; the "
+                                    "runtime would load it unhashed")
     return m
+
+
+def _regular_file(root: Path, rel: str) -> Path:
+    """`root / rel` for a listed path: ArtifactError (one line) if it is missing, not a regular file, or reached
+    through a symbolic link (a link could lead out of the folder, or change after the check)."""
+    link = _first_link(root, rel)
+    if link is not None:
+        raise ArtifactError(f"{link}: a symbolic link; an artifact holds regular files only (listed in {MANIFEST} "
+                            f"as {rel!r})")
+    p = root / rel
+    if not p.is_file():
+        raise ArtifactError(f"{p}: listed in {MANIFEST} but missing")
+    return p
+
+
+def _first_link(root: Path, rel: str) -> Path | None:
+    """The first symbolic link on the way from `root` to `root / rel` (None if there is none)."""
+    p = root
+    for part in Path(rel).parts:
+        p = p / part
+        if p.is_symlink():
+            return p
+    return None
+
+
+def read_hashed(artifact_dir: str | Path, manifest: Manifest, rel: str) -> bytes:
+    """The bytes of the artifact file `rel`, read once and checked against its sha256 in the manifest: a runtime
+    loads these bytes, so what was hashed is what runs (a file changed after `verify_manifest` is refused too).
+
+    Raises:
+        ArtifactError (one line naming the file): `rel` not listed in the manifest's sha256 (the runtime would load
+        an unhashed file), a symbolic link or not a regular file, unreadable, or its bytes do not match.
+    """
+    root = Path(artifact_dir)
+    digest = manifest.sha256.get(rel) if isinstance(manifest.sha256, dict) else None
+    if not isinstance(digest, str):
+        raise ArtifactError(f"{root / rel}: the runtime would load it but it is not listed in {MANIFEST} with its "
+                            "sha256; refusing an unhashed file")
+    _contained_path(root, rel, "file", root / MANIFEST)
+    p = _regular_file(root, rel)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with open(fd, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be read ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactError(f"{p}: sha256 does not match {MANIFEST} (file changed or corrupted)")
+    return data
+
+
+def source_checkpoint(artifact_dir: str | Path, manifest: Manifest) -> Path | None:
+    """The checkpoint the artifact was exported from (validate's default reference), checked against what export
+    recorded: its absolute, resolved folder (`path`) and the sha256 of its files (`sha256`, keyed
+    `<folder name>/<file>`). None when there is nothing to follow: no record, a record unlike export's (a relative
+    or unnormalised path, no sha256: never followed), or a folder that is gone.
+
+    Raises:
+        ArtifactError (one line naming the manifest, "the reference checkpoint changed"): a file the reference
+        loads (model.json, model.safetensors) is not covered by the record, or any recorded file is missing, a
+        link, or differs from its sha256; or the path now leads through a symbolic link.
+    """
+    where = Path(artifact_dir) / MANIFEST
+    rec = manifest.source_checkpoint if isinstance(manifest.source_checkpoint, dict) else {}
+    src, digests = rec.get("path"), rec.get("sha256")
+    if not src:
+        return None
+    if (not isinstance(src, str) or "\x00" in src or not os.path.isabs(src) or os.path.normpath(src) != src
+            or not isinstance(digests, dict) or not digests or not all(isinstance(v, str) for v in digests.values())):
+        log.info("%s: source_checkpoint %s is not an absolute path with its sha256 as export records it: not "
+                 "followed", where, _short(src))
+        return None
+    path = Path(src)
+    if not (path / "model.json").is_file():
+        return None  # moved or deleted: the caller looks for another reference
+
+    def changed(why: str) -> ArtifactError:
+        return ArtifactError(f"{where}: the reference checkpoint changed since export: {why}")
+
+    if path.resolve() != path:
+        raise changed(f"source_checkpoint.path {src} now leads through a symbolic link to {path.resolve()}")
+    files = {}
+    for key, digest in digests.items():
+        rel = key.split("/", 1)[1] if "/" in key else key  # keyed by the folder's name as export was given it
+        if not rel or os.path.isabs(rel) or ".." in rel.split("/") or "\x00" in rel:
+            raise changed(f"source_checkpoint.sha256 key {_short(key)} leaves the checkpoint folder")
+        files[rel] = digest
+    for needed in ("model.json", "model.safetensors"):  # what the reference loads (edgeseg.checkpoint)
+        if needed not in files:
+            raise changed(f"source_checkpoint.sha256 does not cover {path / needed}")
+    for rel, digest in files.items():
+        p, link = path / rel, _first_link(path, rel)
+        if link is not None or not p.is_file():
+            raise changed(f"{link} is a symbolic link now" if link is not None else f"{p} is missing")
+        if sha256_file(p) != digest:
+            raise changed(f"{p} differs from its sha256 recorded at export")
+    return path

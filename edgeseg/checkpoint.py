@@ -1,14 +1,16 @@
 """Checkpoints: a folder with `model.safetensors` (weights) and `model.json` (ModelSpec).
 
 Loading never unpickles: weights come from safetensors; official `.pth` files go through
-`torch.load(weights_only=True)` in `load_state_dict_file`; a QAT checkpoint's program (`quant.program`) is read by
-`edgeseg.quant.qat_program.load_program_data_only` (JSON graph and raw tensor bytes only). Every path in `model.json` must
-stay inside the checkpoint folder.
+`torch.load(weights_only=True)` in `load_state_dict_file`; a QAT checkpoint's fake-quant state (`quant.params`) is a
+safetensors file read by `edgeseg.export.qat_checkpoint` (format: edgeseg.quant.qat_program). Every path in
+`model.json` must stay inside the checkpoint folder.
 """
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -86,16 +88,44 @@ def load_spec(path: str | Path) -> ModelSpec:
         d = json.loads(spec_file.read_text())
         if not isinstance(d, dict):
             raise TypeError(f"a JSON object expected, got {type(d).__name__}")
-        spec = ModelSpec.from_json(d)
+        why = _value_problem(d)
+        spec = None if why else ModelSpec.from_json(d)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({type(e).__name__}: "
                             f"{one_line(e)})") from None
-    why = _spec_problem(spec)
+    why = why or _spec_problem(spec)
     if why:
         raise ArtifactError(f"{spec_file}: not a valid edgeseg model.json ({why})")
-    if spec.quant is not None and "program" in spec.quant:
-        contained_file(spec_file.parent, spec.quant["program"], "quant.program", spec_file)
+    if spec.quant is not None and "params" in spec.quant:
+        contained_file(spec_file.parent, spec.quant["params"], "quant.params", spec_file)
     return spec
+
+
+def _value_problem(d: dict) -> str | None:
+    """What is wrong with the numbers of a raw model.json (before ModelSpec.from_json rounds or converts them):
+    mean/std must be 3 finite numbers (std > 0), palette RGB integers in 0..255, input_hw two positive integers.
+    None if nothing; the message starts with the key."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("mean", "std"):
+        v = d.get(key, (1.0, 1.0, 1.0))
+        if not isinstance(v, list | tuple) or len(v) != 3 or not all(is_finite(x) for x in v):
+            return f"{key}: expected 3 finite numbers, got {str(v)[:80]}"
+        if key == "std" and not all(x > 0 for x in v):
+            return f"std: expected positive values, got {list(v)}"
+    palette = d.get("palette")
+    if isinstance(palette, list | tuple):
+        for i, c in enumerate(palette):
+            if not isinstance(c, list | tuple) or len(c) != 3 or not all(is_int(x) and 0 <= x <= 255 for x in c):
+                return f"palette[{i}]: expected an RGB triple of integers in 0..255, got {str(c)[:80]}"
+    hw = d.get("input_hw")
+    if not isinstance(hw, list | tuple) or len(hw) != 2 or not all(is_int(x) and x > 0 for x in hw):
+        return f"input_hw: expected [H, W] with positive integers, got {str(hw)[:80]}"
+    return None
 
 
 def _spec_problem(spec: ModelSpec) -> str | None:
@@ -153,14 +183,29 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[nn.Mod
     except (TypeError, ValueError) as e:  # model_kwargs that the model does not take
         raise ArtifactError(f"{path}: cannot build model {spec.model!r} from {SPEC} "
                             f"({type(e).__name__}: {one_line(e)})") from None
+    _refuse_non_finite(state, wfile)
     ref = model.state_dict()
     state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
+    bad = [k for k, v in state.items() if k in ref and tuple(v.shape) != tuple(ref[k].shape)]
+    if bad:  # torch's own message is many lines that name neither the file nor, in its first line, the key
+        raise ArtifactError(f"{wfile}: {bad[0]} has shape {list(state[bad[0]].shape)} but model {spec.model!r} "
+                            f"with {spec.num_classes} classes expects {list(ref[bad[0]].shape)}"
+                            + (f" ({len(bad) - 1} more tensor(s) differ)" if len(bad) > 1 else ""))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
             f"{wfile}: does not match model {spec.model!r} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     model.eval()
     return model, spec
+
+
+def _refuse_non_finite(state: Mapping[str, torch.Tensor], wfile: Path) -> None:
+    """ArtifactError (one line naming the file and the first tensor) if a floating-point weight holds NaN or
+    infinity: such a model outputs garbage that every comparison with itself would call a perfect match."""
+    for k, v in state.items():
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            what = "NaN" if bool(torch.isnan(v).any()) else "infinite values"
+            raise ArtifactError(f"{wfile}: tensor {k!r} holds {what}; refusing non-finite weights")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -180,10 +225,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise ArtifactError(f"{path}: corrupted or not a safetensors file ({one_line(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle (protocol > 2) makes torch warn before it refuses it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's first line advises weights_only=False; the reason ("unsupported GLOBAL posix.system") follows
+        why = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()
+               and not ln.startswith(("Please file an issue", "Check the documentation"))]
         raise ArtifactError(f"{path}: refused to load: the pickle holds code or objects other than tensors "
-                            f"(loaded with weights_only=True; {one_line(e)})") from None
+                            f"(loaded with weights_only=True; {why[0] if why else one_line(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ArtifactError(f"{path}: truncated or not a PyTorch checkpoint ({one_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -200,9 +250,9 @@ def ship_half(src: str | Path, dst: str | Path, note: str | None = None, force: 
     Raises UsageError if `dst` exists and `force` is false.
     Usage: `python -m edgeseg.checkpoint SRC DST [LICENSE.md] [--force]`.
     """
-    from edgeseg.fileio import refuse_existing
+    from edgeseg.outputs import Output, check_outputs
 
-    refuse_existing(dst, "DST", force)
+    check_outputs(force, [Output("DST", dst, "dir")], [("SRC", src)])
     model, spec = load_checkpoint(src)
     extra = {"LICENSE.md": lambda p: p.write_text(note)} if note else None
     return save_checkpoint(dst, model, spec, force=force, dtype=torch.float16, extra=extra)

@@ -3,8 +3,10 @@
 A command module defines `HELP` (one line), `EPILOG` (examples), `add_arguments(parser)` and
 `run(args) -> int`; it holds no logic beyond turning arguments into library calls and printing results.
 Errors reach the user as one line, `edgeseg: error: ...`, exit 2 for usage and 1 for failures; `--debug`
-shows the traceback. The commands in QUIET run inside a vendor log session (edgeseg/vendorlog.py): converter and
-runtime chatter goes to a log file named in the last line, `--verbose` shows it live.
+shows the traceback. Ctrl-C and SIGTERM stop a command alike: nothing is published, temporaries are removed,
+child processes are ended, exit 130 (SIGINT) or 143 (SIGTERM). The commands in QUIET run inside a vendor log
+session (edgeseg/vendorlog.py): converter and runtime chatter goes to a log file named in the last line,
+`--verbose` shows it live.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import logging
 import os
 import sys
 
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, printable
 
 # name -> module under edgeseg.commands
 COMMANDS: dict[str, str] = {
@@ -32,7 +34,7 @@ COMMANDS: dict[str, str] = {
     "pipeline": "pipeline",
 }
 # commands that run converters/runtimes: their third-party output goes to the vendor log
-QUIET = {"export", "pipeline"}
+QUIET = {"export", "pipeline", "bench", "validate"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,18 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         if vlog is not None and error is not None:
             vlog.dest = None  # a failed command leaves its output folder alone: the log stays where it was written
     where = vlog.final if vlog is not None else None
-    if error == INTERRUPTED:
+    if error in (INTERRUPTED, TERMINATED):
         if where is not None and where == vlog.path:
             where.unlink(missing_ok=True)
         print(error, file=sys.stderr)
     elif error is not None:  # still one line; it names the log, which holds what the converter said
-        print(error + (f" (vendor log: {where})" if where else ""), file=sys.stderr)
+        print(printable(error) + (f" (vendor log: {where})" if where else ""), file=sys.stderr)
     elif where is not None:
         print(f"vendor log: {where}", file=sys.stderr)
     return code
 
 
 INTERRUPTED = "edgeseg: interrupted"
+TERMINATED = "edgeseg: terminated"
+# SIGTERM (a service manager, `kill`, a CI timeout) takes the path of Ctrl-C: KeyboardInterrupt, nothing published,
+# temporaries removed, the export children's process groups ended (edgeseg/isolate.py); exit 128 + the signal
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _stopped(signum: int | None) -> tuple[int, str]:
+    import signal
+
+    return (128 + signal.SIGTERM, TERMINATED) if signum == signal.SIGTERM else (130, INTERRUPTED)
 
 
 def _run(args, debug: bool) -> tuple[int, str | None]:
@@ -105,28 +117,38 @@ def _run(args, debug: bool) -> tuple[int, str | None]:
     import signal
     import threading
 
-    from edgeseg import fileio
+    from edgeseg import fileio, isolate
 
     fileio.reset_interrupt()
+    isolate.reset()
+    got: list[int] = []
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
+        got.append(signum)
         fileio.note_interrupt(signum)  # no output is published after this, even if a library swallows the raise
+        isolate.end_children()  # children in their own process groups: a terminal's Ctrl-C does not reach them
         signal.default_int_handler(signum, frame)
 
     # a Ctrl-C that lands while a C extension initialises surfaces as that extension's ImportError ("initialization
     # failed", seen with SIGINT during ONNX Runtime's import), not as KeyboardInterrupt: remember that it came
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        from edgeseg.sigstack import ensure_signal_stack
+
+        ensure_signal_stack()  # a stack the handlers can run on (edgeseg/sigstack.py)
+        previous = {sig: signal.signal(sig, on_signal) for sig in (getattr(signal, n) for n in STOP_SIGNALS)}
     try:
         code, err = _run_command(args, debug)
     except Exception:
         if fileio.interrupted() and not debug:
-            return 130, INTERRUPTED
+            return _stopped(got[0] if got else None)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    return (130, INTERRUPTED) if fileio.interrupted() and code != 0 else (code, err)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if err == INTERRUPTED or (fileio.interrupted() and code != 0):
+        return _stopped(got[0] if got else None)
+    return code, err
 
 
 def _run_command(args, debug: bool) -> tuple[int, str | None]:

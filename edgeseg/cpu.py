@@ -25,6 +25,7 @@ FORCE_ENV = "EDGESEG_CPU_FLAGS"
 # the flags that decide int8 arithmetic and speed on x86
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 arithmetic in hardware (without them bf16 is emulated, slower)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class CpuInfo:
     @property
     def vnni(self) -> bool:
         return bool(set(VNNI_FLAGS) & set(self.flags))
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 computed in hardware (AVX512_BF16 or AMX-BF16): OpenVINO's and PyTorch's bf16 paths are fast."""
+        return bool(set(BF16_FLAGS) & set(self.flags))
 
     @property
     def int8_saturates(self) -> bool:
@@ -90,7 +96,7 @@ def int8_saturates() -> bool:
     return host_cpu().int8_saturates
 
 
-__all__ = ["CpuInfo", "FORCE_ENV", "host_cpu", "int8_saturates", "cpu_label"]
+__all__ = ["CpuInfo", "FORCE_ENV", "BF16_FLAGS", "host_cpu", "int8_saturates", "cpu_label"]
 
 
 def cpu_label(cpu: dict[str, Any] | None) -> str:

@@ -5,16 +5,20 @@ An interrupted write (SIGINT, SIGKILL) then leaves either the previous complete 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from edgeseg.errors import UsageError
+from edgeseg.errors import OutputError
+from edgeseg.outputs import check_replace, replaceable
 
 # Set by the CLI's SIGINT handler. A library can swallow the KeyboardInterrupt a Ctrl-C raises (CI once saw an
 # export interrupted right after its temporary folder appeared run to the end, exit 0); every commit below checks
@@ -41,19 +45,13 @@ def _refuse_if_interrupted() -> None:
 
 def refuse_existing(path: str | os.PathLike | None, arg: str, force: bool, *, empty_dir_ok: bool = False,
                     hint: str = "use --force to overwrite") -> None:
-    """Raise UsageError if the output `path` given as `arg` (e.g. "--json") exists and `force` is false.
+    """Raise UsageError if the output `path` given as `arg` (e.g. "--json") may not be written: it exists and
+    `force` is false, or it is a folder that edgeseg did not write (`edgeseg.outputs.check_replace`, kind "any").
 
-    Commands call it for every output before the long work, so nothing is overwritten without --force and a
-    refusal costs nothing. `empty_dir_ok`: an existing empty folder counts as absent (run folders).
+    Commands call `edgeseg.outputs.check_outputs` (this rule plus: no output is, contains or lies inside an input
+    or another output) for all their outputs before the long work, so a refusal costs nothing.
     """
-    if path is None or force:
-        return
-    p = Path(path)
-    if not (p.exists() or p.is_symlink()):
-        return
-    if empty_dir_ok and p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
-        return
-    raise UsageError(f"{arg} {path}: exists ({hint})")
+    check_replace(path, arg, force, "any", empty_dir_ok=empty_dir_ok, hint=hint)
 
 
 def _tmp_name(path: Path, suffix: str = "") -> Path:
@@ -149,21 +147,106 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Build an output folder under a temporary name, then swap it into place.
 
-    Raises UsageError if `path` exists and `force` is false (nothing is overwritten without --force).
+    Raises UsageError if `path` exists and `force` is false, or if it is not a folder edgeseg wrote (or an empty
+    one): --force never replaces anything else (`edgeseg.outputs`). The commit never replaces what appeared
+    meanwhile: a folder found at `path` when the block began is replaced only if it is still that folder and still
+    edgeseg's; otherwise (another run published `path` first) OutputError, and this output is discarded.
     A SIGKILL leaves only a hidden `.NAME.tmp-PID-*` sibling, removed by the next write of `path`.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise UsageError(f"{path}: exists (use --force to overwrite)")
+    check_replace(path, None, force, "dir")
+    found = _identity(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an output folder gets the usual permissions
     try:
         yield tmp
-        _replace(tmp, path)
+        _commit_dir(tmp, path, found)
     finally:
         _remove(tmp)
+
+
+def _identity(p: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _conflict(dst: Path) -> OutputError:
+    return OutputError(f"{dst}: another run wrote it while this one was working; left as it is, this run's output "
+                       "discarded (write to another path, or rerun with --force to replace it)")
+
+
+def _commit_dir(tmp: Path, dst: Path, found: tuple[int, int] | None) -> None:
+    """Rename `tmp` onto `dst`, replacing only the folder `found` (its identity when the write began, None: there
+    was nothing) and only while it is edgeseg's; OutputError when `dst` changed meanwhile."""
+    _refuse_if_interrupted()
+    old = None
+    if found is not None:
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        _remove(old)
+        try:
+            os.rename(dst, old)
+        except FileNotFoundError:  # removed meanwhile: publish into the free place (or lose to whoever took it)
+            old = None
+        if old is not None and (_identity(old) != found or not replaceable(old)):
+            if not rename_noreplace(old, dst):  # put back what another run published; never delete it
+                os.rename(old, dst.parent / f"{dst.name}.kept-{os.getpid()}")
+            raise _conflict(dst)
+    if not rename_noreplace(tmp, dst):
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # what we were asked to replace; `dst` is another run's now
+        raise _conflict(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's renameat2 (Linux, glibc >= 2.28), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Rename `src` to `dst` unless something is at `dst` (then False, nothing moved). Atomic with renameat2
+    RENAME_NOREPLACE; where the kernel or file system lacks it, a check then os.rename, which still never replaces
+    a file or a non-empty folder (only an empty folder created in that instant could be replaced)."""
+    fn = _renameat2()
+    if fn is not None:
+        import ctypes
+
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # EINVAL etc.: no RENAME_NOREPLACE here
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
 
 
 def _replace(src: Path, dst: Path) -> None:

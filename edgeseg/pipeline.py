@@ -327,12 +327,12 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
     from edgeseg.data.embedded import default_checkpoint, default_data_dir
     from edgeseg.errors import UsageError
     from edgeseg.fileio import atomic_dir, write_json
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.report.render import merge
 
     t_start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"--out {out}: already exists; pass --force to overwrite it")
+    check_outputs(force, [Output("--out", out, "dir")], [("--checkpoint", checkpoint), ("--data", data)])
     ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     if not (ckpt / "model.json").is_file():
         raise UsageError(f"--checkpoint {ckpt}: not a checkpoint folder (model.json + model.safetensors)")

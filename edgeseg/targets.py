@@ -30,6 +30,7 @@ A profile (`export_targets/<name>.toml`):
     int8 = { int8_mode = "weights" }   # (dict) e.g. a faster int8 mode for the main job
     [export_form]                      # optional: the models' exact export forms this runtime runs fastest
     carafe = "channels_last"           # (str) FreqFusion's CARAFE: "conv_bmm" (default) | "channels_last"
+    sampler = "gather"                 # (str) FreqFusion's resampling: "grid_sample" (default) | "gather"
     [options]                          # target options, checked against the exporter's Options dataclass
     opset = 18
 

@@ -9,7 +9,10 @@ that run vendor code) sends all of it to one log file and leaves the terminal to
   * logging: a file handler on the root logger takes every record; the console handlers keep only `edgeseg.*`;
   * warnings: `warnings.showwarning` writes to the file;
   * `quiet()` (export_checkpoint, the pipeline's validate/bench steps): file descriptors 1 and 2 point at the file
-    while a vendor step runs; edgeseg's console log handlers are moved to a copy of the terminal meanwhile.
+    while a vendor step runs; edgeseg's console log handlers are moved to a copy of the terminal meanwhile. Inside a
+    `quiet(python_too=False)` (whose progress bars stay on the terminal), a nested `quiet()` sends Python-level
+    writes to the file too: runtimes that print through `sys.stderr` (ExecuTorch's pybindings) while a session
+    opens (the default openers of edgeseg.eval.bench and edgeseg.eval.validate).
 
 With `verbose` (`edgeseg --verbose`, or EDGESEG_VERBOSE=1) nothing is hidden: console handlers are not filtered,
 warnings also print, and `quiet()` redirects nothing (logging and warnings still reach the file).
@@ -51,6 +54,7 @@ class Session:
     final: Path | None = None
     depth: int = 0
     _undo: list = field(default_factory=list)
+    log_streams: tuple | None = None  # sys.stdout/sys.stderr as they were (to the file) in quiet(python_too=False)
 
 
 _session: Session | None = None
@@ -173,6 +177,13 @@ def quiet(python_too: bool = True) -> Iterator[None]:
     converters print progress bars); False keeps them on the terminal (validate and bench, whose progress bars
     are edgeseg's)."""
     s = _session
+    if s is not None and s.depth and python_too and s.log_streams is not None:  # nested: Python writes too
+        outer, (sys.stdout, sys.stderr) = (sys.stdout, sys.stderr), s.log_streams
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = outer
+        return
     if s is None or s.verbose or s.depth:
         yield
         return
@@ -195,9 +206,11 @@ def quiet(python_too: bool = True) -> Iterator[None]:
     old_streams = sys.stdout, sys.stderr
     if not python_too:
         sys.stdout, sys.stderr = console_out, console_err
+        s.log_streams = old_streams
     try:
         yield
     finally:
+        s.log_streams = None
         for f in (sys.stdout, sys.stderr, *old_streams):
             with contextlib.suppress(Exception):
                 f.flush()

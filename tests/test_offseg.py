@@ -307,6 +307,13 @@ def test_freqfusion_gather_sampler_form_traced_equals_eager():
     plain = create_model("test_offseg", 5).eval()
     prepare_for_export(plain, (64, 96))
     assert any("grid_sampler" in str(n.target) for n in _fusion_nodes(torch.export.export(plain, (x,), strict=False)))
+    # no state of its own; int8 exports keep its coordinate / weight arithmetic float (the class's default)
+    from edgeseg.quant.policy import float_policy
+
+    assert set(model.state_dict()) == set(plain.state_dict())
+    gathers = [n for n, m in model.named_modules() if type(m).__name__ == "BilinearGather"]
+    assert len(gathers) == 3 and all(float_policy(model).covers(n) for n in gathers)
+    assert not any(type(m).__name__ == "BilinearGather" for m in plain.modules())
     with pytest.raises(ValueError, match="sampler form"):
         prepare_for_export(create_model("test_offseg", 5), (64, 96), sampler="nope")
     from edgeseg.models.freqfusion import SAMPLER_FORMS

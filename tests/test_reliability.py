@@ -28,6 +28,7 @@ import _tiny  # noqa: E402  (registers tiny_ops)
 
 from edgeseg.cli import main  # noqa: E402
 from edgeseg.errors import ArtifactError, DataError, EdgesegError, UsageError  # noqa: E402
+from edgeseg.train.state import load_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -690,10 +691,10 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
     ref_proc = subprocess.Popen(train(ref), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                                 cwd=REPO)
     try:
-        # kill the second run right after its first save (train_state.pt appears), mid-way through the run
-        rc, _ = _kill_when(train(run), lambda t, pid: (run / "train_state.pt").exists())
+        # kill the second run right after its first save (train_state.safetensors appears), mid-way through the run
+        rc, _ = _kill_when(train(run), lambda t, pid: (run / "train_state.safetensors").exists())
         assert rc == -signal.SIGKILL
-        state = torch.load(run / "train_state.pt", weights_only=True)
+        state = load_state(run / "train_state.safetensors")
         assert 4 <= state["step"] < iters, state["step"]
         assert [p.name for p in run.iterdir() if not p.name.startswith(".") and ".tmp" in p.name] == []
         from edgeseg.checkpoint import load_checkpoint
@@ -715,7 +716,7 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == iters
+    assert load_state(run / "train_state.safetensors")["step"] == iters
 
 
 # ============================================================================== property-based: manifest
@@ -913,3 +914,25 @@ def test_ctrl_c_swallowed_by_a_library_publishes_nothing_and_exits_130(tmp_path)
         fileio.reset_interrupt()
     # the next command in the same process starts clean
     assert cli._run(SimpleNamespace(_run=lambda a: 0), debug=False) == (0, None)
+
+
+def test_signal_stack_is_edgesegs_after_a_session_opens(checkpoints):
+    """A Ctrl-C after in-process OpenVINO and ExecuTorch sessions killed the test process with SIGSEGV (the main
+    thread's alternate signal stack pointed at memory a runtime had released): sessions re-install edgeseg's own
+    stack after they load (edgeseg/sigstack.py), and it is the main thread's alternate stack afterwards."""
+    import ctypes
+    import sys
+
+    from edgeseg import sigstack
+    from edgeseg.runtime import open_session
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sigaltstack is set on Linux only")
+    libc = ctypes.CDLL(None, use_errno=True)
+    foreign = ctypes.create_string_buffer(1 << 16)  # what a runtime might leave behind
+    libc.sigaltstack(ctypes.byref(sigstack._StackT(ctypes.addressof(foreign), 0, len(foreign))), None)
+    with open_session(checkpoints(_tiny.TINY)):
+        pass
+    now = sigstack._StackT()
+    libc.sigaltstack(None, ctypes.byref(now))
+    assert now.ss_sp == ctypes.addressof(sigstack._buffer) and now.ss_size == 1 << 20

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from edgeseg.errors import UsageError
 from edgeseg.models.registry import list_models, register_model
+from edgeseg.train.state import load_state
 
 TINY = "_train_tiny"
 REPO = Path(__file__).resolve().parents[1]
@@ -172,10 +173,10 @@ def test_fit_checkpoints_and_eval_reproduces(data, tmp_path):
 
     out = tmp_path / "run"
     res = fit(TINY, data, iters=6, val_interval=3, out_dir=out, **FAST)
-    for p in ("last/model.safetensors", "last/model.json", "best/model.json", "train_state.pt", "log.jsonl"):
+    for p in ("last/model.safetensors", "last/model.json", "best/model.json", "train_state.safetensors", "log.jsonl"):
         assert (out / p).is_file(), p
     assert res["step"] == 6 and res["best"] is not None
-    state = torch.load(out / "train_state.pt", weights_only=True)  # safe to load
+    state = load_state(out / "train_state.safetensors")  # safe to load
     assert state["step"] == 6 and set(state["rng"]) >= {"torch", "numpy", "python"}
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     vals = [r for r in recs if "val" in r]
@@ -224,7 +225,7 @@ def test_kill_and_resume_is_exact(data, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(_Crash):
         fit(TINY, data, out_dir=run, on_step=crash_at_5, **kw)
-    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == 4
+    assert load_state(run / "train_state.safetensors")["step"] == 4
     with pytest.raises(UsageError, match="not empty"):
         fit(TINY, data, out_dir=run, **kw)
     # resume, stop cleanly after step 6 (a chunk), resume again to the end

@@ -21,6 +21,7 @@ from edgeseg.data.embedded import default_data_dir
 from edgeseg.eval.bench import bench, flag_int8_not_faster
 from edgeseg.eval.validate import boundary_mask, latency_stats, resolve_reference, validate
 from edgeseg.export.base import ExportWrapper, Manifest, verify_manifest, write_manifest
+from edgeseg.fileio import sha256_tree
 from edgeseg.models import create_model
 from edgeseg.report.render import merge, render, text_table
 from edgeseg.types import ModelSpec
@@ -58,7 +59,7 @@ def make_artifact(root: Path, ckpt: Path, name: str, precision: str = "fp32", ta
                  files=["weights"], fallback_ops=["aten.grid_sampler_2d.default"] if target == "onnx" else [],
                  executed_here=executed_here,
                  not_executed_reason=None if executed_here else "Core ML needs macOS",
-                 source_checkpoint={"path": str(ckpt)})
+                 source_checkpoint={"path": str(ckpt), "sha256": sha256_tree(ckpt)})  # as export records it
     write_manifest(out, m)
     return out
 

@@ -27,12 +27,16 @@ def _fmt(v, f="{:.2f}"):
 
 
 def _profile(args) -> int:
+    from edgeseg import vendorlog
     from edgeseg.cpu import cpu_label, host_cpu
     from edgeseg.eval.profile import format_profile, profile_artifact
     from edgeseg.fileio import write_json
 
     cpu = host_cpu().to_json()
-    records = [profile_artifact(a, num_threads=args.threads, runs=args.runs) for a in args.artifacts]
+    import torch  # noqa: F401 - first: torch's log handlers keep the sys.stderr of its import
+
+    with vendorlog.quiet(python_too=False):
+        records = [profile_artifact(a, num_threads=args.threads, runs=args.runs) for a in args.artifacts]
     print(f"profiled on: {cpu_label(cpu)}; threads {args.threads}, {args.runs} runs")
     for rec in records:
         print(format_profile(rec))
@@ -43,19 +47,24 @@ def _profile(args) -> int:
 
 
 def run(args) -> int:
+    from edgeseg import vendorlog
     from edgeseg.cpu import cpu_label, host_cpu
     from edgeseg.eval.bench import bench
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
 
-    refuse_existing(args.json, "--json", args.force)
+    check_outputs(args.force, [Output("--json", args.json)], [("ARTIFACT_DIR", a) for a in args.artifacts])
     if args.runs < 1:
         from edgeseg.errors import UsageError
 
         raise UsageError(f"--runs {args.runs}: must be >= 1")
     if args.profile:
         return _profile(args)
-    records = bench(args.artifacts, threads=args.threads, warmup=args.warmup, runs=args.runs,
-                    progress=not args.no_progress)
+    import torch  # noqa: F401 - first: torch's log handlers keep the sys.stderr of its import
+
+    with vendorlog.quiet(python_too=False):  # runtimes' native output to the vendor log; our bar stays
+        records = bench(args.artifacts, threads=args.threads, warmup=args.warmup, runs=args.runs,
+                        progress=not args.no_progress)
     print(f"measured on: {cpu_label(host_cpu().to_json())}; threads: {args.threads}; warm-up {args.warmup}, "
           f"timed runs {args.runs}")
     head = ("artifact", "target", "prec", "status", "p50 ms", "p90 ms", "mean ms", "inf/s", "peak MB", "size MB",
@@ -65,7 +74,8 @@ def run(args) -> int:
         lat = r["latency_ms"]
         speed = _fmt(r["speedup_vs_fp32"]) + (" NOT FASTER" if r["int8_not_faster"] else "") \
             if r["speedup_vs_fp32"] is not None else "–"
-        rows.append((r["name"], str(r["target"]), str(r["precision"]),
+        prec = str(r["precision"]) + (f"/{r['float_compute']}" if r.get("float_compute") not in (None, "fp32") else "")
+        rows.append((r["name"], str(r["target"]), prec,
                      "FAILED" if r["status"] == "failed" else r["status"], _fmt(lat["p50"]), _fmt(lat["p90"]),
                      _fmt(lat["mean"]), _fmt(r["throughput_ips"], "{:.1f}"), _fmt(r["peak_rss_mb"], "{:.0f}"),
                      _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1e6), speed,

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgeseg.demo.app import SourceError, run_demo
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.runtime import open_session
 
     if args.max_frames is not None and args.max_frames < 1:
@@ -51,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--alpha {args.alpha}: must be between 0 and 1")
     if args.reconnect_retries < 0:
         raise UsageError(f"--reconnect-retries {args.reconnect_retries}: must be >= 0")
-    for flag, out in (("--record", args.record), ("--json", args.json)):
-        refuse_existing(out, flag, args.force)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
+    check_outputs(args.force, [Output("--record", args.record), Output("--json", args.json)],
+                  [("--artifact", args.artifact), ("--compare", args.compare), ("--source", args.source)])
     if args.artifact:
         artifact = Path(args.artifact)
     else:

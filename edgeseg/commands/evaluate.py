@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from edgeseg.cli_args import parse_hw
-from edgeseg.errors import UsageError
+from edgeseg.errors import UsageError, printable
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from edgeseg.errors import DataError
     from edgeseg.eval.evaluate import evaluate, torch_predictor
     from edgeseg.eval.metrics import format_table
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
-    refuse_existing(args.json, "--json", args.force)
+    check_outputs(args.force, [Output("--json", args.json)], [("--checkpoint", args.checkpoint), ("--data", args.data)])
     input_hw = parse_hw(args.input_size, "--input-size", multiple_of=32)
     device = _device(args.device)
 
@@ -82,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     model, spec = load_checkpoint(ckpt)
     if spec.num_classes != ds.info.num_classes:
         raise DataError(f"{data}: {ds.fmt} data has {ds.info.num_classes} classes but checkpoint {ckpt} predicts "
-                        f"{spec.num_classes} ({', '.join(spec.class_names[:4])}, ...)")
+                        f"{spec.num_classes} ({', '.join(map(printable, spec.class_names[:4]))}, ...)")
     if tuple(spec.class_names) != tuple(ds.info.class_names):
         log.warning("class names differ between checkpoint (%s, ...) and data (%s, ...); using the checkpoint's",
-                    ", ".join(spec.class_names[:3]), ", ".join(ds.info.class_names[:3]))
+                    ", ".join(map(printable, spec.class_names[:3])), ", ".join(map(printable, ds.info.class_names[:3])))
     hw = input_hw or tuple(spec.input_hw)
     model.to(device)
     res = evaluate(torch_predictor(model, device), ds, hw, spec.mean, spec.std, batch_size=args.batch_size,

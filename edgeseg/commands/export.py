@@ -85,10 +85,12 @@ def run(args) -> int:
 
     from edgeseg.errors import UsageError
     from edgeseg.export import export_checkpoint
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
 
-    for flag, path in (("--json", args.json), ("--out", None if args.list_targets else args.out)):
-        refuse_existing(path, flag, args.force)
+    inputs = [("--checkpoint", args.checkpoint), ("--calib", args.calib), ("--data", args.data)]
+    check_outputs(args.force, [Output("--json", args.json), Output("--out", None if args.list_targets else args.out,
+                                                                    "dir")], [] if args.list_targets else inputs)
     if args.list_targets:
         return _list_targets(args)
     if not args.checkpoint or not args.target:

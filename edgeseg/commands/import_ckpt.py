@@ -61,17 +61,17 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
     from edgeseg.checkpoint import load_state_dict_file, save_checkpoint
     from edgeseg.data.classes import resolve_classes
     from edgeseg.errors import ArtifactError, UsageError
-    from edgeseg.fileio import refuse_existing, sha256_file
+    from edgeseg.fileio import sha256_file
     from edgeseg.models import create_model, get_entry
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.types import ModelSpec
 
     get_entry(model_name)
     if not model_name.startswith(FAMILIES[family]):
         raise UsageError(f"--model {model_name}: not a {family} variant (names start with "
                          f"{' / '.join(FAMILIES[family])})")
-    out = Path(out)
-    refuse_existing(out, "--out", force)
-    src = Path(src)
+    out, src = Path(out), Path(src)
+    check_outputs(force, [Output("--out", out, "dir")], [("SRC", src)])
     state = load_state_dict_file(src)
     dropped = sorted(k for k in state if k.startswith(NON_MODEL_PREFIXES))
     state = {k: v for k, v in state.items() if k not in dropped}
@@ -126,11 +126,13 @@ def import_checkpoint(family: str, src, model_name: str, out, classes: str | Non
 
 def run(args) -> int:
     from edgeseg.cli_args import parse_hw
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
 
-    refuse_existing(args.json, "--json", args.force)
+    check_outputs(args.force, [Output("--out", args.out, "dir"), Output("--json", args.json)],
+                  [("SRC", args.src), ("--classes", args.classes)])
     res = import_checkpoint(args.family, args.src, args.model, args.out, args.classes,
-                            parse_hw(args.input_size, "--input-size", multiple_of=1), args.force)
+                            parse_hw(args.input_size, "--input-size", multiple_of=32), args.force)
     print(f"imported {args.src} -> {res['out']}")
     print(f"  model {res['model']}, {res['num_classes']} classes ({res['classes']}), {res['keys_loaded']} tensors "
           f"loaded strictly, input {res['input_hw'][0]}x{res['input_hw'][1]}")

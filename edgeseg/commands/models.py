@@ -31,7 +31,7 @@ def run(args) -> int:
 
     from edgeseg.cli_args import parse_hw
     from edgeseg.errors import UsageError
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
     from edgeseg.models import get_entry, list_models
     from edgeseg.models.flops import count_registered
 
@@ -41,7 +41,9 @@ def run(args) -> int:
     if args.num_classes < 1:
         raise UsageError(f"--num-classes {args.num_classes}: must be >= 1")
     hw = parse_hw(args.input_size, "--input-size", multiple_of=1)
-    refuse_existing(args.json, "--json", args.force)
+    from edgeseg.outputs import Output, check_outputs
+
+    check_outputs(args.force, [Output("--json", args.json)])
     counted_hw = hw
     if hw and (hw[0] % 32 or hw[1] % 32):
         # the models need sides divisible by 32: count what actually runs, the input padded up (mmseg's

@@ -37,14 +37,15 @@ def run(args) -> int:
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {v}: must be >= 1")
     from edgeseg.cli_args import parse_hw
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.pipeline import run_pipeline
 
     input_hw = parse_hw(args.input_size, "--input-size", multiple_of=32)
     from edgeseg.report.render import text_table
 
-    for flag, path in (("--out", args.out), ("--json", args.json)):
-        refuse_existing(path, flag, args.force)
+    check_outputs(args.force, [Output("--out", args.out, "dir"), Output("--json", args.json)],
+                  [("--checkpoint", args.checkpoint), ("--data", args.data)])
     res = run_pipeline(checkpoint=args.checkpoint, data=args.data, targets=args.targets, out=args.out,
                        force=args.force, precisions=args.precisions, split=args.split, max_images=args.max_images,
                        threads=args.threads, runs=args.runs, export_jobs=args.jobs, input_hw=input_hw,

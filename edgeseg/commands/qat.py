@@ -49,15 +49,16 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from edgeseg.fileio import refuse_existing
+    from edgeseg.outputs import Output, check_outputs
 
     ck = Path(args.checkpoint)
     out = Path(args.out) if args.out else ck.parent / f"{ck.name}-qat-{args.target}"
     # before the calibration and training; a resumed run continues its folder and rewrites its summary
-    refuse_existing(args.json, "--json", args.force or args.resume)
-    if not args.resume:
-        refuse_existing(out, "--out", args.force, empty_dir_ok=True,
-                        hint="use --resume to continue its run or --force to start over")
+    check_outputs(args.force, [
+        Output("--out", out, "run", force=True if args.resume else None,
+               hint="use --resume to continue its run or --force to start over"),
+        Output("--json", args.json, force=args.force or args.resume)],
+        [("--checkpoint", args.checkpoint), ("--data", args.data), ("--calib", args.calib)])
     if args.max_miou_drop is not None:  # checked before a whole training run is spent
         from edgeseg.export.budget import check_budget, check_runnable
 

@@ -22,15 +22,17 @@ def run(args) -> int:
     from pathlib import Path
 
     from edgeseg.errors import UsageError
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.export.schemes import scheme_for_target
     from edgeseg.quant.sensitivity import checkpoint_sensitivity, format_table, plot
 
     if args.limit < 1:
         raise UsageError(f"--limit {args.limit}: must be >= 1")
     if args.json:
-        refuse_existing(args.json, "--json", args.force)
-        refuse_existing(Path(args.json).with_suffix(".png"), "the plot beside --json,", args.force)
+        check_outputs(args.force, [Output("--json", args.json),
+                                   Output("the plot beside --json,", Path(args.json).with_suffix(".png"))],
+                      [("--checkpoint", args.checkpoint), ("--data", args.data)])
     scheme = scheme_for_target(args.target)  # refuses a target it cannot simulate, before the slow part
     print(f"simulated int8 scheme ({args.target}): {scheme.description}")
     rows = checkpoint_sensitivity(args.checkpoint, args.data, limit=args.limit, scheme=scheme)

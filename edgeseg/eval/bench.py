@@ -123,9 +123,11 @@ def _open(opener: Callable, path: Path, threads: int | None) -> tuple[Any, bool]
 
 
 def _default_opener(path, **kw):
+    from edgeseg import vendorlog
     from edgeseg.runtime import open_session
 
-    return open_session(path, **kw)
+    with vendorlog.quiet():  # what a runtime prints while it loads goes to the vendor log (no-op without one)
+        return open_session(path, **kw)
 
 
 def bench(artifacts: Sequence[str | Path], threads: int | None = 1, warmup: int = 3, runs: int = 20,
@@ -263,6 +265,7 @@ def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, ru
                    error=manifest.not_executed_reason or f"{target} cannot execute on this host")
         return rec
     rec["executed"] = True
+    rec["float_compute"] = session.float_compute  # e.g. OpenVINO's bf16 inference precision
     x = make_input(manifest)
     for _ in range(warmup):
         session.run(x)

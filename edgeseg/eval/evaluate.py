@@ -5,7 +5,10 @@ For every image/label pair of the dataset, in order:
    mean/std on the 0..255 scale, float32 (3, H, W); `batch_size` of those are stacked to (N, 3, H, W).
 2. `predict_logits(x) -> (N, K, h, w)` (any stride; numpy or torch).
 3. Per image, the logits are upsampled to the *label's* size with bilinear interpolation
-   (`F.interpolate(..., mode="bilinear", align_corners=False)`, float32) and argmax'ed over K.
+   (`F.interpolate(..., mode="bilinear", align_corners=False)`, float32) and argmax'ed over K. When the upsampled
+   logits would exceed TILE_ABOVE_BYTES (a 10000x10000 label: 4.4 GB at 11 classes), the same bilinear
+   upsample and argmax run on row tiles of about TILE_BYTES each (`argmax_tiles`), so memory per image stays
+   bounded; images below that size take the untiled path unchanged.
 4. The class map and the label (never resized) are accumulated in a `SegMetrics` confusion matrix; pixels with
    the ignore index are not counted.
 Returns `SegMetrics.compute()` plus `num_images` (pairs evaluated) and `skipped` (bad pairs left out with
@@ -28,6 +31,8 @@ from edgeseg.eval.metrics import SegMetrics
 log = logging.getLogger(__name__)
 
 PredictFn = Callable[[np.ndarray], Any]
+TILE_ABOVE_BYTES = 256 << 20  # float32 logits at the label's size above this: upsample + argmax in row tiles
+TILE_BYTES = 32 << 20  # upsampled float32 logits per row tile
 
 
 def _to_tensor(logits) -> torch.Tensor:
@@ -35,15 +40,52 @@ def _to_tensor(logits) -> torch.Tensor:
     return t.detach().float().cpu()
 
 
+def _tiled(k: int, out_hw) -> bool:
+    return 4 * k * int(out_hw[0]) * int(out_hw[1]) > TILE_ABOVE_BYTES
+
+
 def upsample_argmax(logits, out_hw: tuple[int, int]) -> np.ndarray:
-    """(K, h, w) or (1, K, h, w) logits -> (H, W) int64 class map: bilinear upsample to out_hw
-    (`F.interpolate`, align_corners=False, float32), then argmax over K (first maximum on ties)."""
+    """(K, h, w) or (1, K, h, w) logits -> (H, W) class map: bilinear upsample to out_hw (`F.interpolate`,
+    align_corners=False, float32), then argmax over K (first maximum on ties). int64, or for a size above
+    TILE_ABOVE_BYTES uint8/uint16 assembled from `argmax_tiles` (same classes, bounded memory)."""
     t = _to_tensor(logits)
     if t.dim() == 3:
         t = t[None]
+    if _tiled(t.shape[1], out_hw):
+        out = np.empty(tuple(int(v) for v in out_hw), np.uint8 if t.shape[1] <= 256 else np.uint16)
+        for y0, rows in argmax_tiles(t, out_hw):
+            out[y0:y0 + len(rows)] = rows
+        return out
     if tuple(t.shape[-2:]) != tuple(out_hw):
         t = F.interpolate(t, size=tuple(int(v) for v in out_hw), mode="bilinear", align_corners=False)
     return t[0].numpy().argmax(0)  # numpy's argmax over the leading axis is ~4x faster than torch's on CPU
+
+
+def argmax_tiles(logits, out_hw: tuple[int, int], tile_bytes: int = TILE_BYTES):
+    """Yield (y0, class map rows y0:y0+n) of `upsample_argmax(logits, out_hw)`, n rows at a time such that their
+    upsampled logits take about `tile_bytes`. Bilinear with align_corners=False is separable: each output row
+    blends two source rows (PyTorch's source index and weights, in float32), and those rows are first upsampled
+    along the width by `F.interpolate` itself."""
+    t = _to_tensor(logits)
+    if t.dim() == 3:
+        t = t[None]
+    k, h, w = t.shape[1:]
+    big_h, big_w = (int(v) for v in out_hw)
+    step = max(1, tile_bytes // (4 * k * big_w))
+    src = np.maximum(np.float32(h) / np.float32(big_h) * (np.arange(big_h, dtype=np.float32) + np.float32(0.5))
+                     - np.float32(0.5), np.float32(0))
+    lo = np.minimum(src.astype(np.int64), h - 1)
+    hi = np.minimum(lo + 1, h - 1)
+    lam = torch.from_numpy(src - lo.astype(np.float32))
+    for y0 in range(0, big_h, step):
+        y1 = min(big_h, y0 + step)
+        r0, r1 = int(lo[y0]), int(hi[y1 - 1]) + 1
+        rows = t[:, :, r0:r1]
+        if w != big_w:
+            rows = F.interpolate(rows, size=(r1 - r0, big_w), mode="bilinear", align_corners=False)
+        a, b = rows[0][:, lo[y0:y1] - r0], rows[0][:, hi[y0:y1] - r0]  # (K, n, W) each
+        frac = lam[y0:y1].view(1, -1, 1)
+        yield y0, ((1 - frac) * a + frac * b).numpy().argmax(0)
 
 
 def predict_label_map(predict_logits: PredictFn, image: np.ndarray, input_hw, mean: Sequence[float],
@@ -140,7 +182,11 @@ def evaluate(predict_logits: PredictFn, dataset, input_hw, mean: Sequence[float]
             raise DataError(f"{getattr(dataset, 'root', 'dataset')}: the model predicts {logits.shape[1]} classes "
                             f"but the dataset has {k}")
         for (_, _, lab), lg in zip(batch, logits):
-            metrics.update(upsample_argmax(lg, lab.shape[:2]), lab)
+            if _tiled(k, lab.shape[:2]):  # a huge image: class map and confusion counts a row tile at a time
+                for y0, rows in argmax_tiles(lg, lab.shape[:2]):
+                    metrics.update(rows, lab[y0:y0 + len(rows)])
+            else:
+                metrics.update(upsample_argmax(lg, lab.shape[:2]), lab)
         n_img += len(batch)
         bar.update(len(batch))
         batch.clear()

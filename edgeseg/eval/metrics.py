@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeseg.errors import printable
+
 
 class SegMetrics:
     """Accumulate predictions against labels. `update(pred, label)` takes numpy arrays or torch tensors of any
@@ -131,7 +133,9 @@ def format_table(result: dict[str, Any], class_names: Sequence[str] | None = Non
     """A per-class table (IoU and accuracy in %) and a summary line naming the excluded classes."""
     ious = result["per_class_iou"]
     accs = result.get("per_class_acc") or [None] * len(ious)
-    names = list(class_names) if class_names is not None else [f"class{i}" for i in range(len(ious))]
+    # names come from model.json / classes.txt: shown with control characters escaped (no terminal sequences)
+    names = [printable(n) for n in class_names] if class_names is not None else \
+        [f"class{i}" for i in range(len(ious))]
     if len(names) != len(ious):
         raise ValueError(f"{len(names)} class names for {len(ious)} classes")
     w = max([len("Class")] + [len(n) for n in names])

@@ -77,8 +77,13 @@ def resolve_reference(artifact_dir: Path, manifest: "Manifest | dict[str, Any]",
                       ) -> tuple[str, Path] | None:
     """Which reference an artifact is judged against: ("checkpoint"|"artifact", path), or None.
 
-    Order: the explicit `reference`; else the source checkpoint recorded in the manifest (if it still exists);
-    else the fp32 sibling artifact (same target, model, input size) for a non-fp32 artifact.
+    Order: the explicit `reference`; else the source checkpoint recorded in the manifest (if it still exists; it
+    must still match the sha256 export recorded, see `edgeseg.artifact.source_checkpoint`); else the fp32 sibling
+    artifact (same target, model, input size) for a non-fp32 artifact.
+
+    Raises:
+        UsageError for a bad `reference`; ArtifactError (one line) when the recorded source checkpoint changed
+        since export ("the reference checkpoint changed") or its record is not what export writes.
     """
     if reference is not None:
         ref = Path(reference)
@@ -88,10 +93,12 @@ def resolve_reference(artifact_dir: Path, manifest: "Manifest | dict[str, Any]",
             return "checkpoint", ref
         raise UsageError(f"--reference {ref}: neither an artifact folder (manifest.json) nor a checkpoint "
                          "folder (model.json)")
+    from edgeseg.artifact import source_checkpoint
+
     manifest = as_manifest(manifest)
-    src = (manifest.source_checkpoint or {}).get("path")
-    if src and is_checkpoint(src):
-        return "checkpoint", Path(src)
+    src = source_checkpoint(artifact_dir, manifest)
+    if src is not None:
+        return "checkpoint", src
     if manifest.precision != "fp32":
         sib = find_fp32_sibling(artifact_dir, manifest)
         if sib is not None:

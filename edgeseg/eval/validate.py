@@ -46,9 +46,11 @@ __all__ = ["DEFAULT_MAX_MIOU_DROP", "DEFAULT_MIN_AGREEMENT", "MANIFEST", "Thresh
 
 
 def _default_opener(path: Path):
+    from edgeseg import vendorlog
     from edgeseg.runtime import open_session
 
-    return open_session(path)
+    with vendorlog.quiet():  # what a runtime prints while it loads goes to the vendor log (no-op without one)
+        return open_session(path)
 
 
 @dataclass
@@ -146,6 +148,7 @@ def _validate_one(art: Path, job: _Job) -> dict[str, Any]:
         rec.update(status="not run", executed=False, passed=None, verdict="not run", notes=[f"not run: {why}"])
         return rec
     rec["executed"] = True
+    rec["float_compute"] = session.float_compute  # e.g. OpenVINO's bf16 inference precision
     rec["notes"] += list(getattr(session, "notes", []))  # how this host runs it (e.g. the Jetson int8 emulation)
     class_names, ignore_index = _classes(art, manifest, job.dataset)
     input_hw = tuple(int(v) for v in manifest.input_hw or manifest.input["shape"][-2:])

@@ -70,14 +70,17 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
         ArtifactError: the export failed, or an fp32 artifact disagrees with eager (< 99.9 % argmax).
     """
     from edgeseg.export.base import ExportJob
+    from edgeseg.outputs import Output, check_outputs
     from edgeseg.quant.calibration import calibration_for_export
 
     exporter, precision, opts = _resolve(target, precision, options)
     checkpoint = Path(checkpoint)
-    if out is not None and Path(out).exists() and not force:  # fail before the slow part; atomic_dir re-checks
-        raise UsageError(f"{out} already exists; pass --force to overwrite it")
-    wrapper, spec, input_hw, qat_record = _load_model(checkpoint, target, precision, input_hw, opts)
     out = Path(out) if out else checkpoint.parent / f"{checkpoint.name}-{target}-{precision}"
+    # fail before the slow part (atomic_dir re-checks): an existing out needs force and must be edgeseg's; never
+    # an input
+    check_outputs(force, [Output("--out", out, "dir")],
+                  [("--checkpoint", checkpoint), ("--calib", calib), ("--data", calib_root)])
+    wrapper, spec, input_hw, qat_record = _load_model(checkpoint, target, precision, input_hw, opts)
     vendorlog.place(vendorlog.log_name(out))
 
     calib_data = None
@@ -115,22 +118,29 @@ def _load_model(checkpoint: Path, target: str, precision: str, input_hw: tuple[i
     from edgeseg.checkpoint import load_checkpoint
     from edgeseg.export.base import ExportWrapper
     from edgeseg.models import prepare_for_export
+    from edgeseg.quant.qat_program import is_qat_record
 
     model, spec = load_checkpoint(checkpoint)
     input_hw = tuple(int(v) for v in (input_hw or spec.input_hw))
     qat_record = None
-    if precision == "int8" and (spec.quant or {}).get("program"):
-        # QAT checkpoint (edgeseg qat): export its converted int8 graph, which carries the learned scales
-        from edgeseg.quant.qat_program import check_export_target, load_qat_program
+    if precision == "int8" and is_qat_record(spec.quant):
+        # QAT checkpoint (edgeseg qat): export its int8 graph, rebuilt with the learned scales
+        from edgeseg.export.qat_checkpoint import load_qat_program
+        from edgeseg.checkpoint import SPEC
+        from edgeseg.quant.qat_program import check_export_target, check_qat_record
 
+        check_qat_record(spec.quant, str(checkpoint / SPEC))
         check_export_target(spec.quant, target, str(checkpoint))
         if tuple(getattr(opts, "keep_float", ()) or ()):
             raise UsageError(f"options.keep_float: {checkpoint} is a QAT checkpoint whose float modules were fixed "
                              "in training (edgeseg qat --keep-float); its int8 graph cannot change them")
-        model, qat_record = load_qat_program(checkpoint)
-        if list(input_hw) != list(qat_record.get("input_hw", input_hw)):
-            raise UsageError(f"--input-size: the QAT program of {checkpoint} is for "
-                             f"{qat_record['input_hw'][0]}x{qat_record['input_hw'][1]}")
+        if list(input_hw) != list(spec.quant.get("input_hw", input_hw)):
+            raise UsageError(f"--input-size: the QAT graph of {checkpoint} is for "
+                             f"{spec.quant['input_hw'][0]}x{spec.quant['input_hw'][1]}")
+        model, quant = load_qat_program(checkpoint, loaded=(model, spec))
+        # the manifest records the scheme; the node map stays with the checkpoint
+        qat_record = {k: v for k, v in quant.items() if k != "fake_quants"}
+        qat_record["fake_quant_count"] = len(quant["fake_quants"])
     else:
         from edgeseg.targets import load_profile
 

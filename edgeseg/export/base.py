@@ -208,7 +208,7 @@ class Exporter(ABC):
 
     def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False) -> Any:
         """The target's PT2E int8 quantizer: the one source of PT2E quantizers for PTQ and QAT
-        (`edgeseg.train.qat_quantizers.target_quantizer` asks it for the scheme of the profile's `[qat]` table).
+        (`edgeseg.export.qat_quantizers.target_quantizer` asks it for the scheme of the profile's `[qat]` table).
 
         Where the exporter's PTQ is PT2E (ExecuTorch, Core ML W8A8) it is the quantizer that PTQ uses; where PTQ
         goes another way (ONNX Runtime's quantize_static, NNCF on the OpenVINO model) it is the scheme QAT trains

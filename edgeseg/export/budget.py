@@ -131,10 +131,13 @@ def quantize_with_budget(checkpoint: str | Path, target: str, data: str | Path, 
     checkpoint = Path(checkpoint)
     spec = load_spec(checkpoint)
     out = Path(out) if out else checkpoint.parent / f"{checkpoint.name}-{target}-int8"
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    from edgeseg.outputs import Output, check_outputs
+
+    check_outputs(force, [Output("--out", out, "dir")], [("--checkpoint", checkpoint), ("--data", data)])
     json_path = Path(json_path) if json_path else out.parent / f"{out.name}.budget.json"
-    is_qat = bool((spec.quant or {}).get("program"))
+    from edgeseg.quant.qat_program import is_qat_record
+
+    is_qat = is_qat_record(spec.quant)
     base_float = list(options.pop("keep_float", None) or [])
     calib, calib_count = calibration_source(target, data, split, calib, is_qat, options)
 

@@ -1,5 +1,5 @@
 """XNNPACK's graph passes on converted (q/dq) int8 graphs: the ExecuTorch exporter runs them on its PTQ graph and
-on a QAT checkpoint's graph, QAT's convert (edgeseg.train.qat_graph) on the program it saves.
+on a QAT checkpoint's graph, QAT's convert (edgeseg.export.qat_graph) on the program it saves.
 
 Must not import export runtimes at module level.
 """

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
 OVERFLOW_FIX = ("auto", "enable", "first_layer_only", "disable")
+INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
 
 
 @dataclass
@@ -72,6 +73,13 @@ class OpenVINOOptions(ExportOptions):
         preset: int8: NNCF preset, "performance" (symmetric activations) or "mixed" (asymmetric activations).
         model_type: int8: "" or "transformer" (NNCF keeps softmax/LayerNorm-adjacent ops float for transformers).
         fast_bias_correction: int8: NNCF's fast bias correction (the slow one needs many more images).
+        inference_precision: what the CPU plugin computes the float parts in (fp32 IRs, and the float islands
+            of int8 IRs): "auto" (bf16 where this CPU computes bf16 natively, AVX512_BF16 or AMX-BF16, as
+            OpenVINO's own default does; f32 elsewhere), "f32" (strict fp32) or "bf16". The export resolves
+            "auto" from the host's flags and records the value (and why) in the manifest; the proof and
+            `validate` measure its accuracy, and sessions compute with it (falling back to f32 on a CPU without
+            native bf16). Measured (offseg_t fp32 IR, 384x480, 2 threads, AMD EPYC with AVX512_BF16): 163 ms
+            f32 against 86 ms bf16.
     """
 
     device: str = "CPU"
@@ -80,14 +88,28 @@ class OpenVINOOptions(ExportOptions):
     preset: str = "performance"
     model_type: str = ""
     fast_bias_correction: bool = True
+    inference_precision: str = "auto"
 
     def validate(self, where: str = "options") -> None:
         super().validate(where)
         for key, choices in (("route", ("auto", "export", "module")), ("overflow_fix", OVERFLOW_FIX),
+                             ("inference_precision", INFERENCE_PRECISIONS),
                              ("preset", ("performance", "mixed")), ("model_type", ("", "transformer"))):
             if getattr(self, key) not in choices:
                 raise UsageError(f"{where}.{key}: {getattr(self, key)!r} is not one of "
                                  f"{', '.join(repr(c) for c in choices)}")
+
+
+def resolve_inference_precision(requested: str) -> tuple[str, str]:
+    """(the CPU plugin's INFERENCE_PRECISION_HINT, why) for `requested`; "auto" decides from the host CPU."""
+    from edgeseg.cpu import host_cpu
+
+    if requested != "auto":
+        return requested, "set explicitly"
+    cpu = host_cpu()
+    if cpu.native_bf16:
+        return "bf16", f"auto: {cpu.summary()} computes bf16 natively (OpenVINO's default there)"
+    return "f32", f"auto: {cpu.summary()} has no native bf16"
 
 
 @dataclass
@@ -239,6 +261,8 @@ class OpenVINOExporter(Exporter):
         model, options = job.model, job.options
         out_dir = Path(job.out_dir)
         timings: dict[str, float] = {}
+        # the manifest's options carry the resolved hint, which sessions compute with
+        options.inference_precision, precision_why = resolve_inference_precision(options.inference_precision)
         t = time.perf_counter()
         converted = convert(model, options.route)
         name_io(converted.model, model.output_contract(job.spec.num_classes)["name"])
@@ -254,6 +278,7 @@ class OpenVINOExporter(Exporter):
         core = ov.Core()
         saved = core.read_model(str(out_dir / MODEL_FILE))
         inspection = _inspect(saved, converted, job, float_names)
+        inspection["inference_precision"] = {"hint": options.inference_precision, "why": precision_why}
         fallback = _compile(core, saved, job, inspection, timings)
         inspection["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
         executed = options.device in core.available_devices
@@ -320,8 +345,10 @@ def _compile(core, saved, job: ExportJob, inspection: dict[str, Any], timings: d
     if options.device in core.available_devices:
         t = time.perf_counter()
         try:
-            compiled = core.compile_model(saved, options.device,
-                                          {"INFERENCE_NUM_THREADS": max(1, options.num_threads)})
+            config = {"INFERENCE_NUM_THREADS": max(1, options.num_threads)}
+            if options.device == "CPU":
+                config["INFERENCE_PRECISION_HINT"] = options.inference_precision
+            compiled = core.compile_model(saved, options.device, config)
         except Exception as e:  # noqa: BLE001
             raise ArtifactError(f"openvino: compile_model on {options.device} failed: {one_line(e, with_type=True)}") from e
         timings["compile_model"] = time.perf_counter() - t

@@ -9,7 +9,7 @@ import torch.nn as _nn
 from edgeseg.models.registry import create_model, get_entry, list_models, register_model
 
 # One line per family module; each registers its variants on import.
-_FAMILIES = ("offseg", "segnext", "afm_variants")
+_FAMILIES = ("offseg", "segnext", "afm_variants", "offseg_lite")
 
 for _mod in _FAMILIES:
     _importlib.import_module(f"edgeseg.models.{_mod}")

@@ -43,14 +43,26 @@ def grid_sample_gather(src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     weights = ((x1 - ix) * (y1 - iy), (ix - x0) * (y1 - iy), (x1 - ix) * (iy - y0), (ix - x0) * (iy - y0))
     # a neighbour past the last row/column has weight 0 (ix == w - 1 exactly): read the last one instead
     x1, y1 = x1.clamp(max=w - 1), y1.clamp(max=h - 1)
-    base = (torch.arange(n, device=src.device) * (h * w)).view(n, 1, 1)
+    # integer index arithmetic on int64 tensors, not Python ints: PT2E's prepare turns scalar operands into float
+    # constants, which would make the index arithmetic float and quantizable
+    base = torch.arange(0, n * h * w, h * w, device=src.device).view(n, 1, 1)
+    width = torch.tensor(w, dtype=torch.int64, device=src.device)
     table = src.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    x0i, y0i, x1i, y1i = (t.to(torch.int64) for t in (x0, y0, x1, y1))
     out = None
-    for (yy, xx), wt in zip(((y0, x0), (y0, x1), (y1, x0), (y1, x1)), weights):
-        rows = F.embedding((base + (yy * w + xx).long()).reshape(-1), table)  # (N*Ho*Wo, C)
+    for (yy, xx), wt in zip(((y0i, x0i), (y0i, x1i), (y1i, x0i), (y1i, x1i)), weights):
+        rows = F.embedding((base + yy * width + xx).reshape(-1), table)  # (N*Ho*Wo, C)
         term = rows * wt.reshape(-1, 1)
         out = term if out is None else out + term
     return out.view(n, ho, wo, c).permute(0, 3, 1, 2)
+
+
+class BilinearGather(nn.Module):
+    """`grid_sample_gather` as a (parameterless) module, so that int8 exports can keep it float by class
+    (edgeseg.quant.policy): quantizing its coordinate and weight arithmetic moves the sampling positions."""
+
+    def forward(self, src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return grid_sample_gather(src, grid)
 
 
 class LocalSimGuidedSampler(nn.Module):
@@ -93,7 +105,17 @@ class LocalSimGuidedSampler(nn.Module):
             self.norm_lr = nn.Identity()
         self.register_buffer("init_pos", self._initial_positions())
         self._centre_grids: dict[tuple[int, int], str] = {}  # (h, w) -> buffer name, set by bake_centre_grids
-        self.sampler_form = "grid_sample"  # export form of the resampling (SAMPLER_FORMS), set by FreqFusion
+        self.sampler_form = "grid_sample"  # export form of the resampling (SAMPLER_FORMS), set_sampler_form
+
+    def set_sampler_form(self, form: str) -> None:
+        """Export form of the resampling (SAMPLER_FORMS); "gather" adds a `BilinearGather` child (no state)."""
+        if form not in SAMPLER_FORMS:
+            raise ValueError(f"sampler form {form!r} is not one of {', '.join(SAMPLER_FORMS)}")
+        self.sampler_form = form
+        if form == "gather":
+            self.bilinear_gather = BilinearGather()
+        elif hasattr(self, "bilinear_gather"):
+            del self.bilinear_gather
 
     def bake_centre_grids(self, sizes) -> None:
         """Bake the normalised pixel-centre grid of each low-res size in `sizes` ((h, w) pairs) as a constant
@@ -168,7 +190,7 @@ class LocalSimGuidedSampler(nn.Module):
         grid = coords.permute(0, 2, 3, 4, 1).reshape(n * g, s * h, s * w, 2)
         src = x.reshape(n * g, -1, x.shape[-2], x.shape[-1])
         if name is not None and self.sampler_form == "gather":
-            out = grid_sample_gather(src, grid)
+            out = self.bilinear_gather(src, grid)
         else:
             out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.reshape(n, -1, s * h, s * w)
@@ -219,10 +241,8 @@ class FreqFusion(nn.Module):
         `sampler` the dysampler's (SAMPLER_FORMS: "grid_sample", or "gather", which is faster on ExecuTorch)."""
         if carafe not in CARAFE_FORMS:
             raise ValueError(f"carafe form {carafe!r} is not one of {', '.join(CARAFE_FORMS)}")
-        if sampler not in SAMPLER_FORMS:
-            raise ValueError(f"sampler form {sampler!r} is not one of {', '.join(SAMPLER_FORMS)}")
+        self.dysampler.set_sampler_form(sampler)
         self.carafe_form = carafe
-        self.dysampler.sampler_form = sampler
         h, w = int(input_hw[0]), int(input_hw[1])
         dev = self.hamming_lowpass.device
         for k in {self.lowpass_kernel, self.highpass_kernel}:

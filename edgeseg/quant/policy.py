@@ -10,6 +10,9 @@ Defaults (by module class, so every model family that uses the block gets them):
   * `OffsetLearning` (OffSeg's offset head): softmax + the inline mask LayerNorm (`rsqrt(var + eps)`); int8
     rounds the variance to 0 and rsqrt gives inf (measured on test_offseg: NaN at `decode_head.offset_learning`'s
     rsqrt in the first QAT forward, depending on the input).
+  * `BilinearGather` (FreqFusion's sampler in its gather export form): index and bilinear-weight arithmetic;
+    int8 would quantize the sampling coordinates (offseg_t's ExecuTorch int8 at 64x96: argmax agreement with
+    PyTorch 83.2 % with it quantized, against 98.5 % for the grid_sample form).
   * `SSAClassifier` (SSA-Seg's adaptive classifier, the scope of all its ops): spatial/class softmaxes, prototype
     means divided by mask sums, L2 normalisation and a x15 cosine; tiny compute (K x C products). Its int8 OpenVINO
     IR (NNCF) failed `compile_model` on an AVX-512/VNNI/AMX Intel CPU ("No suitable implementations ... memory
@@ -45,6 +48,8 @@ DEFAULT_FLOAT_TYPES: dict[str, str] = {
     "AFM": "spectral path: DFT matmuls carry the image's DC energy (one int8 scale cannot hold it)",
     "NMF2D": "NMF multiplicative updates divide by int8-rounded denominators (inf/NaN, measured)",
     "OffsetLearning": "softmax + inline LayerNorm: rsqrt of an int8-rounded variance (inf, measured)",
+    "BilinearGather": ("FreqFusion sampler's gather form (ExecuTorch): int8 sampling coordinates and bilinear weights "
+                       "move the sampling positions (argmax agreement 98.5 -> 83.2 % for offseg_t at 64x96, measured)"),
     "SSAClassifier": ("cosine classifier: L2 norms and a x15 cosine of int8-rounded prototypes; its int8 OpenVINO IR "
                       "failed to compile on an AVX-512/AMX Intel CPU (reported)"),
 }

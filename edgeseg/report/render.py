@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgeseg.cpu import cpu_label  # re-exported: the reports and tables name the CPU of every latency
+from edgeseg.errors import printable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def _row(v: dict[str, Any] | None, b: dict[str, Any] | None, validate_latency: b
     row["size_bytes"] = src.get("size_bytes") if v is None else (v.get("size_bytes") or (b or {}).get("size_bytes"))
     row["fallback_ops"] = (v or b or {}).get("fallback_ops")
     row["cpu"] = (b or {}).get("cpu") or (v or {}).get("cpu")  # where the latency below was measured
+    row["float_compute"] = (b or {}).get("float_compute") or (v or {}).get("float_compute")
     if b and b.get("status") == "ok":
         row.update(p50_ms=b["latency_ms"]["p50"], p90_ms=b["latency_ms"]["p90"], mean_ms=b["latency_ms"]["mean"],
                    latency_source="bench: Session.run", threads=b.get("threads"),
@@ -116,7 +118,10 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         check = "not run" if r["status"] == "not run" else "no reference"
     else:
         check = "pass" if r["passed"] else "FAIL: " + "; ".join(r["reasons"])
-    return [str(r.get("target") or r.get("name")), str(r.get("precision") or "–"), status, _pct(r.get("miou")),
+    precision = str(r.get("precision") or "–")
+    if r.get("float_compute") not in (None, "fp32"):  # the runtime computes the float parts in another precision
+        precision += f" ({r['float_compute']} compute)"
+    return [str(r.get("target") or r.get("name")), precision, status, _pct(r.get("miou")),
             _num(None if r.get("miou_drop") is None else 100 * r["miou_drop"]), _pct(r.get("agreement")), bnd,
             _num(r.get("p50_ms")), _num(None if r.get("size_bytes") is None else r["size_bytes"] / 1e6),
             speed, check]
@@ -133,7 +138,7 @@ def text_table(rows: Sequence[dict[str, Any]], max_check: int = 70) -> str:
     """Plain-text table for the terminal (the check column is cut to `max_check` characters)."""
     cells = []
     for r in rows:
-        c = row_cells(r)
+        c = [printable(v) for v in row_cells(r)]  # names and errors from files: no terminal escape sequences
         if len(c[-1]) > max_check:
             c[-1] = c[-1][: max_check - 1] + "…"
         cells.append(c)

@@ -7,6 +7,7 @@ Heavy runtimes are imported inside `_load`, never at module level.
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,11 @@ class Session(ABC):
         num_threads: CPU threads the runtime may use (None = runtime default).
         notes: lines for the validation record about how this host runs the artifact (set by `_load`).
         executes_here: whether this host runs the model (property; False only where the runtime cannot).
+        float_compute: what the runtime computes the float parts in here, "fp32" unless `_load` says otherwise
+            (OpenVINO's bf16 inference precision): the proof's agreement floor and the bench records follow it.
     """
+
+    float_compute = "fp32"
 
     def __init__(self, path: str | Path, manifest, num_threads: int | None = None, **kwargs: Any):
         self.path = Path(path)
@@ -50,6 +55,10 @@ class Session(ABC):
         self.kwargs = kwargs
         self.notes: list[str] = []
         self._load()
+        if threading.current_thread() is threading.main_thread():
+            from edgeseg.sigstack import ensure_signal_stack
+
+            ensure_signal_stack()  # a runtime may have installed a stack it later frees (edgeseg/sigstack.py)
         self.notes += full_range_int8_notes(getattr(manifest, "quantization", None) or {})
 
     # -- to implement ------------------------------------------------------------------------------------------
@@ -165,6 +174,25 @@ class Session(ABC):
         logits = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None]
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return logits[0].argmax(0).numpy().astype(np.uint8)
+
+
+def artifact_of(model_path: str | Path) -> tuple[Path, Any]:
+    """(artifact folder, its checked manifest) for the model file of an artifact (the per-op profilers take the
+    model file's path, then read it through `edgeseg.artifact.read_hashed` like a session does).
+
+    Raises:
+        ArtifactError: `model_path` is not the model file of the artifact folder it is in.
+    """
+    from edgeseg.artifact import MANIFEST, read_manifest
+
+    model_path = Path(model_path)
+    root = model_path.parent
+    if not (root / MANIFEST).is_file():
+        raise ArtifactError(f"{model_path}: not in an artifact folder ({MANIFEST} beside it); only artifacts run")
+    manifest = read_manifest(root)
+    if manifest.model_file != model_path.name:
+        raise ArtifactError(f"{model_path}: not the model file of {root / MANIFEST} ({manifest.model_file!r})")
+    return root, manifest
 
 
 def full_range_int8_notes(quant: dict[str, Any]) -> list[str]:

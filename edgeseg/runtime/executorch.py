@@ -1,6 +1,12 @@
 """ExecuTorch session: runs a `.pte` through the ExecuTorch Python runtime (Runtime -> Program -> Method.execute),
 with the XNNPACK delegate built into the installed executorch wheel; and its op profile (`profile_ops`) from an
-ETDump of the same program."""
+ETDump of the same program.
+
+The program is loaded from the bytes checked against the manifest's sha256. A malformed program can abort the
+ExecuTorch runtime (a C++ `terminate`, not a Python exception), so each program is first loaded and run once in a
+child process (`probe_program`, once per program and process): a crash there is one error line, not the end of
+the command.
+"""
 from __future__ import annotations
 
 import json
@@ -10,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.runtime.base import INSERTED, UNKNOWN, Session
+from edgeseg.runtime.base import INSERTED, UNKNOWN, Session, artifact_of
 
 # written beside the .pte by the ExecuTorch exporter: the op (and module path) of each program instruction, and the
 # ops of each delegate call in graph order, so that ETDump events can be rolled up to model parts without an ETRecord
@@ -34,6 +40,76 @@ _XNN_KINDS: dict[str, tuple[str, ...]] = {
 _MATCH_WINDOW = 64  # delegated ops looked ahead for a runtime operator's source (fused/elided ops are skipped)
 
 
+PROBE_TIMEOUT_S = 300
+_PROBE_ERROR = 3  # the probe's exit code for a Python-level load error (the in-process load then reports it)
+_PROBED: set[str] = set()  # sha256 of the programs that loaded and ran in a probe in this process
+# the probe: the program (stdin) loaded, its method loaded and run once on zeros; imports the runtime's extension
+# directly (`executorch.runtime` would pull in the exporter, seconds more per probe)
+_PROBE = """
+import sys
+import torch
+from executorch.extension.pybindings import _C
+data = sys.stdin.buffer.read()
+try:
+    if int(sys.argv[1]) > 0:
+        _C._unsafe_reset_threadpool(int(sys.argv[1]))
+    method = _C._load_program_from_buffer(data, program_verification=_C.Verification.InternalConsistency
+                                          ).load_method("forward")
+    meta = method.method_meta()
+    dtypes = {0: torch.uint8, 5: torch.float16, 6: torch.float32}
+    metas = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
+    if all(m.dtype() in dtypes for m in metas):
+        method.call([torch.zeros(list(m.sizes()), dtype=dtypes[m.dtype()]) for m in metas])
+except Exception as e:
+    print(type(e).__name__, e, file=sys.stderr)
+    sys.exit(%d)
+""" % _PROBE_ERROR
+
+
+def _probe_in_child(data: bytes, num_threads: int | None):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(num_threads or 1))
+    return subprocess.run([sys.executable, "-c", _PROBE, str(num_threads or 0)], input=data, capture_output=True,
+                          env=env, timeout=PROBE_TIMEOUT_S)
+
+
+def probe_program(model_path: Path, data: bytes, num_threads: int | None = None) -> None:
+    """Load and run the program `data` once in a child process (skipped for a program already probed here).
+
+    Raises:
+        ArtifactError (one line naming the file): the child crashed (the runtime aborted on the program) or did not
+        finish in PROBE_TIMEOUT_S. A Python-level load error in the child is left to the in-process load to report.
+    """
+    import hashlib
+    import signal
+    import subprocess
+
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in _PROBED:
+        return
+    try:
+        p = _probe_in_child(data, num_threads)
+    except subprocess.TimeoutExpired:
+        raise ArtifactError(f"{model_path}: ExecuTorch could not load it (a probe process loading it did not "
+                            f"finish in {PROBE_TIMEOUT_S} s)") from None
+    if p.returncode == _PROBE_ERROR:
+        return
+    if p.returncode != 0:
+        try:
+            how = f"signal {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit code {p.returncode}"
+        except ValueError:
+            how = f"signal {-p.returncode}"
+        what = [ln.split("what():", 1)[1].strip() for ln in p.stderr.decode("utf-8", "replace").splitlines()
+                if "what():" in ln]
+        raise ArtifactError(f"{model_path}: ExecuTorch could not load it: the runtime crashed on it in a probe "
+                            f"process ({how}{': ' + what[-1][:160] if what else ''}); the program is corrupt or "
+                            "not built for this runtime")
+    _PROBED.add(digest)
+
+
 def set_threads(num_threads: int | None) -> int:
     """Pin the XNNPACK threadpool (process-wide in executorch 1.5.1) to `num_threads`; returns the count in use."""
     from executorch.extension.pybindings import portable_lib
@@ -48,12 +124,16 @@ class ExecutorchSession(Session):
     process-wide: the last session opened in a process sets it for all."""
 
     def _load(self) -> None:
+        from edgeseg.artifact import read_hashed
+
+        data = read_hashed(self.path, self.manifest, self.manifest.model_file)
+        probe_program(self.model_path, data, self.num_threads)
         from executorch.runtime import Runtime
 
         try:
             self.threads_in_use = set_threads(self.num_threads)
             self._runtime = Runtime.get()
-            self._program = self._runtime.load_program(str(self.model_path))
+            self._program = self._runtime.load_program(data)
             self._method = self._program.load_method("forward")
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
             raise ArtifactError(f"{self.model_path}: ExecuTorch could not load it ({type(e).__name__}: "
@@ -84,11 +164,15 @@ def profile_ops(pte_path: Path, num_threads: int, runs: int, optimize: bool = Tr
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
 
+    from edgeseg.artifact import read_hashed
+
     pte_path = Path(pte_path)
-    dmap_path = pte_path.parent / DEBUG_MAP
-    dmap = json.loads(dmap_path.read_text()) if dmap_path.is_file() else None
+    root, manifest = artifact_of(pte_path)
+    dmap = json.loads(read_hashed(root, manifest, DEBUG_MAP)) if DEBUG_MAP in manifest.sha256 else None
+    data = read_hashed(root, manifest, manifest.model_file)
+    probe_program(pte_path, data, num_threads)
     threads = set_threads(num_threads)
-    module = portable_lib._load_for_executorch(str(pte_path), enable_etdump=True, debug_buffer_size=0)
+    module = portable_lib._load_for_executorch_from_buffer(data, enable_etdump=True, debug_buffer_size=0)
     meta = module.method_meta("forward").input_tensor_meta(0)
     x = torch.zeros(list(meta.sizes()), dtype=torch.uint8 if meta.dtype() == 0 else torch.float32)
     module.forward([x])  # untimed: its events are dropped below

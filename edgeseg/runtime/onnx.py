@@ -1,4 +1,9 @@
-"""ONNX Runtime session (CPU execution provider): runs `model.onnx` of the onnx and jetson-tensorrt targets."""
+"""ONNX Runtime session (CPU execution provider): runs `model.onnx` of the onnx and jetson-tensorrt targets.
+
+The model is handed to ONNX Runtime as bytes, never as a path: `model_bytes` checks them against the manifest's
+sha256, and inlines any external data from files the manifest lists (checked the same way), so that ONNX Runtime
+opens no file of its own.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +12,42 @@ from typing import Any
 import numpy as np
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.runtime.base import INSERTED, Session
+from edgeseg.runtime.base import INSERTED, Session, artifact_of
+
+
+def model_bytes(root: Path, manifest) -> bytes:
+    """The artifact's ONNX model as checked bytes, its external data (if any) inlined from listed, checked files.
+
+    Raises:
+        ArtifactError (one line naming the file): the model or an external data file is not listed, changed or a
+        link; the model is not ONNX.
+    """
+    import posixpath
+
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    from edgeseg.artifact import read_hashed
+
+    data = read_hashed(root, manifest, manifest.model_file)
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # noqa: BLE001 - a protobuf that does not parse is this file's one-line error
+        raise ArtifactError(f"{root / manifest.model_file}: ONNX Runtime could not load it (not an ONNX model: "
+                            f"{type(e).__name__}: {one_line(e)})") from None
+    blobs: dict[str, bytes] = {}
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        rel = posixpath.normpath(posixpath.join(posixpath.dirname(manifest.model_file), str(info.location)))
+        if rel not in blobs:
+            blobs[rel] = read_hashed(root, manifest, rel)
+        start = int(info.offset or 0)
+        t.raw_data = blobs[rel][start:start + int(info.length) if info.length else None]
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+    return model.SerializeToString() if blobs else data
 
 
 class OnnxSession(Session):
@@ -43,8 +83,9 @@ class OnnxSession(Session):
             "fused x86 int8 kernels saturate on full-range weights on CPUs without VNNI"]
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        data = model_bytes(self.path, self.manifest)
         try:
-            self._sess = ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
             raise ArtifactError(f"{self.model_path}: ONNX Runtime could not load it ({type(e).__name__}: "
                                 f"{one_line(e)})") from e
@@ -85,11 +126,11 @@ def onnx_name_scopes(node) -> list[str]:
     return []
 
 
-def _onnx_scopes(model_path: Path) -> dict[str, str]:
+def _onnx_scopes(data: bytes) -> dict[str, str]:
     """ONNX node name -> its innermost module path (from the exporter's name-scope metadata)."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = onnx.load_model_from_string(data).graph
     out = {}
     for node in graph.node:
         scopes = onnx_name_scopes(node)
@@ -133,7 +174,8 @@ def profile_ops(model_path: Path, num_threads: int, runs: int, optimize: bool = 
 
     import onnxruntime as ort
 
-    scopes = _onnx_scopes(model_path)
+    data = model_bytes(*artifact_of(model_path))
+    scopes = _onnx_scopes(data)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = int(num_threads), 1
     if not optimize:
@@ -141,7 +183,7 @@ def profile_ops(model_path: Path, num_threads: int, runs: int, optimize: bool = 
     with tempfile.TemporaryDirectory(prefix="edgeseg-profile-") as tmp:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "ort")
-        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape],
                                  np.uint8 if "uint8" in str(i.type) else np.float32) for i in sess.get_inputs()}
         sess.run(None, feed)  # warm-up (its events are dropped below: the first run allocates)

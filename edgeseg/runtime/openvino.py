@@ -1,22 +1,46 @@
-"""OpenVINO session: compiles `model.xml` of the openvino target with `ov.Core` (CPU by default)."""
+"""OpenVINO session: compiles `model.xml` of the openvino target with `ov.Core` (CPU by default).
+
+The IR is read from bytes, never from a path: `model.xml` and its weights `model.bin` must both be listed in the
+manifest, and the bytes checked against their sha256 are the bytes OpenVINO gets (given a path, OpenVINO would read
+whatever `model.bin` lies beside the XML, listed or not, link or not).
+"""
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.runtime.base import INSERTED, RT_INFO_KEY, UNKNOWN, Session
+from edgeseg.runtime.base import INSERTED, RT_INFO_KEY, UNKNOWN, Session, artifact_of
+
+
+def read_ir(core, root: Path, manifest):
+    """(`core.read_model` of the artifact's IR from its checked bytes (XML and `<stem>.bin`, both in the manifest),
+    the weights' bytes). The model's constants point into those bytes without a copy: the caller keeps them alive
+    as long as the model or anything compiled from it (freed early, a later call read freed memory: the test
+    process died with SIGSEGV).
+
+    Raises:
+        ArtifactError (one line naming the file): a file not listed, changed, a link; or OpenVINO cannot read it.
+    """
+    from edgeseg.artifact import read_hashed
+
+    xml = read_hashed(root, manifest, manifest.model_file)
+    weights = read_hashed(root, manifest, str(PurePosixPath(manifest.model_file).with_suffix(".bin")))
+    try:
+        return core.read_model(xml, weights), weights
+    except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
+        raise ArtifactError(f"{root / manifest.model_file}: OpenVINO could not read it ({type(e).__name__}: "
+                            f"{one_line(e)})") from e
 
 
 class OpenVINOSession(Session):
     """ov.Core compile + one infer request.
 
     `num_threads` sets the plugin's INFERENCE_NUM_THREADS. kwargs: `device` (default: the manifest's
-    options.device, else "CPU"); `inference_precision` (default "f32", so that an fp32/fp16 IR computes in fp32
-    even on CPUs whose default would be bf16; pass None to keep the plugin's default); `config` (extra plugin
-    properties).
+    options.device, else "CPU"); `inference_precision` ("f32" | "bf16"; default: `artifact_precision_hint`, what
+    the export resolved and validated); `config` (extra plugin properties).
     """
 
     def _load(self) -> None:
@@ -26,12 +50,15 @@ class OpenVINOSession(Session):
         config = dict(self.kwargs.get("config") or {})
         if self.num_threads:
             config["INFERENCE_NUM_THREADS"] = int(self.num_threads)
-        precision = self.kwargs.get("inference_precision", "f32")
-        if precision and self.device == "CPU":
-            config["INFERENCE_PRECISION_HINT"] = precision
+        self.inference_precision = self.kwargs.get("inference_precision") or artifact_precision_hint(self.manifest)
+        if self.device == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = self.inference_precision
+            self.float_compute = "bf16" if self.inference_precision == "bf16" else "fp32"
+            if self.float_compute == "bf16":
+                self.notes.append("OpenVINO computes the float parts in bf16 (the artifact's inference precision)")
         core = ov.Core()
+        model, self._weights = read_ir(core, self.path, self.manifest)
         try:
-            model = core.read_model(str(self.model_path))
             self._compiled = core.compile_model(model, self.device, config)
         except Exception as e:  # noqa: BLE001 - runtime failures become one line naming the file
             raise ArtifactError(f"{self.model_path}: OpenVINO could not compile it on {self.device} "
@@ -48,12 +75,25 @@ class OpenVINOSession(Session):
     def close(self) -> None:
         self._request = None
         self._compiled = None
+        self._weights = None  # after everything that reads it
 
 
 SESSION = OpenVINOSession
 
 
-def profile_ops(xml_path: Path, num_threads: int, runs: int, optimize: bool = True, precision_hint: str = "f32"
+def artifact_precision_hint(manifest) -> str:
+    """The CPU plugin's INFERENCE_PRECISION_HINT for an artifact: its manifest's `options.inference_precision`
+    (resolved at export: "bf16" or "f32"; manifests from before the option: "f32", what they were validated
+    with), "f32" where this CPU has no native bf16 (OpenVINO would emulate it, slower and not what was timed)."""
+    from edgeseg.cpu import host_cpu
+
+    hint = (getattr(manifest, "options", None) or {}).get("inference_precision", "f32")
+    if hint == "bf16" and not host_cpu().native_bf16:
+        return "f32"
+    return hint if hint in ("f32", "bf16") else "f32"
+
+
+def profile_ops(xml_path: Path, num_threads: int, runs: int, optimize: bool = True, precision_hint: str | None = None
                 ) -> tuple[list[tuple[str, str, float]], dict[str, Any]]:
     """Per-layer performance counters over `runs` runs: [(module path, INSERTED or UNKNOWN, layer type, us)]; an
     executed layer is attributed through the original ops it fused (`originalLayersNames`), whose module path the
@@ -63,11 +103,15 @@ def profile_ops(xml_path: Path, num_threads: int, runs: int, optimize: bool = Tr
     import openvino as ov
 
     core = ov.Core()
-    model = core.read_model(str(xml_path))
+    model, weights = read_ir(core, *artifact_of(xml_path))  # noqa: F841  (kept alive while the model runs)
     import json
 
     # {FX node name: module path}, stored in the model's rt_info by the exporter (edgeseg.export.openvino)
     module_of = json.loads(model.get_rt_info([RT_INFO_KEY]).astype(str)) if model.has_rt_info([RT_INFO_KEY]) else {}
+    if precision_hint is None:  # what the artifact's sessions compute with
+        from edgeseg.artifact import read_manifest
+
+        precision_hint = artifact_precision_hint(read_manifest(Path(xml_path).parent))
     config = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": int(num_threads), "INFERENCE_PRECISION_HINT": precision_hint}
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()

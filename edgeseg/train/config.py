@@ -46,8 +46,18 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0                 # decoding threads for the preload
     augment_on_device: bool = True
-    amp: bool | None = None              # None: bf16 autocast on CUDA
-    channels_last: bool | None = None    # None: on CUDA
+    amp: bool | None = None              # None: bf16 autocast on CUDA (used when `precision` is None)
+    channels_last: bool | None = None    # None: on CUDA, or with bf16 when `precision` is given
+    precision: str | None = None         # 'auto' | 'fp32' | 'bf16' (edgeseg.train.precision); None: `amp`
+    threads: int | None = None           # torch.set_num_threads (None: leave it)
+    class_weights: str = "none"          # 'none' | 'enet' (1/ln(1.02 + p), cached in out/class_weights.json)
+    ohem: bool = False                   # online hard example mining (losses.Ohem)
+    ohem_thresh: float = 0.7             # ... keep pixels whose class probability is below this
+    ohem_min_kept: float = 1 / 16        # ... and at least this fraction of the valid pixels
+    ema: float | None = None             # weight EMA decay (e.g. 0.999): validation, best/ and last/ use it
+    teacher: str | os.PathLike | None = None  # distil from this checkpoint folder
+    kd_temp: float = 1.0                 # distillation temperature
+    kd_weight: float = 1.0               # weight of the distillation loss
     val_batch_size: int | None = None
     skip_bad: bool = False
     stop_after: int | None = None        # end this invocation after that many total steps (chunked training)
@@ -55,3 +65,5 @@ class TrainConfig:
     progress: bool = True
     spec_overrides: dict | None = None   # fields of the saved ModelSpec to override
     init: str | os.PathLike | None = None  # starting weights (init_weights)
+    pretrained_backbone: bool = False    # ImageNet weights into the backbone first (edgeseg.models.
+                                         # efficientnet_lite.load_imagenet_backbone; give its mean/std)

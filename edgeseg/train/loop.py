@@ -2,7 +2,10 @@
 
 Recipe (OffSeg/SegFormer): AdamW lr 6e-5, head lr ×10, weight decay 0.01 (none on norms, biases, embeddings),
 linear warm-up then poly decay, cross-entropy with the ignore index (+ `model.aux_loss` when defined), bf16
-autocast and channels_last on CUDA.
+autocast and channels_last on CUDA (`precision='auto'`: also on CPUs with native bf16, edgeseg.train.precision).
+Options for accuracy, all off by default: ENet class weights and OHEM in the loss (edgeseg.train.losses), an EMA
+of the weights that validation and the checkpoints use (edgeseg.train.ema), distillation from a teacher
+checkpoint (edgeseg.train.distill), several training splits joined with '+' (never overlapping val/holdout).
 
 Data path: the training split is decoded once and kept as one uint8 tensor (on the GPU when it fits, else in
 pinned memory); every step gathers a batch by index and augments it as a batch on the device
@@ -11,14 +14,14 @@ photometric jitter, one `grid_sample`), so there is no loader process to starve 
 
 Determinism and exact resume: the sampler order is a function of (seed, epoch) (DistributedSampler), the
 augmentation of (seed, step, rank) through its own generator, and the global torch/numpy/python RNG states are
-saved with the optimizer, scheduler and weights in `out/train_state.pt` (atomically; loaded with
-`weights_only=True`). A run stopped or killed and resumed from its last save reaches the same weights as an
+saved with the optimizer, scheduler and weights in `out/train_state.safetensors` (atomically; data only,
+edgeseg.datatree). A run stopped or killed and resumed from its last save reaches the same weights as an
 uninterrupted run (same seed, CPU).
 
 DDP: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
 CUDA); `batch_size` is the global batch, split evenly over the processes; only rank 0 validates and writes.
 
-Outputs in `out_dir`: `last/` and `best/` checkpoints (edgeseg.checkpoint), `train_state.pt`, `log.jsonl`
+Outputs in `out_dir`: `last/` and `best/` checkpoints (edgeseg.checkpoint), `train_state.safetensors`, `log.jsonl`
 (edgeseg.train.state). `TrainConfig` holds every knob; `fit` runs the named steps below in order.
 """
 from __future__ import annotations
@@ -36,14 +39,18 @@ import torch.nn as nn
 
 from edgeseg.errors import DataError, UsageError
 from edgeseg.train.config import TrainConfig
-from edgeseg.train.data import open_split, preload  # noqa: F401  (re-exported: callers import them from here)
+from edgeseg.train.data import check_disjoint, class_weights, open_split, preload  # noqa: F401  (re-exported)
 from edgeseg.train.ddp import wrap_ddp
+from edgeseg.train.ema import ModelEma, restore_ema
+from edgeseg.train.precision import Precision, resolve, set_threads
 from edgeseg.train.schedule import build_optimizer, build_scheduler
 from edgeseg.train.state import (
     LOG_FILE,
     STATE_FILE,
     Run,
     Saver,
+    append_log,
+    drop_unstarted,
     init_weights,
     load_state,
     prepare_out,
@@ -55,9 +62,6 @@ from edgeseg.train.steps import Loop, SigintOnce, validate  # noqa: F401  (valid
 from edgeseg.types import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------- fit steps
@@ -73,6 +77,8 @@ class _Env:
     is_main: bool
     amp: bool
     channels_last: bool
+    precision: Precision
+    threads: int
 
     @property
     def reduce_device(self):
@@ -98,9 +104,10 @@ def _setup_env(cfg: TrainConfig) -> _Env:
         raise UsageError("--iters and --epochs are exclusive; give one")
     if cfg.batch_size < 1 or cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size}: must be a positive multiple of the {world} processes")
-    return _Env(dev=dev, distributed=distributed, world=world, rank=rank, is_main=rank == 0,
-                amp=(dev.type == "cuda") if cfg.amp is None else cfg.amp,
-                channels_last=(dev.type == "cuda") if cfg.channels_last is None else cfg.channels_last)
+    threads = set_threads(cfg.threads)
+    prec = resolve(cfg.precision, dev.type, cfg.amp, cfg.channels_last)
+    return _Env(dev=dev, distributed=distributed, world=world, rank=rank, is_main=rank == 0, amp=prec.amp,
+                channels_last=prec.channels_last, precision=prec, threads=threads)
 
 
 @dataclasses.dataclass
@@ -121,6 +128,7 @@ class _Data:
     total: int
     val_interval: int
     save_interval: int
+    class_weight: torch.Tensor | None = None  # per-class loss weights (--class-weights)
 
 
 def _round32(v: int) -> int:
@@ -143,7 +151,13 @@ def _load_data(cfg: TrainConfig, data, env: _Env) -> _Data:
     train_ds = open_split(data, cfg.train_split, cfg.fmt, cfg.skip_bad)
     val_ds = _open_val(cfg, data)
     holdout_ds = open_split(data, cfg.holdout_split, cfg.fmt, cfg.skip_bad) if cfg.holdout_split else None
+    if isinstance(data, (str, os.PathLike)):
+        check_disjoint(cfg.train_split, train_ds, {"validation": (None if cfg.val_data is not None else
+                                                                  cfg.val_split, val_ds),
+                                                   "holdout": (cfg.holdout_split, holdout_ds)})
     images, labels = preload(train_ds, cfg.num_workers, cfg.data_hw, progress=cfg.progress and env.is_main)
+    weight = class_weights(cfg.class_weights, Path(cfg.out_dir), labels, train_ds.info, cfg.train_split,
+                           progress=cfg.progress and env.is_main, write=env.is_main)
     n_train, h, w = images.shape[0], images.shape[1], images.shape[2]
     data_bytes = images.numel() + labels.numel() * labels.element_size()
     if env.dev.type == "cuda" and cfg.augment_on_device and data_bytes < 4 * 2**30:
@@ -165,11 +179,12 @@ def _load_data(cfg: TrainConfig, data, env: _Env) -> _Data:
     if total < 1:
         raise UsageError("--iters/--epochs: must give at least one iteration")
     val_interval = cfg.val_interval or max(1, min(total, 1000))
-    return _Data(info=train_ds.info, val_ds=val_ds, holdout_ds=holdout_ds, images=images, labels=labels, n_train=int(n_train),
+    return _Data(info=train_ds.info, val_ds=val_ds, holdout_ds=holdout_ds, images=images, labels=labels,
+                 n_train=int(n_train),
                  crop_hw=tuple(cfg.crop_hw) if cfg.crop_hw else (_round32(h), _round32(w)),
                  input_hw=tuple(cfg.input_hw) if cfg.input_hw else (_round32(h), _round32(w)),
                  sampler=sampler, per_rank=per_rank, iters_per_epoch=iters_per_epoch, total=total,
-                 val_interval=val_interval, save_interval=cfg.save_interval or val_interval)
+                 val_interval=val_interval, save_interval=cfg.save_interval or val_interval, class_weight=weight)
 
 
 def _build_net(model, cfg: TrainConfig, info, env: _Env) -> tuple[nn.Module, str]:
@@ -178,6 +193,9 @@ def _build_net(model, cfg: TrainConfig, info, env: _Env) -> tuple[nn.Module, str
 
         seed_all(cfg.seed)
         net = create_model(model, num_classes=info.num_classes, **(cfg.model_kwargs or {}))
+        if cfg.pretrained_backbone and not cfg.resume:
+            from edgeseg.models.efficientnet_lite import load_imagenet_backbone
+            load_imagenet_backbone(net)  # ImageNet weights (edgeseg train --pretrained-backbone)
         if cfg.init is not None and not cfg.resume:
             init_weights(net, cfg.init)
         name = model
@@ -192,7 +210,7 @@ def _build_net(model, cfg: TrainConfig, info, env: _Env) -> tuple[nn.Module, str
 
 
 def _run_record(cfg: TrainConfig, name: str, d: _Data, env: _Env, data) -> dict:
-    """The run's settings, stored in train_state.pt (checked on resume) and in model.json's provenance."""
+    """The run's settings, stored in train_state.safetensors (checked on resume) and in model.json's provenance."""
     return {"model": name, "model_kwargs": cfg.model_kwargs or {}, "batch_size": cfg.batch_size,
             "crop_hw": list(d.crop_hw), "input_hw": list(d.input_hw), "iters": d.total, "lr": cfg.lr,
             "head_lr_mult": cfg.head_lr_mult, "weight_decay": cfg.weight_decay, "warmup_iters": cfg.warmup_iters,
@@ -200,7 +218,26 @@ def _run_record(cfg: TrainConfig, name: str, d: _Data, env: _Env, data) -> dict:
             "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
             "train_split": cfg.train_split, "val_split": cfg.val_split, "holdout_split": cfg.holdout_split,
             "num_train": d.n_train,
-            "init": str(cfg.init) if cfg.init is not None else None}
+            "init": str(cfg.init) if cfg.init is not None else None, **_recipe_record(cfg, env),
+            "pretrained_backbone": _pretrained_record(cfg)}
+
+
+def _pretrained_record(cfg: TrainConfig) -> dict | None:
+    """Where --pretrained-backbone's weights came from (package, version, sha256), else None."""
+    from edgeseg.models.efficientnet_lite import imagenet_weights_record
+    return imagenet_weights_record() if cfg.pretrained_backbone else None
+
+
+def _recipe_record(cfg: TrainConfig, env: _Env) -> dict:
+    """The arithmetic (precision, layout, threads, CPU) and the accuracy options of the run."""
+    from edgeseg.cpu import host_cpu
+
+    dev = torch.cuda.get_device_name(env.dev) if env.dev.type == "cuda" else host_cpu().model
+    return {**env.precision.to_json(), "device": env.dev.type, "device_name": dev, "threads": env.threads,
+            "class_weights": cfg.class_weights or "none",
+            "ohem": {"thresh": cfg.ohem_thresh, "min_kept": cfg.ohem_min_kept} if cfg.ohem else None,
+            "ema": cfg.ema, "teacher": str(cfg.teacher) if cfg.teacher is not None else None,
+            **({"kd_temp": cfg.kd_temp, "kd_weight": cfg.kd_weight} if cfg.teacher is not None else {})}
 
 
 @dataclasses.dataclass
@@ -213,9 +250,10 @@ class _Progress:
     last_holdout: dict | None = None
 
 
-def _resume(out: Path, config: dict, net, optimizer, scheduler, env: _Env) -> _Progress:
-    """Restore weights, optimizer, scheduler and RNG states from `out/train_state.pt`; the run's shape (model,
-    batch, crop, world size, seed) must be the one it was saved with."""
+def _resume(out: Path, config: dict, net, optimizer, scheduler, env: _Env, ema: ModelEma | None = None
+            ) -> _Progress:
+    """Restore weights, optimizer, scheduler, RNG states and the EMA weights from `out/train_state.safetensors`; the
+    run's shape (model, batch, crop, world size, seed) must be the one it was saved with."""
     state = load_state(out / STATE_FILE)
     old = state["config"]
     for k in ("model", "batch_size", "crop_hw", "world_size", "seed"):
@@ -226,6 +264,8 @@ def _resume(out: Path, config: dict, net, optimizer, scheduler, env: _Env) -> _P
                     old.get("iters"), config["iters"])
         state["scheduler"]["base_lrs"] = scheduler.state_dict()["base_lrs"]
     net.load_state_dict(state["model"])
+    if env.is_main:
+        restore_ema(ema, state, net, out / STATE_FILE)
     optimizer.load_state_dict(state["optimizer"])
     sched_state = scheduler.state_dict()
     sched_state.update({k: v for k, v in state["scheduler"].items() if k in ("last_epoch", "_step_count",
@@ -239,6 +279,11 @@ def _resume(out: Path, config: dict, net, optimizer, scheduler, env: _Env) -> _P
     return _Progress(step=int(state["step"]), best_miou=float(state.get("best_miou", -1.0)),
                      best_metrics=state.get("best_metrics"), last_metrics=state.get("last_metrics"),
                      best_holdout=state.get("best_holdout"), last_holdout=state.get("last_holdout"))
+
+
+# the run's arithmetic and options, also written as the first line of log.jsonl
+_HEADER = ("precision", "channels_last", "precision_reason", "device", "device_name", "threads", "class_weights",
+           "ohem", "ema", "teacher", "kd_temp", "kd_weight", "train_split", "crop_hw", "scale_range", "batch_size")
 
 
 def _spec_base(cfg: TrainConfig, name: str, info, input_hw) -> ModelSpec:
@@ -256,8 +301,10 @@ def fit(model: str | nn.Module, data, config: TrainConfig | None = None, *,
     `.npz` pack or dataset object). `config` and/or keywords (the fields of `TrainConfig`) set the run; exactly
     one of `iters` / `epochs` sets the length (default 1000 iters).
 
-    `stop_after` / `time_limit_s` end this invocation early (after that many total steps / seconds) with a
-    save, for chunked training; call again with `resume=True` to continue. `on_step(step)` is called after
+    The run's arithmetic and options are the first line of `log.jsonl` ({"step": 0, "run": ...}) and go into
+    every model.json's provenance. `stop_after` / `time_limit_s` end this invocation early (after that many
+    total steps / seconds) with a save, for chunked training; call again with `resume=True` to continue (the
+    EMA weights travel in the resume point too). `on_step(step)` is called after
     every completed step (tests use it to simulate a crash). `init` starts from the weights of an edgeseg
     checkpoint or an official state-dict file (`init_weights`) instead of a random init. Returns a summary dict
     (steps, best and last validation metrics, images/s, paths).
@@ -268,9 +315,10 @@ def fit(model: str | nn.Module, data, config: TrainConfig | None = None, *,
     out = Path(cfg.out_dir)
     if env.distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if env.dev.type == "cuda" else "gloo")
+    created = None
     try:
         if env.is_main:
-            prepare_out(out, cfg.resume, cfg.force)
+            created = prepare_out(out, cfg.resume, cfg.force)
         if env.distributed:
             torch.distributed.barrier()
         d = _load_data(cfg, data, env)
@@ -278,23 +326,37 @@ def fit(model: str | nn.Module, data, config: TrainConfig | None = None, *,
         optimizer = build_optimizer(net, lr=cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult)
         scheduler = build_scheduler(optimizer, d.total, cfg.warmup_iters, cfg.warmup_ratio, cfg.power)
         record = _run_record(cfg, name, d, env, data)
+        ema = ModelEma(net, cfg.ema) if cfg.ema is not None and env.is_main else None
         progress = _Progress()
         if cfg.resume:
-            progress = _resume(out, record, net, optimizer, scheduler, env)
+            progress = _resume(out, record, net, optimizer, scheduler, env, ema)
         elif not isinstance(model, str):
             seed_all(cfg.seed)
+        if env.is_main and not cfg.resume:
+            append_log(out / LOG_FILE, {"step": 0, "run": {k: record[k] for k in _HEADER if k in record}})
+        teacher = None
+        if cfg.teacher is not None:
+            from edgeseg.train.distill import load_teacher
+
+            teacher = load_teacher(cfg.teacher, d.info, cfg.mean, cfg.std, env.dev, env.channels_last)
         core = net
         if env.distributed:
             net = wrap_ddp(net, d, env)
         saver = Saver(Run(out, env.rank, env.world, env.is_main), core, optimizer, scheduler, record,
-                      _spec_base(cfg, name, d.info, d.input_hw))
-        return _train(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, on_step, t_start)
+                      _spec_base(cfg, name, d.info, d.input_hw), ema=ema)
+        return _train(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, on_step, t_start,
+                      teacher)
+    except BaseException:
+        if created is not None:
+            drop_unstarted(out, created)  # a run that failed before its first save leaves no empty folder
+        raise
     finally:
         if env.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, on_step, t_start) -> dict:
+def _train(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, on_step, t_start,
+           teacher=None) -> dict:
     from tqdm import tqdm
 
     out = Path(cfg.out_dir)
@@ -303,7 +365,7 @@ def _train(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, 
         bar = tqdm(total=d.total, initial=progress.step, desc=f"train {name}", unit="it", dynamic_ncols=True,
                    disable=not (cfg.progress and env.is_main), file=sys.stderr)
         net.train()
-        loop = Loop(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, bar)
+        loop = Loop(cfg, env, d, net, core, optimizer, scheduler, saver, progress, name, bar, teacher)
         t_train0 = time.time()
         while progress.step < d.total:
             epoch, x, y = loop.batch()

@@ -17,20 +17,20 @@ Flow (PT2E, torchao 0.18 / executorch 1.5.1):
      the observers for their scales (`edgeseg.quant.pt2e_specs.unfused_fake_quant`), so the validated fake-quant
      graph computes what convert freezes. For ExecuTorch, extra uses of a shared weight read a clone
      (`unshare_weight_uses`).
-  4. `convert_pt2e` -> `torch.export.export` (dynamic batch) -> `torch.export.save` as
-     `<out>/checkpoint/qat_int8.pt2`, beside the fine-tuned float weights (`model.safetensors`) and a
-     `model.json` whose `quant` records target, scheme, quantizer, float modules and the program file; the
-     folder is written atomically (`save_qat_checkpoint`). It is read back by `load_program_data_only`, not
-     `torch.export.load` (which unpickles payloads an archive marks as pickles): JSON graph and raw tensors
-     only, anything else refused; `quant.program` must name a file inside the checkpoint folder.
-  5. `edgeseg export --checkpoint <out>/checkpoint --target T --precision int8` finds `quant.program` and hands
-     the converted graph to the exporter (`load_qat_program`), which exports it without its own PTQ:
-     executorch/onnx (QDQ), jetson-tensorrt (ONNX QDQ, symmetric: zero points checked), openvino
-     (ov.convert_model: q/dq -> FakeQuantize, no NNCF), coreml (ct.convert: quantize/dequantize + int8
-     constexpr weights). Each profile's `[qat]` table says which QAT schemes a target exports.
+  4. The checkpoint (`save_qat_checkpoint`, edgeseg.export.qat_checkpoint; format: edgeseg.quant.qat_program) is
+     data only: the fine-tuned float weights (`model.safetensors`), every fake quant's frozen state
+     (`qat_params.safetensors`) and a `model.json` whose `quant` records target, scheme, quantizer, float
+     modules, BN handling and which graph node each fake quant observes; written atomically.
+  5. `edgeseg export --checkpoint <out>/checkpoint --target T --precision int8` rebuilds the prepared graph from the
+     registered model (`load_qat_program`: same export, same quantizer), checks it against the record node for
+     node, installs the learned state, runs `convert_pt2e` -> `torch.export.export` (dynamic batch) and hands the
+     int8 graph to the exporter, which exports it without its own PTQ: executorch/onnx (QDQ), jetson-tensorrt
+     (ONNX QDQ, symmetric: zero points checked), openvino (ov.convert_model: q/dq -> FakeQuantize, no NNCF),
+     coreml (ct.convert: quantize/dequantize + int8 constexpr weights). Each profile's `[qat]` table says which QAT
+     schemes a target exports. Nothing is read through `torch.export.load` or its deserializer.
 
-Modules: edgeseg.train.qat_quantizers (each target's quantizer, served by its exporter), edgeseg.train.qat_graph
-(prepare ... convert), edgeseg.quant.qat_program (the program on disk, read by export). Must not import export
+Modules: edgeseg.export.qat_quantizers (each target's quantizer, served by its exporter), edgeseg.export.qat_graph
+(prepare ... convert), edgeseg.export.qat_checkpoint (the checkpoint on disk, read by export). Must not import export
 runtimes at module level.
 """
 from __future__ import annotations
@@ -41,18 +41,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgeseg.errors import UsageError
-from edgeseg.targets import qat_targets
-from edgeseg.quant.qat_program import (  # noqa: F401
-    PROGRAM_FILE,
-    PROGRAM_OP_NAMESPACES,
-    QAT_TARGETS,
-    check_deterministic,
-    check_export_target,
-    load_program_data_only,
-    load_qat_program,
-    save_qat_checkpoint,
-)
-from edgeseg.train.qat_graph import (  # noqa: F401
+from edgeseg.export.qat_checkpoint import load_qat_program, save_qat_checkpoint  # noqa: F401
+from edgeseg.export.qat_graph import (  # noqa: F401
     _copy_weights,
     convert_qat,
     freeze_activation_ranges,
@@ -64,7 +54,14 @@ from edgeseg.train.qat_graph import (  # noqa: F401
     set_observers,
     unshare_weight_uses,
 )
-from edgeseg.train.qat_quantizers import WEIGHT_7BIT, openvino_qat_quantizer, target_quantizer  # noqa: F401
+from edgeseg.export.qat_quantizers import WEIGHT_7BIT, openvino_qat_quantizer, target_quantizer  # noqa: F401
+from edgeseg.quant.qat_program import (  # noqa: F401
+    PARAMS_FILE,
+    QAT_FORMAT,
+    QAT_TARGETS,
+    check_deterministic,
+    check_export_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +78,19 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
     Activation ranges start from a calibration set (`calib`: a recipe name/path, default `data`'s train split;
     see calibration_for_training and init_observers) unless `init_ranges=False`; a resumed run keeps its saved ranges.
 
-    Writes `<out>/train/` (fit's run folder: log.jsonl, train_state.pt for --resume) and `<out>/checkpoint/`
+    Writes `<out>/train/` (fit's run folder: log.jsonl, train_state.safetensors for --resume) and `<out>/checkpoint/`
     (the QAT checkpoint: float weights + model.json with `quant` + `qat_int8.pt2`).
 
     Returns:
         dict(checkpoint, program, fit summary, float_modules, target, scheme).
     """
     from edgeseg.checkpoint import load_checkpoint
+    from edgeseg.models import prepare_for_export
     from edgeseg.quant.calibration import calibration_for_training
+    from edgeseg.targets import load_profile
     from edgeseg.quant.policy import float_policy
     from edgeseg.train.loop import fit
+    from edgeseg.train.state import STATE_FILE
 
     if target not in QAT_TARGETS:
         raise UsageError(f"--target: no QAT scheme for {target!r}; known: {', '.join(QAT_TARGETS)}")
@@ -101,13 +101,17 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
         raise UsageError(f"--out {out}: {ck} exists (use --force to overwrite it or --resume to continue its run)")
     model, spec = load_checkpoint(checkpoint)
     hw = tuple(int(v) for v in (input_hw or spec.input_hw))
+    # QAT trains the exact export forms the target's exporter lowers (its profile's [export_form]), so a QAT
+    # artifact has PTQ's graph; before the float policy, which covers modules an export form adds
+    forms = dict(load_profile(target).export_form)
+    prepare_for_export(model, hw, **forms)
     policy = float_policy(model, keep_float, defaults=defaults)
     prepared = prepare_qat(model, target, hw, policy, per_channel=per_channel, freeze_bn=freeze_bn)
     calib_info = None
     if init_ranges:
         cal = calibration_for_training(calib, data, hw, spec.mean, spec.std, progress=progress)
         calib_info = cal.info()
-        if resume and (out / "train" / "train_state.pt").exists():
+        if resume and (out / "train" / STATE_FILE).exists():
             log.info("qat: resuming; activation ranges come from the saved run")
         else:
             init_observers(prepared, cal.arrays, progress=progress)
@@ -119,28 +123,26 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
                   force=force, val_interval=val_interval, progress=progress, seed=seed, channels_last=False,
                   **fit_kwargs)
     prepared = prepared.cpu()
-    # NNCF's scheme keeps weight quantize ops unfolded: ov.convert_model turns the q/dq pairs into FakeQuantize
-    ep = convert_qat(prepared, hw, fold_quantize=qat_targets()[target].fold_quantize)
     _copy_weights(prepared, model)
     quant = {"target": target, "scheme": QAT_TARGETS[target][1], "quantizer": QAT_TARGETS[target][0],
-             "per_channel_weights": per_channel, "program": PROGRAM_FILE, "input_hw": list(hw),
+             "per_channel_weights": per_channel, "input_hw": list(hw), "export_form": forms,
              "output_stride": int(getattr(model, "output_stride", 1)), "float_modules": policy.to_json(),
              "iters": int(summary["step"]), "val": summary.get("last"),
+             "bn_stats_frozen": bool(freeze_bn),
              "bn_stats": "frozen (float checkpoint's)" if freeze_bn else "updated during QAT",
              "range_init": ({k: calib_info[k] for k in ("recipe", "source", "split", "count", "files",
                                                         "classes_missing")} if calib_info else
                             "first training batch (init_ranges off)"),
              "activation_ranges": "fixed after initialisation" if freeze_ranges else "moving average in training",
-             "loader": "edgeseg load_program_data_only (JSON graph + raw tensors; nothing unpickled)"}
+             "loader": "edgeseg load_qat_program (rebuilt from the registered model; safetensors + JSON only)"}
     qspec = dataclasses.replace(spec, quant=quant, metrics={**spec.metrics, "qat_val": summary.get("last")})
-    save_qat_checkpoint(ck, model, qspec, ep, force=overwrite)
-    return {"checkpoint": str(ck), "program": str(ck / PROGRAM_FILE), "fit": summary,
+    save_qat_checkpoint(ck, model, qspec, prepared, force=overwrite)
+    return {"checkpoint": str(ck), "params": str(ck / PARAMS_FILE), "fit": summary,
             "float_modules": policy.names, "target": target, "scheme": quant["scheme"],
             "observer_scales": observer_scales(prepared)}
 
 
-__all__ = ["QAT_TARGETS", "PROGRAM_FILE", "check_export_target", "openvino_qat_quantizer",
+__all__ = ["QAT_TARGETS", "QAT_FORMAT", "PARAMS_FILE", "check_export_target", "openvino_qat_quantizer",
            "target_quantizer", "freeze_bn_stats", "check_deterministic", "unshare_weight_uses", "prepare_qat",
            "init_observers", "freeze_activation_ranges", "set_observers", "convert_qat",
-           "observer_scales", "program_scales", "PROGRAM_OP_NAMESPACES", "load_program_data_only",
-           "load_qat_program", "save_qat_checkpoint", "qat"]
+           "observer_scales", "program_scales", "load_qat_program", "save_qat_checkpoint", "qat"]

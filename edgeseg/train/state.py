@@ -1,7 +1,8 @@
-"""Training state on disk: the resume point (`train_state.pt`: weights, optimizer, scheduler, every rank's RNG
-states, written atomically, loaded with `weights_only=True`), the `last/` and `best/` checkpoints, the
-`log.jsonl` of losses and validations, the starting weights of `--init`, and the RNG bookkeeping that makes a resumed run reach the same weights
-as an uninterrupted one.
+"""Training state on disk: the resume point (`train_state.safetensors`: weights, optimizer, scheduler, every rank's
+RNG states, the EMA weights with `--ema`, written atomically as data only by edgeseg.datatree: tensors plus a JSON
+structure, nothing unpickled when a run resumes), the `last/` and
+`best/` checkpoints, the `log.jsonl` of losses and validations, the starting weights of `--init`, and the RNG
+bookkeeping that makes a resumed run reach the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ import torch
 import torch.nn as nn
 
 from edgeseg.errors import ArtifactError, UsageError, one_line
-from edgeseg.fileio import atomic_file, write_text
+from edgeseg.datatree import load_tree, save_tree
+from edgeseg.fileio import atomic_path, write_text
 from edgeseg.types import ModelSpec
 
-STATE_FILE = "train_state.pt"
+STATE_FILE = "train_state.safetensors"
+LEGACY_STATE_FILE = "train_state.pt"  # a torch.save pickle (before edgeseg.datatree); never loaded
 LOG_FILE = "log.jsonl"
-OUR_OUTPUTS = ("last", "best", STATE_FILE, LOG_FILE)
+CLASS_WEIGHTS_FILE = "class_weights.json"
+OUR_OUTPUTS = ("last", "best", STATE_FILE, LEGACY_STATE_FILE, LOG_FILE, CLASS_WEIGHTS_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,15 @@ class Run:
     world: int
     is_main: bool
 
-def prepare_out(out: Path, resume: bool, force: bool) -> None:
+def prepare_out(out: Path, resume: bool, force: bool) -> Path | None:
+    """Check that the run may write into `out` and create it. Returns the topmost folder this call created
+    (`out` or one of its parents; None when `out` existed), for `drop_unstarted`."""
     present = [p for p in OUR_OUTPUTS if (out / p).exists()]
     nonempty = out.exists() and any(out.iterdir())
     if resume:
+        if not (out / STATE_FILE).is_file() and (out / LEGACY_STATE_FILE).is_file():
+            raise UsageError(f"--resume: {out / LEGACY_STATE_FILE} is the older resume format (a pickle, which "
+                             "edgeseg no longer loads); start the run again from its last/ checkpoint with --init")
         if not (out / STATE_FILE).is_file():
             raise UsageError(f"--resume: {out / STATE_FILE} not found; nothing to resume")
         return
@@ -86,12 +95,33 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
         for p in present:
             q = out / p
             shutil.rmtree(q) if q.is_dir() else q.unlink()
+    top = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def drop_unstarted(out: Path, top: Path) -> None:
+    """After a run failed before its first save (a bad --init, bad data, Ctrl-C while loading): remove the
+    folders `prepare_out` created for it (`out` up to `top`), which hold at most the log's header line and the
+    class-weight cache; anything else in them keeps them."""
+    if (out / STATE_FILE).exists() or (out / "last").exists():
+        return
+    with contextlib.suppress(OSError):
+        for name in (LOG_FILE, CLASS_WEIGHTS_FILE):  # the header line; the --class-weights cache
+            (out / name).unlink(missing_ok=True)
+        for p in (out, *out.parents):
+            p.rmdir()  # only if nothing else is in it
+            if p == top:
+                break
 
 class Saver:
-    def __init__(self, run: Run, core: nn.Module, optimizer, scheduler, config: dict, spec_base: ModelSpec):
+    """Writes `last/`, `best/` and `train_state.safetensors`. With `ema` (edgeseg.train.ema.ModelEma) the checkpoints
+    hold the averaged weights and the state holds both."""
+
+    def __init__(self, run: Run, core: nn.Module, optimizer, scheduler, config: dict, spec_base: ModelSpec,
+                 ema=None):
         self.run, self.core, self.optimizer, self.scheduler = run, core, optimizer, scheduler
-        self.config, self.spec_base = config, spec_base
+        self.config, self.spec_base, self.ema = config, spec_base, ema
 
     def _spec(self, metrics: dict | None, step: int, holdout: dict | None = None) -> ModelSpec:
         prov = dict(self.spec_base.provenance)
@@ -104,11 +134,12 @@ class Saver:
         from edgeseg.checkpoint import save_checkpoint
 
         if self.run.is_main:
-            save_checkpoint(self.run.out / which, self.core, self._spec(metrics, step, holdout), force=True)
+            model = self.ema.module if self.ema is not None else self.core
+            save_checkpoint(self.run.out / which, model, self._spec(metrics, step, holdout), force=True)
 
     def save_all(self, step: int, epoch: int, best_miou: float, best_metrics, last_metrics,
                  best_holdout: dict | None = None, last_holdout: dict | None = None) -> None:
-        """`last/` first, then `train_state.pt` (the resume point), each written atomically. Every rank
+        """`last/` first, then `train_state.safetensors` (the resume point), each written atomically. Every rank
         contributes its RNG state; rank 0 writes."""
         rng = rng_state()
         if self.run.world > 1:
@@ -126,8 +157,10 @@ class Saver:
             "best_metrics": best_metrics, "last_metrics": last_metrics,
             "best_holdout": best_holdout, "last_holdout": last_holdout,
         }
-        with atomic_file(self.run.out / STATE_FILE, "wb") as f:
-            torch.save(state, f)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        with atomic_path(self.run.out / STATE_FILE) as tmp:
+            save_tree(tmp, state)
 
 
 def _clean_sched(sd: dict) -> dict:
@@ -136,11 +169,8 @@ def _clean_sched(sd: dict) -> dict:
 
 
 def load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
-        raise ArtifactError(f"{path}: unreadable training state ({one_line(e) or e!r})"
-                            ) from None
+    """The resume point written by `save_all` (ArtifactError in one line for anything else)."""
+    state = load_tree(path)
     if not isinstance(state, dict) or state.get("format") != "edgeseg-train-state":
         raise ArtifactError(f"{path}: not an edgeseg training state")
     return state

@@ -2,7 +2,6 @@
 write the log line, validate (saving `best/`), decide whether to stop, save (`last/` + the resume point)."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
@@ -14,19 +13,20 @@ import torch
 import torch.nn as nn
 
 from edgeseg.data.transforms import gpu_augment
-from edgeseg.train.losses import seg_loss
+from edgeseg.train.losses import Ohem, kd_loss, seg_loss
 from edgeseg.train.state import LOG_FILE, Saver, append_log, step_seed
 
 log = logging.getLogger(__name__)
 
 
 def validate(model: nn.Module, dataset, input_hw: tuple[int, int], mean, std, device: torch.device,
-             batch_size: int = 1, progress: bool = False) -> dict:
+             batch_size: int = 1, progress: bool = False, channels_last: bool | None = None) -> dict:
     """Validation with the evaluation protocol of `edgeseg eval` (edgeseg.eval.evaluate.evaluate): resize the
-    image to `input_hw`, predict, upsample the logits bilinearly to the label size, argmax, accumulate."""
+    image to `input_hw`, predict (float32; channels_last inputs when asked, default on CUDA), upsample the logits
+    bilinearly to the label size, argmax, accumulate."""
     was_training = model.training
     model.eval()
-    channels_last = device.type == "cuda"
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
 
     @torch.no_grad()
     def predict_logits(x: np.ndarray) -> np.ndarray:
@@ -55,13 +55,16 @@ class Loop:
     stop decision and the save. Holds what changes from step to step."""
 
     def __init__(self, cfg, env, d, net, core, optimizer, scheduler, saver: Saver,
-                 progress, name: str, bar):
+                 progress, name: str, bar, teacher=None):
         self.cfg, self.env, self.d, self.net, self.core = cfg, env, d, net, core
         self.optimizer, self.scheduler, self.saver, self.p, self.bar = optimizer, scheduler, saver, progress, bar
+        self.teacher, self.ema = teacher, saver.ema
+        self.eval_model = self.ema.module if self.ema is not None else core  # what validation scores
+        self.ohem = Ohem(cfg.ohem_thresh, cfg.ohem_min_kept) if cfg.ohem else None
         self.out = Path(cfg.out_dir)
-        self.amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-            if (env.amp and env.dev.type == "cuda") else contextlib.nullcontext
+        self.amp_ctx = lambda: env.precision.autocast(env.dev.type)
         self.loss_acc = torch.zeros((), device=env.dev)
+        self.kd_acc = torch.zeros((), device=env.dev)
         self.loss_n = 0
         self.t_log, self.imgs_since = time.time(), 0
         self.epoch_cached, self.order = -1, None
@@ -89,15 +92,23 @@ class Loop:
         return epoch, x, y
 
     def optimise(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        cfg, ignore = self.cfg, int(self.d.info.ignore_index)
         with self.amp_ctx():
             logits = self.net(x)
-        loss, _parts = seg_loss(logits, y, int(self.d.info.ignore_index), self.core)
+            t_logits = self.teacher(x) if self.teacher is not None else None
+        loss, _parts = seg_loss(logits, y, ignore, self.core, class_weight=self.d.class_weight, ohem=self.ohem)
+        if t_logits is not None:
+            kd = kd_loss(logits, t_logits, cfg.kd_temp, y, ignore)
+            loss = loss + cfg.kd_weight * kd
+            self.kd_acc += kd.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.p.step += 1
         self.steps_this_run += 1
+        if self.ema is not None:
+            self.ema.update(self.core, self.p.step)
         self.loss_acc += loss.detach()
         self.loss_n += 1
         self.imgs_since += self.cfg.batch_size
@@ -117,11 +128,13 @@ class Loop:
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                              img_s=f"{throughput:.1f}")
         if env.is_main:
-            append_log(self.out / LOG_FILE, {"step": step, "epoch": epoch, "loss": mean_loss,
+            kd = {"kd": float(self.kd_acc) / max(1, self.loss_n)} if self.teacher is not None else {}
+            append_log(self.out / LOG_FILE, {"step": step, "epoch": epoch, "loss": mean_loss, **kd,
                                              "lr": {g.get("name", str(i)): g["lr"] for i, g in
                                                     enumerate(self.optimizer.param_groups)},
                                              "images_per_s": throughput, "time": now})
         self.loss_acc.zero_()
+        self.kd_acc.zero_()
         self.loss_n, self.t_log, self.imgs_since = 0, now, 0
 
     def validate(self) -> None:
@@ -149,8 +162,9 @@ class Loop:
         if ds is None:
             return None
         cfg, env = self.cfg, self.env
-        res = validate(self.core, ds, self.d.input_hw, cfg.mean, cfg.std, env.dev,
-                       batch_size=cfg.val_batch_size or (8 if env.dev.type == "cuda" else 1), progress=False)
+        res = validate(self.eval_model, ds, self.d.input_hw, cfg.mean, cfg.std, env.dev,
+                       batch_size=cfg.val_batch_size or (8 if env.dev.type == "cuda" else 1), progress=False,
+                       channels_last=env.channels_last)
         return _metrics_summary(res, self.p.step, split, self.d.input_hw)
 
     def should_stop(self, t_start: float, interrupted: bool) -> bool:

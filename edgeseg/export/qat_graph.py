@@ -15,7 +15,7 @@ import torch.nn as nn
 from edgeseg.errors import ArtifactError, one_line
 from edgeseg.export.executorch_passes import requantize_after_zero_pad
 from edgeseg.quant.qat_program import QAT_TARGETS, check_deterministic
-from edgeseg.train.qat_quantizers import target_quantizer
+from edgeseg.export.qat_quantizers import target_quantizer
 
 log = logging.getLogger(__name__)
 
