@@ -79,7 +79,8 @@ def _install(prepared: nn.Module, model: nn.Module, quant: dict[str, Any], state
             f"{where}: the QAT graph rebuilt here differs from the recorded one ({diff} observes "
             f"{rebuilt.get(diff)!r} here, {recorded.get(diff)!r} in model.json); re-run `edgeseg qat` with this "
             "edgeseg and torch")
-    expected = {k: tuple(v.shape) for k, v in qat_state(prepared, model).items()}
+    ref = set(model.state_dict())
+    expected = {k: tuple(v.shape) for k, v in prepared.state_dict().items() if k not in ref}
     got = {k: tuple(v.shape) for k, v in state.items()}
 
     def fits(k: str) -> bool:  # per-channel ranges and scales are (0,) / (1,) until the first batch resizes them

@@ -18,7 +18,6 @@ import torch
 from edgeseg.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class Precision:
 
 def cpu_native_bf16() -> tuple[bool, str]:
     """(whether this CPU computes bf16 natively, the flags that say so or the CPU's name)."""
-    from edgeseg.cpu import host_cpu
+    from edgeseg.cpu import BF16_FLAGS, host_cpu
 
     cpu = host_cpu()
     have = [f for f in BF16_FLAGS if f in cpu.flags]
