@@ -158,13 +158,21 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     found = _identity(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an output folder gets the usual permissions
+    prefix = f".{path.name}.tmp-{os.getpid()}-"
+    ours_before = {p.name for p in path.parent.iterdir() if p.name.startswith(prefix)}  # a nested writer's
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an output folder gets the usual permissions
         yield tmp
         _commit_dir(tmp, path, found)
     finally:
-        _remove(tmp)
+        if tmp is not None:
+            _remove(tmp)
+        else:  # a Ctrl-C inside mkdtemp, after its mkdir (seen once in the SIGINT test): the folder it made
+            for p in path.parent.iterdir():
+                if p.name.startswith(prefix) and p.name not in ours_before:
+                    _remove(p)
 
 
 def _identity(p: Path) -> tuple[int, int] | None:
