@@ -263,10 +263,53 @@ def deeplabv3_mobilenet_v3_large(num_classes: int, aux: bool = False, upsample: 
     return DeepLabV3(num_classes, aux=aux, upsample=upsample)
 
 
-PEERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+# Ultralytics' YOLO26n-sem (Ultralytics 8.4 semantic segmentation), built from the YAML that ultralytics ships, for
+# the benchmark only: ultralytics is never an edgeseg dependency. It installs beside edgeseg's torch without its
+# dependencies (ultralytics only reads torchvision's version from its metadata; the semantic model never calls
+# torchvision's C ops), into a folder of its own that `bench/peers.py --ultralytics-site DIR` puts on the path:
+ULTRALYTICS_INSTALL = ("pip install --no-deps --target .bench-site ultralytics==8.4.190 ultralytics-thop==2.2.3 "
+                       "torchvision==0.28.0")
+ULTRALYTICS_YAML = "yolo26n-sem.yaml"
+
+
+def ultralytics_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ultralytics") is not None
+
+
+class YoloSem(nn.Module):
+    """Ultralytics' SemanticSegmentationModel from its YAML (random weights); forward returns its eval-mode
+    output, logits at stride 8 (its SemanticSegment head's classifier on P3)."""
+
+    output_stride = 8
+
+    def __init__(self, num_classes: int, yaml: str = ULTRALYTICS_YAML):
+        super().__init__()
+        if not ultralytics_available():
+            raise ImportError(f"yolo26n_sem needs ultralytics, installed for the benchmark only: "
+                              f"{ULTRALYTICS_INSTALL}, then bench/peers.py --ultralytics-site .bench-site")
+        import logging
+
+        logging.getLogger("ultralytics").setLevel(logging.ERROR)  # "Overriding model.yaml nc=19 with nc=11"
+        from ultralytics.nn.tasks import SemanticSegmentationModel
+
+        self.net = SemanticSegmentationModel(yaml, nc=num_classes, verbose=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@_register
+def yolo26n_sem(num_classes: int) -> nn.Module:
+    """Peer: Ultralytics YOLO26n-sem built from ultralytics' yolo26n-sem.yaml (benchmark only; logits at stride 8)."""
+    return YoloSem(num_classes)
+
+
+PEERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "yolo26n_sem")
 # torchvision's model cards (weights meta "num_params", 21 VOC classes); DeepLabV3's released weights have the aux
 # head
 CARD_PARAMS = {"lraspp_mobilenet_v3_large": 3_221_538, "deeplabv3_mobilenet_v3_large": 11_029_328}
 
-__all__ = ["PEERS", "CARD_PARAMS", "MobileNetV3Large", "LRASPP", "DeepLabV3", "lraspp_mobilenet_v3_large",
+__all__ = ["PEERS", "CARD_PARAMS", "YoloSem", "yolo26n_sem", "ultralytics_available", "ULTRALYTICS_INSTALL", "MobileNetV3Large", "LRASPP", "DeepLabV3", "lraspp_mobilenet_v3_large",
            "deeplabv3_mobilenet_v3_large", "make_divisible"]

@@ -53,6 +53,7 @@ log = logging.getLogger("peers")
 OURS = ("offseg_t", "segnext_t_offset")
 PEERS = peer_models.PEERS
 SHIPPED = {"offseg_t": "offseg_t_camvid", "segnext_t_offset": "segnext_t_offset_camvid"}
+DEFAULT_SITE = BENCH.parent / ".bench-site"
 DEFAULT_TARGETS = ("onnx", "openvino", "executorch-xnnpack")
 DEFAULT_PRECISIONS = ("fp32", "int8")
 SEED = 0
@@ -317,9 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precisions", nargs="+", default=list(DEFAULT_PRECISIONS), metavar="P",
                     help=f"precisions (default {','.join(DEFAULT_PRECISIONS)}); each target runs those its profile "
                          "supports")
-    ap.add_argument("--models", nargs="+", default=list(OURS + PEERS), metavar="M",
-                    help=f"registered model names (default {','.join(OURS + PEERS)}); the peers are "
-                         f"{', '.join(PEERS)}, any other model counts as ours")
+    ap.add_argument("--models", nargs="+", default=None, metavar="M",
+                    help=f"registered model names (default {','.join(OURS + PEERS)}, yolo26n_sem only where "
+                         f"ultralytics imports); the peers are {', '.join(PEERS)}, any other model counts as ours")
+    ap.add_argument("--ultralytics-site", default=str(DEFAULT_SITE), metavar="DIR",
+                    help="folder holding ultralytics for the yolo26n_sem peer, installed there for the benchmark "
+                         f"only: {peer_models.ULTRALYTICS_INSTALL} (default %(default)s, used if it exists)")
     ap.add_argument("--weights", choices=("shipped", "random"), default="shipped",
                     help="our models' weights: the shipped CamVid checkpoints, or seeded random (peers: always "
                          "random)")
@@ -344,6 +348,11 @@ def _check_args(args) -> tuple[tuple[int, int], list[str], list[str], list[str]]
     from edgeseg.models import list_models
 
     hw = parse_hw(args.input_size, "--input-size", multiple_of=32)
+    use_ultralytics_site(args.ultralytics_site, required=args.ultralytics_site != str(DEFAULT_SITE))
+    if args.models is None:
+        args.models = [m for m in OURS + PEERS if m != "yolo26n_sem" or peer_models.ultralytics_available()]
+        if "yolo26n_sem" not in args.models:
+            log.warning("yolo26n_sem left out: ultralytics is not importable (%s)", peer_models.ULTRALYTICS_INSTALL)
     for flag in ("threads", "runs", "calib_count"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')}: must be at least 1")
@@ -364,11 +373,30 @@ def _check_args(args) -> tuple[tuple[int, int], list[str], list[str], list[str]]
     return hw, list(dict.fromkeys(targets)), list(dict.fromkeys(precisions)), list(dict.fromkeys(models))
 
 
+def use_ultralytics_site(site: str | None, required: bool = False) -> None:
+    """Put `site` (a `pip install --target` folder with ultralytics) on this process's path and on the export
+    children's PYTHONPATH. A folder named on the command line must exist; the default one is used if it does."""
+    from edgeseg.errors import UsageError
+
+    if not site:
+        return
+    path = Path(site).resolve()
+    if not path.is_dir():
+        if required:
+            raise UsageError(f"--ultralytics-site: {site} is not a folder")
+        return
+    if str(path) not in sys.path:
+        sys.path.append(str(path))  # after the venv's own packages: the site only adds what they lack
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(path) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + [str(path)])
+
+
 def _tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("edgeseg", "torch", "onnxruntime", "openvino", "nncf", "executorch"):
+    for name in ("edgeseg", "torch", "onnxruntime", "openvino", "nncf", "executorch", "ultralytics"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

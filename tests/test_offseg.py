@@ -267,6 +267,55 @@ def test_freqfusion_channels_last_form_traced_equals_eager():
     assert EXPORT_FORMS["carafe"] == CARAFE_FORMS  # profiles may name exactly the forms the model has
 
 
+@pytest.mark.parametrize("kernel,scale,hw,n", [(3, 1, (5, 7), 1), (5, 2, (4, 6), 1), (5, 2, (3, 3), 2),
+                                               (3, 2, (2, 5), 2), (5, 1, (2, 2), 1)])
+def test_carafe_gather_form_matches_reference(kernel, scale, hw, n):
+    """The row-gather export form (ONNX Runtime's) computes CARAFE exactly like mmcv's definition, with its baked
+    index or without, for one image (the export batch) and several."""
+    from edgeseg.models.carafe import carafe_export_gather, gather_index
+
+    g = torch.Generator().manual_seed(kernel * 10 + scale + hw[0] + 2)
+    x = torch.randn(n, 5, *hw, generator=g)
+    mask = torch.randn(n, kernel * kernel, hw[0] * scale, hw[1] * scale, generator=g)
+    ref = carafe_reference(x, mask, kernel, scale)
+    ours = carafe_export_gather(x, mask, kernel, scale, gather_index(*hw, kernel))
+    assert ours.shape == (n, 5, hw[0] * scale, hw[1] * scale)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(carafe_export_gather(x, mask, kernel, scale), ref, atol=1e-5, rtol=0)
+    ones = carafe_export_gather(torch.ones(1, 1, 3, 3), torch.ones(1, 9, 3, 3), 3, 1)
+    assert torch.equal(ones[0, 0], torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]]))
+
+
+def test_freqfusion_gather_form_traced_equals_eager_and_exports_to_onnx(tmp_path):
+    """prepare_for_export(..., carafe="gather") bakes the im2col row indices, leaves no one-hot im2col conv in the
+    traced fusion stages, and the traced model equals eager; through ONNX Runtime too (fp32, the onnx profile's
+    form), where the im2col is a Gather."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = create_model("test_offseg", 5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+    prepare_for_export(model, (64, 96), carafe="gather")
+    assert all(f.carafe_form == "gather" for f in model.decode_head.freqfusions)
+    assert any(name.startswith("gather_index_") for name, _ in model.decode_head.freqfusions[0].named_buffers())
+    ep = torch.export.export(model, (x,), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), eager, atol=2e-5, rtol=0)
+    convs = [n for n in _fusion_nodes(ep) if "conv" in str(n.target)]
+    assert convs and not [n for n in convs if "unfold_kernel" in str(n.args[1])]
+    assert any("index_select" in str(n.target) for n in _fusion_nodes(ep))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, input_names=["x"])
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Gather" in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    assert abs(got - eager.numpy()).max() < 1e-4
+
+
 @pytest.mark.parametrize("n,hw,out_hw,spread", [(1, (5, 7), (10, 14), 1.2), (2, (3, 4), (6, 8), 3.0),
                                                (4, (1, 6), (2, 12), 1.0), (1, (6, 6), (5, 9), 0.2)])
 def test_grid_sample_gather_form_equals_grid_sample(n, hw, out_hw, spread):

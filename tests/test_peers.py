@@ -68,6 +68,31 @@ def test_forward_shapes_at_64(name, stride):
     assert up.shape == (1, 21, 64, 64)
 
 
+def test_yolo26n_sem_peer_is_ultralytics_or_a_one_line_install_hint(tmp_path, monkeypatch):
+    """yolo26n_sem is built from ultralytics' own YAML where ultralytics imports (installed for the benchmark only,
+    never an edgeseg dependency); elsewhere building it names the install command, the default model list leaves
+    it out, and a named --ultralytics-site that does not exist is a usage error."""
+    from edgeseg.errors import UsageError
+
+    assert "yolo26n_sem" in peer_models.PEERS and "yolo26n_sem" in list_models()
+    if peer_models.ultralytics_available():
+        m = create_model("yolo26n_sem", num_classes=11).eval()
+        with torch.no_grad():
+            y = m(torch.zeros(1, 3, 64, 96))
+        assert m.output_stride == 8 and y.shape == (1, 11, 8, 12)
+        assert 1_500_000 < _params(m) < 1_800_000  # 1.63 M at 11 classes (Ultralytics: 1.6 M)
+    else:
+        with pytest.raises(ImportError, match="pip install --no-deps --target .bench-site ultralytics==8.4.190"):
+            create_model("yolo26n_sem", num_classes=11)
+        args = peers.build_parser().parse_args(["--out", str(tmp_path / "o")])
+        peers._check_args(args)
+        assert "yolo26n_sem" not in args.models and "offseg_t" in args.models
+    monkeypatch.setenv("PYTHONPATH", "")
+    args = peers.build_parser().parse_args(["--out", str(tmp_path / "o"), "--ultralytics-site", str(tmp_path / "x")])
+    with pytest.raises(UsageError, match="--ultralytics-site"):
+        peers._check_args(args)
+
+
 def test_deeplab_aux_head_only_in_training():
     m = create_model("deeplabv3_mobilenet_v3_large", num_classes=5, aux=True)
     out, aux = m.train()(torch.randn(2, 3, 64, 64))  # batch 2: BN statistics over the 1x1 image-pool branch

@@ -67,7 +67,7 @@ def _ours(log_text: str) -> list[str]:
 
 CASES = [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "int8"),
          ("executorch-xnnpack", "fp32"), ("executorch-xnnpack", "int8"), ("coreml", "fp32"),
-         ("coreml", "int8")]
+         ("coreml", "int8"), ("litert", "fp32"), ("litert", "int8")]
 
 
 @pytest.mark.parametrize("target, precision", CASES, ids=[f"{t}-{p}" for t, p in CASES])

@@ -428,6 +428,7 @@ def _fake_artifact(onnx_art: Path, dst: Path, target: str, files: dict[str, byte
         (dst / name).write_bytes(data)
     m.update(target=target, model_file=next(iter(files)), files=list(files),
              sha256={n: sha256_file(dst / n) for n in files})
+    m.pop("device_kit", None)  # the fake holds no device kit (README, run script, expected/) of its own
     (dst / MANIFEST).write_text(json.dumps(m))
     return dst
 
@@ -618,14 +619,17 @@ def test_sigkill_during_export_leaves_nothing_or_a_complete_artifact(ckpt, onnx_
     assert p.returncode == 0, p.stderr[-2000:]
     assert _assert_absent_or_complete(out) == "complete"
     assert _hidden_leftovers(out) == []
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    def files(folder: Path) -> dict[str, bytes]:  # every file, the device kit's expected/ folder included
+        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+    before = files(out)
     # kill a --force re-export over the complete artifact right after its manifest is written: the previous
     # artifact survives intact (or, in the instant between the two renames, nothing is there)
     rc, _ = _kill_when(cmd + ["--force"], tmp_with(MANIFEST))
     assert rc == -signal.SIGKILL
     state = _assert_absent_or_complete(out)
     if state == "complete":
-        assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+        assert files(out) == before
     leftovers = _hidden_leftovers(out)
     assert leftovers and all(n.startswith(".") for n in leftovers)
     from edgeseg.fileio import clean_stale  # what the next write of `out` calls first

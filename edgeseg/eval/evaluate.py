@@ -63,7 +63,14 @@ def upsample_argmax(logits, out_hw: tuple[int, int]) -> np.ndarray:
 
 def argmax_tiles(logits, out_hw: tuple[int, int], tile_bytes: int = TILE_BYTES):
     """Yield (y0, class map rows y0:y0+n) of `upsample_argmax(logits, out_hw)`, n rows at a time such that their
-    upsampled logits take about `tile_bytes`. Bilinear with align_corners=False is separable: each output row
+    upsampled logits take about `tile_bytes` (`upsampled_rows`)."""
+    for y0, rows in upsampled_rows(logits, out_hw, tile_bytes):
+        yield y0, rows.numpy().argmax(0)
+
+
+def upsampled_rows(logits, out_hw: tuple[int, int], tile_bytes: int = TILE_BYTES):
+    """Yield (y0, (K, n, W) float32 tensor): rows y0:y0+n of the logits bilinearly upsampled to out_hw, n rows at
+    a time such that they take about `tile_bytes`. Bilinear with align_corners=False is separable: each output row
     blends two source rows (PyTorch's source index and weights, in float32), and those rows are first upsampled
     along the width by `F.interpolate` itself."""
     t = _to_tensor(logits)
@@ -85,7 +92,30 @@ def argmax_tiles(logits, out_hw: tuple[int, int], tile_bytes: int = TILE_BYTES):
             rows = F.interpolate(rows, size=(r1 - r0, big_w), mode="bilinear", align_corners=False)
         a, b = rows[0][:, lo[y0:y1] - r0], rows[0][:, hi[y0:y1] - r0]  # (K, n, W) each
         frac = lam[y0:y1].view(1, -1, 1)
-        yield y0, ((1 - frac) * a + frac * b).numpy().argmax(0)
+        yield y0, (1 - frac) * a + frac * b
+
+
+def upsample_argmax_confidence(logits, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """`upsample_argmax`'s class map (uint8 when K <= 256, else uint16) and each pixel's confidence: the softmax
+    probability of its class, i.e. max over K of softmax(upsampled logits), float32 in (0, 1]. Sizes above
+    TILE_ABOVE_BYTES are computed in row tiles (`upsampled_rows`), as `upsample_argmax` does."""
+    t = _to_tensor(logits)
+    if t.dim() == 3:
+        t = t[None]
+    hw = tuple(int(v) for v in out_hw)
+    cls = np.empty(hw, np.uint8 if t.shape[1] <= 256 else np.uint16)
+    conf = np.empty(hw, np.float32)
+    if _tiled(t.shape[1], hw):
+        chunks = upsampled_rows(t, hw)
+    else:
+        up = t if tuple(t.shape[-2:]) == hw else F.interpolate(t, size=hw, mode="bilinear", align_corners=False)
+        chunks = [(0, up[0])]
+    for y0, rows in chunks:
+        n = rows.shape[1]
+        cls[y0:y0 + n] = rows.numpy().argmax(0)
+        top = rows.amax(0, keepdim=True)
+        conf[y0:y0 + n] = (1.0 / torch.exp(rows - top).sum(0)).numpy()  # softmax at the argmax: 1 / sum exp(l - max)
+    return cls, conf
 
 
 def predict_label_map(predict_logits: PredictFn, image: np.ndarray, input_hw, mean: Sequence[float],

@@ -154,8 +154,10 @@ def _write_artifact(exporter, job, target: str, checkpoint: Path, out: Path, for
     """Export `job` into a temporary folder, write its manifest and, where the artifact runs here, its proof; the
     folder becomes `out` only when all of that passed."""
     from edgeseg.export.base import write_manifest
+    from edgeseg.export.device_kit import write_device_kit
     from edgeseg.export.proof import check_fp32_proof, prove
     from edgeseg.fileio import atomic_dir
+    from edgeseg.targets import load_profile
 
     with atomic_dir(out, force=force) as tmp:
         job = dataclasses.replace(job, out_dir=tmp)
@@ -170,6 +172,9 @@ def _write_artifact(exporter, job, target: str, checkpoint: Path, out: Path, for
         if result.executed_here:
             manifest.proof = prove(tmp, job.model, job.options.proof_images, job.options.num_threads)
             check_fp32_proof(target, job.precision, manifest.proof)
+        # README.md, run_<runtime>.py and expected/ for the device (edgeseg.export.device_kit), hashed in
+        # device_kit.sha256; `files` and `sha256` stay the model's
+        manifest.device_kit = write_device_kit(tmp, manifest, job.model, load_profile(target).runtime)
         write_manifest(tmp, manifest)
 
 
@@ -200,3 +205,12 @@ def _edgeseg_version() -> str:
 
 
 __all__ = ["Target", "export_checkpoint", "get_exporter"]
+
+
+# `edgeseg.export(checkpoint, target, ...)` calls edgeseg.api.export: this package is also that function (the
+# package's class comes from the root package, which owns the public API)
+import sys as _sys  # noqa: E402
+
+import edgeseg as _edgeseg  # noqa: E402
+
+_edgeseg._callable_package(_sys.modules[__name__])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class OnnxOptions(ExportOptions):
             from the exporting CPU's flags (edgeseg.cpu) and the manifest records the choice and why.
         per_channel: int8: per-channel weight scales.
         calibrate_method: int8: "MinMax" | "Entropy" | "Percentile".
+        op_types: int8: ONNX op types that get Q/DQ (ORT `op_types_to_quantize`); empty: ORT's default, every
+            op type its QDQ quantizer knows.
     """
 
     opset: int = MIN_OPSET
@@ -58,6 +60,7 @@ class OnnxOptions(ExportOptions):
     reduce_range: bool | str = "auto"
     per_channel: bool = True
     calibrate_method: str = "MinMax"
+    op_types: list = field(default_factory=list)
 
     def validate(self, where: str = "options") -> None:
         super().validate(where)
@@ -239,7 +242,7 @@ class OnnxExporter(Exporter):
             reduce_range, why = resolve_reduce_range(options.reduce_range)
             quant = quantize_qdq(target, out_dir / MODEL_FILE, calib_data, activation_type=options.activation_type,
                                  reduce_range=reduce_range, per_channel=options.per_channel,
-                                 calibrate_method=options.calibrate_method,
+                                 calibrate_method=options.calibrate_method, op_types=list(options.op_types),
                                  policy=export_float_policy(model, options))
             quant.update(reduce_range=reduce_range, reduce_range_reason=why)
             target.unlink()

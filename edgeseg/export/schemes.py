@@ -79,5 +79,11 @@ def scheme_for_target(target: str, options: dict[str, Any] | None = None) -> Int
                           "uint8 symmetric per-tensor activations (zero point 128)", w_qmin=-128, w_qmax=127,
                           w_div=127.5, per_channel=True, activations="symmetric", a_qmin=0, a_qmax=255, a_div=127.5,
                           a_zero=128, options={"int8_mode": opts.int8_mode})
+    if kind == "litert":
+        # ai-edge-quantizer static_wi8_ai8: symmetric narrow-range weights (scale = absmax / 127), asymmetric
+        # min/max activations over -128..127 (ai_edge_quantizer/algorithms/uniform_quantize)
+        return Int8Scheme(target, "ai-edge-quantizer static_wi8_ai8: int8 symmetric per-channel weights, int8 "
+                          "asymmetric per-tensor activations", w_qmin=-127, w_qmax=127, w_div=127.0, per_channel=True,
+                          activations="asymmetric", a_qmin=-128, a_qmax=127, options={"recipe": opts.recipe})
     raise UsageError(f"--target {target}: its int8 scheme ({kind} exporter) cannot be simulated; simulated "
-                     "targets use the onnx, tensorrt, openvino, executorch or coreml exporters")
+                     "targets use the onnx, tensorrt, openvino, executorch, coreml or litert exporters")

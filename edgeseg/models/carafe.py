@@ -146,7 +146,54 @@ def carafe_export_channels_last(x: torch.Tensor, mask: torch.Tensor, kernel: int
     return F.pixel_shuffle(out, scale) if scale != 1 else out
 
 
-CARAFE_FORMS = ("conv_bmm", "channels_last")  # export forms of CARAFE; a target's profile picks one
+def gather_index(h: int, w: int, kernel: int) -> torch.Tensor:
+    """Row indices (h*w*k*k,) into the zero-padded channels-last map flattened to ((h+2r)*(w+2r), C), r = k//2:
+    entry (y*w + x)*k*k + ky*k + kx is the row of padded pixel (y + ky, x + kx), i.e. tap (ky, kx) of source pixel
+    (y, x). `carafe_export_gather` reads the im2col with one Gather of these rows."""
+    wp = w + 2 * (kernel // 2)
+    y = torch.arange(h).view(h, 1, 1, 1)
+    x = torch.arange(w).view(1, w, 1, 1)
+    ky = torch.arange(kernel).view(1, 1, kernel, 1)
+    kx = torch.arange(kernel).view(1, 1, 1, kernel)
+    return ((y + ky) * wp + (x + kx)).reshape(-1)
+
+
+def carafe_export_gather(x: torch.Tensor, mask: torch.Tensor, kernel: int, scale: int = 1,
+                         index: torch.Tensor | None = None) -> torch.Tensor:
+    """`carafe_export` with the im2col as one row Gather: the zero-padded map channels-last, flattened to
+    (pixels, C), and its rows `gather_index(H, W, k)` read straight into the (H*W, k*k, C) layout the per-pixel
+    product needs (no one-hot convolution over C one-channel images, no transpose of the k*k-fold tensor); then one
+    (s*s, k*k) @ (k*k, C) product per source pixel, a 2-D transpose to (s*s*C, H*W), a row gather into
+    pixel_shuffle's channel order and pixel_shuffle. Same values. The form for runtimes whose Gather copies rows
+    fast and whose layout transposes are slow. `bench/carafe_forms.py` (offseg_t's largest call: 224 channels,
+    48x60 -> 96x120, k=5; 1 thread, Intel Xeon with AMX, interleaved): ONNX Runtime 30.7 ms against 80.4 ms for
+    `carafe_export` and 58.5 ms for `carafe_export_channels_last`; OpenVINO f32 37.7 against 74.7 / 49.8 ms, but
+    OpenVINO 2026.4's CPU plugin refuses to compile the NNCF int8 IR of offseg_t in this form with bf16 compute
+    (its default on bf16 CPUs; "No suitable implementations"; f32 compiles), so OpenVINO's profile keeps
+    channels_last."""
+    n, c, h, w = x.shape
+    kk, ss, half = kernel * kernel, scale * scale, kernel // 2
+    if index is None:
+        index = gather_index(h, w, kernel).to(x.device)
+    hp, wp = h + 2 * half, w + 2 * half
+    xp = F.pad(x, (half, half, half, half)).permute(0, 2, 3, 1).reshape(n, hp * wp, c)
+    if n == 1:
+        cols = xp.reshape(hp * wp, c).index_select(0, index)
+    else:
+        cols = torch.stack([xp[i].index_select(0, index) for i in range(n)])
+    cols = cols.reshape(n * h * w, kk, c)
+    if scale != 1:
+        mask = F.pixel_unshuffle(mask, scale)  # (N, kk*ss, H, W), channel t*ss + i*s + j
+    m = mask.reshape(n, kk, ss, h * w).permute(0, 3, 2, 1).reshape(n * h * w, ss, kk)
+    out = torch.bmm(m, cols).reshape(n, h * w, ss * c).transpose(1, 2)  # (N, ss*C, H*W): channel t*C + c
+    if scale == 1:
+        return out.reshape(n, c, h, w)
+    # to pixel_shuffle's channel order c*ss + t with one row gather (a 6-D permute was 50 ms of 86 on ORT)
+    perm = torch.tensor([t * c + ch for ch in range(c) for t in range(ss)], device=x.device)
+    return F.pixel_shuffle(out.index_select(1, perm).reshape(n, c * ss, h, w), scale)
+
+
+CARAFE_FORMS = ("conv_bmm", "channels_last", "gather")  # export forms of CARAFE; a target's profile picks one
 
 
 def local_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:

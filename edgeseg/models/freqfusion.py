@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeseg.models.carafe import (CARAFE_FORMS, carafe, carafe_export,  # noqa: F401  (re-exported)
-                                   carafe_export_channels_last, carafe_reference, group_norm_export, local_cosine_similarity, local_cosine_similarity_export,
+                                   carafe_export_channels_last, carafe_export_gather, gather_index, carafe_reference, group_norm_export, local_cosine_similarity, local_cosine_similarity_export,
                                    neighbour_kernel, tracing, unfold_kernel)
 
 SAMPLER_FORMS = ("grid_sample", "gather")  # export forms of the dysampler's resampling; a target's profile picks one
@@ -249,6 +249,11 @@ class FreqFusion(nn.Module):
             self.register_buffer(f"unfold_kernel_{k}", unfold_kernel(k).to(dev), persistent=False)
         sizes = [(h >> i, w >> i) for i in range(1, 7) if h % (1 << i) == 0 and w % (1 << i) == 0]
         self.dysampler.bake_centre_grids(sizes)
+        if carafe == "gather":  # the im2col row indices of every size this stage can see, as constants
+            for sh, sw in sizes:
+                for k in {self.lowpass_kernel, self.highpass_kernel}:
+                    self.register_buffer(f"gather_index_{sh}x{sw}_{k}", gather_index(sh, sw, k).to(dev),
+                                         persistent=False)
         self.unit_windows = bool((self.hamming_lowpass == 1).all() and (self.hamming_highpass == 1).all())
         self.export_form = True
 
@@ -263,6 +268,9 @@ class FreqFusion(nn.Module):
         if self.export_form and tracing():
             if self.carafe_form == "channels_last":
                 return carafe_export_channels_last(x, mask, kernel, scale)
+            if self.carafe_form == "gather":
+                index = getattr(self, f"gather_index_{x.shape[-2]}x{x.shape[-1]}_{kernel}", None)
+                return carafe_export_gather(x, mask, kernel, scale, index)
             return carafe_export(x, mask, kernel, scale, getattr(self, f"unfold_kernel_{kernel}"))
         return carafe(x, mask, kernel, scale)
 

@@ -90,6 +90,16 @@ class Session(ABC):
         return True
 
     @property
+    def why_not_here(self) -> str | None:
+        """Why this host cannot execute the model, in one line (None where it can): what a command says instead of
+        running it."""
+        if self.executes_here:
+            return None
+        import platform
+
+        return f"{self.manifest.target} artifacts cannot run on {platform.system()}"
+
+    @property
     def output_kind(self) -> str:
         """"logits" or "argmax"."""
         return self.manifest.output["kind"]
@@ -139,12 +149,10 @@ class Session(ABC):
             raise UsageError(f"{self.path}: predict_logits expects float32 (N,3,H,W), got shape {x.shape}")
         return np.asarray(self.run(self.to_input(x)), dtype=np.float32)
 
-    def segment(self, image_rgb: np.ndarray) -> np.ndarray:
-        """RGB uint8 (H,W,3) image of any size -> (H,W) uint8 class map at the image's size.
-
-        Preprocessing follows the manifest: bilinear resize to input_hw, then normalise on the host or feed uint8
-        to an in-graph normaliser; logits are bilinearly upsampled to the image size before argmax.
-        """
+    def input_for(self, image_rgb: np.ndarray) -> np.ndarray:
+        """RGB uint8 (H,W,3) image of any size -> the batch of one that `run` takes, as the manifest says: bilinear
+        resize to input_hw, then normalised on the host (float32 input) or raw uint8 for an in-graph normaliser,
+        in the manifest's layout."""
         import cv2
 
         img = np.asarray(image_rgb)
@@ -162,7 +170,19 @@ class Session(ABC):
             std = np.asarray(self.manifest.std, np.float32)
             x = ((small.astype(np.float32) - mean) / std)[None]
             x = x if inp["layout"] == "NHWC" else x.transpose(0, 3, 1, 2)
-        y = self.run(np.ascontiguousarray(x, dtype=_NP_DTYPES[inp["dtype"]]))[0]
+        return np.ascontiguousarray(x, dtype=_NP_DTYPES[inp["dtype"]])
+
+    def segment(self, image_rgb: np.ndarray) -> np.ndarray:
+        """RGB uint8 (H,W,3) image of any size -> (H,W) uint8 class map at the image's size.
+
+        Preprocessing follows the manifest (`input_for`): bilinear resize to input_hw, then normalise on the host or
+        feed uint8 to an in-graph normaliser; logits are bilinearly upsampled to the image size before argmax.
+        """
+        import cv2
+
+        x = self.input_for(image_rgb)
+        h, w = np.asarray(image_rgb).shape[:2]
+        y = self.run(x)[0]
         if self.output_kind == "argmax":
             cmap = y.astype(np.uint8)
             if cmap.shape != (h, w):

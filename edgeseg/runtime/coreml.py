@@ -109,6 +109,13 @@ class CoreMLSession(Session):
 
     executed = executes_here  # the name this session's attribute had before `Session.executes_here`
 
+    @property
+    def why_not_here(self) -> str | None:
+        if self.executes_here:
+            return None
+        return (f"Core ML cannot run on {platform.system()}: Core ML exists only on macOS/iOS (this artifact is "
+                "converted and can be inspected here, not run)")
+
     def _load(self) -> None:
         self.compute_units = self.kwargs.get("compute_units") or (self.manifest.options or {}).get(
             "compute_units", "ALL")
@@ -145,3 +152,108 @@ class CoreMLSession(Session):
 
 
 SESSION = CoreMLSession
+
+
+# The artifact folder's run script (edgeseg.export.device_kit writes run_coreml.py around it): a `Runner` on
+# coremltools' MLModel.predict (macOS only; Core ML exists only on Apple platforms), plus `Segment.swift` for an app.
+RUN_SCRIPT = '''
+RUNTIME = "Core ML"
+PACKAGES = ["coremltools"]  # pip distributions (pinned to the versions in manifest.json's tool_versions)
+
+
+class Runner:
+    """coremltools MLModel(compute_units = the export's options.compute_units) -> predict; macOS only. Core ML
+    schedules its own threads (`threads` is not used)."""
+
+    def __init__(self, here, manifest, threads):
+        if sys.platform != "darwin":
+            raise RuntimeError("Core ML runs only on macOS/iOS (coremltools predict needs macOS); on iOS use "
+                               "Segment.swift")
+        import coremltools as ct
+
+        units = (manifest.get("options") or {}).get("compute_units", "ALL")
+        self.model = ct.models.MLModel(str(here / manifest["model_file"]),
+                                       compute_units=getattr(ct.ComputeUnit, units))
+        self.input_name, self.output_name = manifest["input"]["name"], manifest["output"]["name"]
+
+    def __call__(self, x):
+        return np.asarray(self.model.predict({self.input_name: x})[self.output_name])
+'''
+
+SWIFT_FILE = "Segment.swift"
+# A Swift starting point for an iOS/macOS app: Core ML in, class map out, constants from manifest.json (not compiled
+# here: edgeseg's hosts have no Swift toolchain).
+SWIFT_SNIPPET = '''// Segment.swift: run this edgeseg Core ML artifact in an iOS/macOS app (Core ML only).
+// Add model.mlpackage to the Xcode target (Xcode compiles it to model.mlmodelc) and manifest.json as a resource.
+// See README.md for the input and output contract; run_coreml.py --self-test checks the same steps on a Mac.
+import CoreML
+import Foundation
+
+struct Manifest: Decodable {
+    struct Tensor: Decodable {
+        let name: String; let shape: [Int]; let dtype: String; let layout: String?; let kind: String?
+    }
+    let input: Tensor
+    let output: Tensor
+    let mean: [Float]
+    let std: [Float]
+    let input_hw: [Int]
+    let class_names: [String]
+    let palette: [[Int]]
+}
+
+func loadSegmenter() throws -> (MLModel, Manifest) {
+    let manifest = try JSONDecoder().decode(Manifest.self, from: Data(contentsOf: Bundle.main.url(
+        forResource: "manifest", withExtension: "json")!))
+    let config = MLModelConfiguration()
+    config.computeUnits = .all
+    let model = try MLModel(contentsOf: Bundle.main.url(forResource: "model", withExtension: "mlmodelc")!,
+                            configuration: config)
+    return (model, manifest)
+}
+
+/// `rgb`: input_hw[0] x input_hw[1] RGB pixels, interleaved, already resized (bilinear) to the input size.
+/// Returns the class index of each pixel at that size (row-major); colour it with manifest.palette.
+func segment(_ model: MLModel, _ m: Manifest, rgb: [UInt8]) throws -> [UInt8] {
+    let h = m.input_hw[0], w = m.input_hw[1]
+    let nhwc = m.input.layout == "NHWC", inGraph = m.input.dtype == "uint8"
+    let x = try MLMultiArray(shape: m.input.shape.map { NSNumber(value: $0) }, dataType: .float32)
+    let px = x.dataPointer.bindMemory(to: Float.self, capacity: h * w * 3)
+    for i in 0..<(h * w) {
+        for c in 0..<3 {
+            let v = Float(rgb[i * 3 + c])
+            px[nhwc ? i * 3 + c : c * h * w + i] = inGraph ? v : (v - m.mean[c]) / m.std[c]
+        }
+    }
+    let out = try model.prediction(from: MLDictionaryFeatureProvider(dictionary: [m.input.name: x]))
+    let y = out.featureValue(for: m.output.name)!.multiArrayValue!
+    if m.output.kind == "argmax" {  // (1, H, W) class map at input size
+        return (0..<(h * w)).map { UInt8(truncating: y[[0, NSNumber(value: $0 / w), NSNumber(value: $0 % w)]]) }
+    }
+    // (1, K, h/s, w/s) logits: bilinear upsampling to (H, W) (half-pixel centres), then argmax over K
+    let k = y.shape[1].intValue, ys = y.shape[2].intValue, xs = y.shape[3].intValue
+    func src(_ o: Int, _ n: Int, _ size: Int) -> (Int, Int, Float) {
+        let s = max(0, (Float(o) + 0.5) * Float(n) / Float(size) - 0.5)
+        let i0 = min(Int(s), n - 1)
+        return (i0, min(i0 + 1, n - 1), s - Float(i0))
+    }
+    var classes = [UInt8](repeating: 0, count: h * w)
+    for r in 0..<h {
+        let (r0, r1, tr) = src(r, ys, h)
+        for c in 0..<w {
+            let (c0, c1, tc) = src(c, xs, w)
+            var best = -Float.infinity
+            for j in 0..<k {
+                func at(_ a: Int, _ b: Int) -> Float {
+                    y[[0, NSNumber(value: j), NSNumber(value: a), NSNumber(value: b)]].floatValue
+                }
+                let v = (at(r0, c0) * (1 - tc) + at(r0, c1) * tc) * (1 - tr)
+                    + (at(r1, c0) * (1 - tc) + at(r1, c1) * tc) * tr
+                if v > best { best = v; classes[r * w + c] = UInt8(j) }
+            }
+        }
+    }
+    return classes
+}
+'''
+EXTRA_FILES = {SWIFT_FILE: SWIFT_SNIPPET}

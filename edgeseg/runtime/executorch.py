@@ -247,3 +247,31 @@ def _path_near(ops: list, i: int) -> str:
 
 
 SESSION = ExecutorchSession
+
+
+# The artifact folder's run script (edgeseg.export.device_kit writes run_executorch.py around it): a `Runner` on
+# the ExecuTorch Python runtime. That runtime's extension links libtorch (executorch 1.5.1), so the script needs
+# torch besides executorch and numpy; on the phone itself the .pte runs from C++/Java/Swift (see README.md).
+RUN_SCRIPT = '''
+RUNTIME = "ExecuTorch"
+PACKAGES = ["executorch", "torch"]  # pip distributions (pinned to the versions in manifest.json's tool_versions)
+
+
+class Runner:
+    """executorch.runtime: Runtime -> Program -> Method("forward"), XNNPACK's threadpool pinned to `threads`
+    (process-wide)."""
+
+    def __init__(self, here, manifest, threads):
+        import torch  # the runtime's tensors (its extension links libtorch)
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        self.torch = torch
+        self.program = Runtime.get().load_program((here / manifest["model_file"]).read_bytes())
+        self.method = self.program.load_method("forward")
+
+    def __call__(self, x):
+        return self.method.execute([self.torch.from_numpy(x)])[0].numpy().copy()
+'''

@@ -63,12 +63,7 @@ class OnnxSession(Session):
     """
 
     def _default_optimize(self) -> bool:
-        if self.manifest.precision != "int8":
-            return True
-        from edgeseg.targets import list_profiles, load_profile
-
-        # the profile says whether this target's int8 runs with ORT's fused kernels or its reference arithmetic
-        return self.manifest.target not in list_profiles() or load_profile(self.manifest.target).int8_runtime_optimize
+        return default_optimize(self.manifest)
 
     def _load(self) -> None:
         import onnxruntime as ort
@@ -99,6 +94,49 @@ class OnnxSession(Session):
 
 
 SESSION = OnnxSession
+
+
+def default_optimize(manifest) -> bool:
+    """Whether ONNX Runtime runs this artifact with its graph optimisations (fused kernels): always for float; for
+    int8 as the target's profile says (`int8_runtime_optimize`; false: the reference QDQ arithmetic)."""
+    if manifest.precision != "int8":
+        return True
+    from edgeseg.targets import list_profiles, load_profile
+
+    # the profile says whether this target's int8 runs with ORT's fused kernels or its reference arithmetic
+    return manifest.target not in list_profiles() or load_profile(manifest.target).int8_runtime_optimize
+
+
+# The artifact folder's run script (edgeseg.export.device_kit writes run_onnx.py around it): a `Runner` that needs
+# only onnxruntime and numpy, run as edgeseg's session runs it (`SETTINGS` from `run_script_settings`).
+RUN_SCRIPT = '''
+RUNTIME = "ONNX Runtime"
+PACKAGES = ["onnxruntime"]  # pip distributions (pinned to the versions in manifest.json's tool_versions)
+
+
+class Runner:
+    """ONNX Runtime on the CPU execution provider, `threads` intra-op threads (1 inter-op thread)."""
+
+    def __init__(self, here, manifest, threads):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        if not SETTINGS.get("optimize", True):  # int8 QDQ run with the reference arithmetic (see README.md)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(here / manifest["model_file"]), so,
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        return self.session.run(None, {self.input_name: x})[0]
+'''
+
+
+def run_script_settings(manifest) -> dict[str, Any]:
+    """How the run script runs this artifact, as `OnnxSession` does: `optimize` (graph optimisations)."""
+    return {"optimize": default_optimize(manifest)}
 
 
 def onnx_name_scopes(node) -> list[str]:

@@ -140,3 +140,35 @@ def profile_ops(xml_path: Path, num_threads: int, runs: int, optimize: bool = Tr
                       "source": "openvino per-layer performance counters + originalLayersNames + rt_info "
                                 + RT_INFO_KEY + ("" if module_of else " (this IR carries no module paths: "
                                                  "re-export it with this edgeseg)")}
+
+
+# The artifact folder's run script (edgeseg.export.device_kit writes run_openvino.py around it): a `Runner` that
+# needs only openvino and numpy, compiled as edgeseg's session compiles it (device, threads, inference precision).
+RUN_SCRIPT = '''
+RUNTIME = "OpenVINO"
+PACKAGES = ["openvino"]  # pip distributions (pinned to the versions in manifest.json's tool_versions)
+
+
+class Runner:
+    """ov.Core().compile_model on the manifest's device (options.device, default CPU) with `threads`
+    INFERENCE_NUM_THREADS and the export's inference precision (bf16 only on CPUs that compute it natively)."""
+
+    def __init__(self, here, manifest, threads):
+        import openvino as ov
+
+        core = ov.Core()
+        options = manifest.get("options") or {}
+        device = options.get("device") or "CPU"
+        config = {"INFERENCE_NUM_THREADS": threads}
+        if device == "CPU":
+            hint = options.get("inference_precision", "f32")
+            native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            config["INFERENCE_PRECISION_HINT"] = "bf16" if hint == "bf16" and native_bf16 else "f32"
+        self.precision = config.get("INFERENCE_PRECISION_HINT")
+        compiled = core.compile_model(core.read_model(str(here / manifest["model_file"])), device, config)
+        self.request = compiled.create_infer_request()
+        self.output = compiled.outputs[0]
+
+    def __call__(self, x):
+        return np.array(self.request.infer({0: x})[self.output], copy=True)
+'''

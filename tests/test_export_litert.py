@@ -1,0 +1,169 @@
+"""LiteRT target: real litert_torch.convert / ai-edge-quantizer / LiteRT Interpreter on tiny models at 64x64.
+
+Exports come from the session's cache (tests/conftest.py `exports`), as in test_export.py. Without the `litert`
+extra every test skips with the reason, except when EDGESEG_REQUIRE_TARGETS names litert (or is "all"/"1").
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _tiny  # noqa: E402  (registers tiny_ops)
+
+from edgeseg.errors import UsageError  # noqa: E402
+from edgeseg.export import export_checkpoint, get_exporter  # noqa: E402
+from edgeseg.export.base import MANIFEST  # noqa: E402
+from edgeseg.runtime import open_session  # noqa: E402
+
+TARGET = "litert"
+HW = (64, 64)
+# int8 vs eager argmax agreement on the 4 proof images, measured on an Intel Xeon (AVX-512, VNNI, AMX): tiny_ops 0.875
+# (random weights, near-tied logits; its grid_sample coordinates are quantized), test_offseg_lite0 0.969 (its
+# OffsetLearning head float by the float policy). Floors: those minus ~0.08.
+INT8_FLOOR = {_tiny.TINY: 0.79, "test_offseg_lite0": 0.89}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _require() -> None:
+    missing = get_exporter(TARGET).check_environment()
+    if missing:
+        required = [t for t in os.environ.get("EDGESEG_REQUIRE_TARGETS", "").split(",") if t]
+        if required in (["1"], ["all"]) or TARGET in required:
+            pytest.fail(f"{TARGET} required but missing: {missing}")
+        pytest.skip(f"{TARGET}: missing {'; '.join(missing)}")
+
+
+@pytest.fixture
+def exported(exports):
+    def get(model: str = _tiny.TINY, precision: str = "fp32", **options) -> Path:
+        _require()
+        return exports.get(TARGET, model, precision, **options)
+
+    return get
+
+
+def _manifest(art: Path) -> dict:
+    return json.loads((art / MANIFEST).read_text())
+
+
+@pytest.mark.exports([(TARGET, _tiny.TINY, "fp32")])
+def test_fp32_tflite_agrees_with_eager(exported, checkpoints):
+    art = exported()
+    m = _manifest(art)
+    assert m["target"] == TARGET and m["precision"] == "fp32" and m["executed_here"] is True
+    assert m["files"] == ["model.tflite"] and m["model_file"] == "model.tflite" and set(m["sha256"]) == {"model.tflite"}
+    assert m["input"]["shape"] == [1, 3, 64, 64] and m["input"]["dtype"] == "float32" and m["input"]["layout"] == "NCHW"
+    assert m["output"]["kind"] == "logits"
+    assert {"litert_torch", "ai_edge_litert", "ai_edge_quantizer"} <= set(m["tool_versions"])
+    assert m["proof"]["argmax_agreement"] >= 0.999 and m["proof"]["max_abs_logit_diff"] < 1e-3
+    insp = m["inspection"]
+    assert insp["op_histogram"]["CONV_2D"] >= 1 and insp["io_dtypes"] == {"inputs": ["FLOAT32"], "outputs": ["FLOAT32"]}
+    assert "INT8" not in insp["tensor_dtypes"]
+    # XNNPACK takes the convolutions; tiny_ops' grid_sample (GATHER_ND + bounds selects) stays on builtin kernels
+    xnn = insp["xnnpack"]
+    assert xnn["partitions"] >= 1 and xnn["delegated"].get("CONV_2D") == insp["op_histogram"]["CONV_2D"]
+    assert "GATHER_ND" in m["fallback_ops"] and m["fallback_ops"] == sorted(xnn["not_delegated"])
+    assert m["options"]["float_io"] is True and m["quantization"] == {}
+
+    x = torch.randn(1, 3, *HW).numpy()
+    with open_session(checkpoints(_tiny.TINY)) as ref, open_session(art, num_threads=1) as sess:
+        want, got = ref.predict_logits(x), sess.predict_logits(x)
+        assert got.shape == want.shape == tuple(m["output"]["shape"]) and got.dtype == np.float32
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.999
+        two = sess.run(np.concatenate([x, x]))  # static batch 1: a batch runs image by image
+        assert two.shape[0] == 2 and np.allclose(two[1], got[0], atol=1e-5)
+        with pytest.raises(UsageError, match=r"input must be float32 NCHW shape \(N,3,64,64\)"):
+            sess.run(np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.exports([(TARGET, _tiny.TINY, "fp32")])
+def test_session_pins_threads(exported):
+    art = exported()
+    x = torch.randn(1, 3, *HW).numpy()
+    outs = []
+    for n in (1, 2):
+        with open_session(art, num_threads=n) as sess:
+            assert sess.threads_in_use == n
+            outs.append(sess.run(x))
+    assert np.allclose(outs[0], outs[1], atol=1e-4)
+
+
+@pytest.mark.exports([(TARGET, m, "int8") for m in INT8_FLOOR])
+@pytest.mark.parametrize("model", list(INT8_FLOOR))
+def test_int8_full_integer_keeps_float_io(model, exported, checkpoints):
+    art = exported(model, "int8")
+    m = _manifest(art)
+    q, insp = m["quantization"], m["inspection"]
+    assert m["precision"] == "int8" and q["quantizer"] == "ai_edge_quantizer xnnpack"  # the default recipe
+    assert q["calibration_images"] >= 1 and m["calibration"]
+    # float32 in / logits out as every target: QUANTIZE after the input, DEQUANTIZE before the output, in graph
+    assert insp["io_dtypes"] == {"inputs": ["FLOAT32"], "outputs": ["FLOAT32"]}
+    assert insp["tensor_dtypes"]["INT8"] > 0 and insp["op_histogram"].get("QUANTIZE", 0) >= 1
+    assert insp["xnnpack"]["partitions"] >= 1 and isinstance(m["fallback_ops"], list)
+    assert m["proof"]["argmax_agreement"] >= INT8_FLOOR[model], m["proof"]
+    print(f"\nlitert int8 {model}: proof {m['proof']}; off XNNPACK {insp['xnnpack']['not_delegated']}")
+    if model == "test_offseg_lite0":
+        # the float policy reached the tflite ops by their module-path tensor names
+        assert q["float_modules"] == {"model.decode_head.offset_learning": q["float_modules"][
+            "model.decode_head.offset_learning"]}
+        assert q["float_ops_per_module"]["model.decode_head.offset_learning"] > 0
+    x = np.random.default_rng(0).standard_normal((1, 3, *HW)).astype(np.float32)
+    with open_session(art, num_threads=1) as sess:
+        y = sess.run(x)  # random noise runs too (OffsetLearning's LayerNorm is float)
+        assert y.dtype == np.float32 and np.isfinite(y).all()
+
+
+@pytest.mark.exports([(TARGET, _tiny.TINY, "int8"), (TARGET, _tiny.TINY, "int8", {"recipe": "static_wi8_ai8"})])
+def test_default_int8_recipe_quantizes_conv_fc_and_keeps_gelu_norms_float(exported):
+    """recipe "xnnpack" (default): conv / FC int8; GELU, LayerNorm (RSQRT, SQUARED_DIFFERENCE and the module's
+    MEAN/SUB/MUL/ADD) and softmax float, read from the .tflite's op output dtypes. "static_wi8_ai8" quantizes them."""
+    from edgeseg.export.litert.inspect_tflite import op_output_dtypes, read_model
+
+    art = exported(_tiny.TINY, "int8")
+    m = _manifest(art)
+    assert m["options"]["recipe"] == "xnnpack" and m["quantization"]["recipe"]["name"] == "xnnpack"
+    dt = op_output_dtypes(read_model((art / "model.tflite").read_bytes()))
+    assert dt == m["inspection"]["op_output_dtypes"]
+    assert {"GELU", "RSQRT", "SOFTMAX", "CONV_2D", "BATCH_MATMUL"} <= set(dt), dt  # tiny_ops' nn.Linear: BATCH_MATMUL
+    for op in ("GELU", "RSQRT", "SQUARED_DIFFERENCE", "SOFTMAX", "DIV", "SQRT"):
+        assert set(dt.get(op, {"FLOAT32": 0})) == {"FLOAT32"}, (op, dt[op])
+    assert "FLOAT32" not in dt["CONV_2D"] and "FLOAT32" not in dt.get("FULLY_CONNECTED", {}), dt
+    assert "FLOAT32" not in dt["BATCH_MATMUL"] and "INT8" in dt["BATCH_MATMUL"], dt
+    # the LayerNorm module's own ops (its mean/variance arithmetic) are float too: no int8 MEAN in tiny_ops
+    assert set(dt.get("MEAN", {"FLOAT32": 0})) == {"FLOAT32"}, dt.get("MEAN")
+    assert not {"GELU", "RSQRT"} & set(m["fallback_ops"]), m["fallback_ops"]  # XNNPACK runs them (float)
+
+    old = op_output_dtypes(read_model((exported(_tiny.TINY, "int8", recipe="static_wi8_ai8") / "model.tflite")
+                                      .read_bytes()))
+    assert "INT8" in old["GELU"] and "INT8" in old["RSQRT"], old
+
+
+def test_bad_option_is_one_line_usage_error(checkpoints, tmp_path):
+    _require()
+    with pytest.raises(UsageError, match=r"options\.recipe: 'dynamic' is not one of 'xnnpack', 'static_wi8_ai8'"):
+        export_checkpoint(checkpoints(_tiny.TINY), TARGET, "int8", out=tmp_path / "a", recipe="dynamic")
+    assert not (tmp_path / "a").exists()
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import _tiny; "
+                        "from edgeseg.cli import main; raise SystemExit(main(sys.argv[2:]))", str(REPO / "tests"),
+                        "export", "--checkpoint", str(checkpoints(_tiny.TINY)), "--target", TARGET,
+                        "--precision", "fp16", "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "supports fp32, int8" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "b").exists()
+
+
+def test_int8_scheme_is_simulated_for_quant_report():
+    from edgeseg.export.schemes import scheme_for_target
+
+    s = scheme_for_target(TARGET)  # needs no vendor tool
+    assert (s.w_qmin, s.w_qmax, s.per_channel, s.activations, s.a_qmin, s.a_qmax) == (-127, 127, True, "asymmetric",
+                                                                                     -128, 127)
