@@ -54,7 +54,7 @@ OURS = ("offseg_t", "segnext_t_offset")
 PEERS = peer_models.PEERS
 SHIPPED = {"offseg_t": "offseg_t_camvid", "segnext_t_offset": "segnext_t_offset_camvid"}
 DEFAULT_SITE = BENCH.parent / ".bench-site"
-DEFAULT_TARGETS = ("onnx", "openvino", "executorch-xnnpack")
+DEFAULT_TARGETS = ("onnx", "openvino", "executorch-xnnpack", "litert")
 DEFAULT_PRECISIONS = ("fp32", "int8")
 SEED = 0
 

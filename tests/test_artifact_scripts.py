@@ -30,9 +30,10 @@ from edgeseg.export import device_kit  # noqa: E402
 UINT8_ARGMAX = {"input_dtype": "uint8", "input_layout": "NHWC", "output": "argmax"}  # shared with test_export.py
 # (target, precision, options) -> the pip distributions of its runtime
 CASES = [("onnx", "fp32", {}), ("onnx", "int8", {}), ("onnx", "fp32", UINT8_ARGMAX), ("openvino", "fp32", {}),
-         ("executorch-xnnpack", "fp32", {})]
-RUNTIME_DISTS = {"onnx": ["onnxruntime"], "openvino": ["openvino"], "executorch": ["executorch", "torch"]}
-IDS = ["onnx-fp32", "onnx-int8", "onnx-uint8-nhwc-argmax", "openvino-fp32", "executorch-fp32"]
+         ("executorch-xnnpack", "fp32", {}), ("litert", "int8", {})]
+RUNTIME_DISTS = {"onnx": ["onnxruntime"], "openvino": ["openvino"], "executorch": ["executorch", "torch"],
+                 "litert": ["ai-edge-litert"]}
+IDS = ["onnx-fp32", "onnx-int8", "onnx-uint8-nhwc-argmax", "openvino-fp32", "executorch-fp32", "litert-int8"]
 
 
 # ---------------------------------------------------------------------------------------------- clean venvs
@@ -192,7 +193,7 @@ def test_every_runtime_template_renders_to_python():
             compile(src, device_kit.script_name(rt), "exec")
             assert "class Runner" in src and "PACKAGES = [" in src and "RUNTIME = " in src
             with_script.append(rt)
-    assert {"onnx", "openvino", "executorch", "coreml"} <= set(with_script)
+    assert {"onnx", "openvino", "executorch", "coreml", "litert"} <= set(with_script)
     from edgeseg.runtime import coreml
 
     assert "MLModel" in coreml.EXTRA_FILES["Segment.swift"]

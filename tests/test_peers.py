@@ -84,7 +84,7 @@ def test_yolo26n_sem_peer_is_ultralytics_or_a_one_line_install_hint(tmp_path, mo
     else:
         with pytest.raises(ImportError, match="pip install --no-deps --target .bench-site ultralytics==8.4.190"):
             create_model("yolo26n_sem", num_classes=11)
-        args = peers.build_parser().parse_args(["--out", str(tmp_path / "o")])
+        args = peers.build_parser().parse_args(["--out", str(tmp_path / "o"), "--ultralytics-site", ""])
         peers._check_args(args)
         assert "yolo26n_sem" not in args.models and "offseg_t" in args.models
     monkeypatch.setenv("PYTHONPATH", "")

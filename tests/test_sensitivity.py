@@ -110,6 +110,38 @@ def test_unsimulable_targets_are_refused():
         scheme_for_target("tpu")
 
 
+
+def test_every_profile_exporter_gives_its_scheme_or_is_refused():
+    """The scheme is the exporter's hook (`Exporter.int8_scheme`): every int8 profile's exporter gives an Int8Scheme
+    named after the target, or None and scheme_for_target refuses the target; schemes.py names no exporter."""
+    from pathlib import Path
+
+    from edgeseg.export import get_exporter
+    from edgeseg.export import schemes
+    from edgeseg.export.profiles import load_profile
+    from edgeseg.quant.sensitivity import Int8Scheme
+    from edgeseg.targets import list_profiles
+
+    for name in list_profiles():
+        profile = load_profile(name)
+        if "int8" not in profile.precisions:
+            with pytest.raises(UsageError, match="no int8 precision"):
+                scheme_for_target(name)
+            continue
+        exporter = get_exporter(name)
+        opts = exporter.Options.from_dict({**profile.io_options(), **profile.options})
+        scheme = exporter.int8_scheme(name, opts)
+        if scheme is None:
+            with pytest.raises(UsageError, match="cannot be simulated"):
+                scheme_for_target(name)
+        else:
+            assert isinstance(scheme, Int8Scheme) and scheme.target == name, (name, scheme)
+            assert scheme_for_target(name) == scheme
+            assert name in schemes.simulated_targets()
+    text = Path(schemes.__file__).read_text().lower()
+    named = [n for n in ("onnx", "tensorrt", "openvino", "executorch", "coreml", "litert") if n in text]
+    assert not named, f"schemes.py names exporters: {named}"
+
 def test_simulation_uses_the_scheme(monkeypatch):
     """7-bit weights lose ~6 dB against 8-bit; asymmetric uint8 on a ReLU output beats symmetric int8 (which
     wastes the negative half); weight-only int8 leaves the input alone."""

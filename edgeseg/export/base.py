@@ -28,7 +28,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.nn as nn
 
@@ -48,6 +48,9 @@ from edgeseg.errors import UsageError
 from edgeseg.models.wrapper import INPUT_NAME, OUTPUT_ARGMAX, OUTPUT_LOGITS, ExportWrapper  # noqa: F401
 from edgeseg.quant.calibration import CalibrationData  # noqa: F401
 from edgeseg.targets import IO_CHOICES, PRECISIONS  # noqa: F401
+
+if TYPE_CHECKING:
+    from edgeseg.quant.sensitivity import Int8Scheme
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +222,19 @@ class Exporter(ABC):
 
     def fallback_ops(self, lowered: Any) -> list[str] | None:
         """Ops of a converted program that do not run on the target's accelerator; None if unknown."""
+        return None
+
+    def int8_scheme(self, target: str, options: ExportOptions) -> "Int8Scheme | None":
+        """The int8 arithmetic this exporter applies with `options` on this host, as an
+        `edgeseg.quant.sensitivity.Int8Scheme` named `target`, for the eager sensitivity simulation
+        (`edgeseg.export.schemes.scheme_for_target`: `edgeseg quant-report --target`, the mIoU budget's ranking).
+        `options` is an instance of this exporter's `Options` (profile options plus overrides, calibrate_method
+        already checked to be MinMax). None: this exporter's int8 cannot be simulated. Import nothing heavy."""
+        return None
+
+    def why_not_here(self) -> str | None:
+        """Why this host cannot execute this target's artifacts, one line (e.g. "Core ML runs only on macOS
+        (this host: linux)"); None where it can. The mIoU budget refuses such a target before exporting."""
         return None
 
     def tool_versions(self) -> dict[str, str]:

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,10 +42,17 @@ RANDOM_IMAGES = "random uint8 images"
 
 
 def check_runnable(target: str) -> None:
-    """UsageError when `target`'s int8 artifacts cannot be executed on this host (the budget needs an mIoU)."""
-    if target == "coreml" and sys.platform != "darwin":
-        raise UsageError("--max-miou-drop: the accuracy budget needs a target that runs here, and Core ML runs "
-                         f"only on macOS (this host: {sys.platform}); use quant-report + --keep-float instead")
+    """UsageError when `target`'s int8 artifacts cannot be executed on this host (the budget needs an mIoU): its
+    exporter's `why_not_here`. An unknown target passes here (the export names the known ones)."""
+    from edgeseg.export import get_exporter
+    from edgeseg.targets import list_profiles
+
+    if target not in list_profiles():
+        return
+    why = get_exporter(target).why_not_here()
+    if why:
+        raise UsageError(f"--max-miou-drop: the accuracy budget needs a target that runs here, and {why}; use "
+                         "quant-report + --keep-float instead")
 
 
 def check_budget(x: float) -> float:
@@ -103,7 +109,7 @@ def quantize_with_budget(checkpoint: str | Path, target: str, data: str | Path, 
 
     Args:
         checkpoint: fp32 checkpoint (or a QAT checkpoint: one round, no float search).
-        target: export target; its artifact must run here (coreml on Linux cannot: UsageError).
+        target: export target; its artifact must run here (UsageError where its exporter's `why_not_here` says not).
         data: dataset root whose `split` is the validation set.
         max_miou_drop: allowed mIoU drop vs the fp32 checkpoint (fraction, 0.01 = one point).
         out: artifact folder (default `<checkpoint>-<target>-int8`); written only on success.
@@ -303,11 +309,11 @@ def _check_images(art: Path, rnd: int) -> list[str]:
 
 
 def _runtime_note(target: str) -> str:
-    if target == "jetson-tensorrt":
-        return "ONNX Runtime CPU on the QDQ ONNX (TensorRT builds its engine on the Jetson)"
-    from edgeseg.export import TARGETS
+    """What validated the rounds here: the profile's `host_run_note`, else its runtime module."""
+    from edgeseg.targets import load_profile
 
-    return f"edgeseg.runtime.{TARGETS[target].runtime}"
+    profile = load_profile(target)
+    return profile.host_run_note or f"edgeseg.runtime.{profile.runtime}"
 
 
 def _ranking(checkpoint, data, split, images, spec, base_float, options, scheme=None) -> list[str]:

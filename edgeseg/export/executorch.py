@@ -288,6 +288,17 @@ class ExecutorchExporter(Exporter):
     def fallback_ops(self, lowered) -> list[str]:
         return sorted(non_delegated_ops(lowered))
 
+    def int8_scheme(self, target: str, options: ExportOptions):
+        """XNNPACKQuantizer's symmetric config: symmetric int8 weights, asymmetric int8 activations."""
+        from edgeseg.quant.sensitivity import Int8Scheme
+
+        per_channel = bool(getattr(options, "per_channel", True))
+        chan = "per-channel" if per_channel else "per-tensor"
+        return Int8Scheme(target, f"XNNPACKQuantizer symmetric config: int8 symmetric {chan} weights, int8 "
+                          "asymmetric per-tensor activations", w_qmin=-127, w_qmax=127, w_div=127.0,
+                          per_channel=per_channel, activations="asymmetric", a_qmin=-128, a_qmax=127,
+                          options={"per_channel": per_channel})
+
     def export(self, job: ExportJob) -> ExportResult:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower

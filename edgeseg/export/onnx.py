@@ -222,6 +222,23 @@ class OnnxExporter(Exporter):
 
         return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat, weight_7bit=True)
 
+    def int8_scheme(self, target: str, options: ExportOptions):
+        """ONNX Runtime's QDQ arithmetic as quantize_static applies it here (reduce_range resolved from this CPU)."""
+        from edgeseg.quant.sensitivity import Int8Scheme
+
+        per_channel = bool(getattr(options, "per_channel", True))
+        chan = "per-channel" if per_channel else "per-tensor"
+        reduce, why = resolve_reduce_range(options.reduce_range)
+        act = options.activation_type
+        lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+        return Int8Scheme(target, f"ONNX Runtime QDQ: int8 symmetric {chan} weights"
+                          + (" 7-bit (reduce_range)" if reduce else "") + f", {act} asymmetric per-tensor activations",
+                          w_qmin=-64 if reduce else -127, w_qmax=64 if reduce else 127, w_div=64.0 if reduce else 127.0,
+                          per_channel=per_channel, activations="asymmetric", a_qmin=lo, a_qmax=hi,
+                          options={"activation_type": act, "reduce_range": reduce, "reduce_range_reason": why,
+                                   "per_channel": per_channel,
+                                   "calibrate_method": getattr(options, "calibrate_method", "MinMax")})
+
     def export(self, job: ExportJob) -> ExportResult:
         model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
         out_dir = Path(job.out_dir)

@@ -255,6 +255,26 @@ class OpenVINOExporter(Exporter):
 
         return openvino_qat_quantizer()
 
+    def int8_scheme(self, target: str, options: ExportOptions):
+        """NNCF's int8 as it quantizes here: symmetric per-channel weights (7-bit where the overflow fix applies,
+        resolved from this CPU), activations by the preset."""
+        from edgeseg.export.openvino_quant import resolve_overflow_fix
+        from edgeseg.quant.sensitivity import Int8Scheme
+
+        fix, why = resolve_overflow_fix(options.overflow_fix)
+        # NNCF's overflow fix: 7-bit weights everywhere ("enable") or in the first layer only
+        seven = {"w_qmin": -63, "w_qmax": 63, "w_div": 63.0}
+        weights = seven if fix == "enable" else {"w_qmin": -127, "w_qmax": 127, "w_div": 127.0}
+        first = {"first_w_qmin": -63, "first_w_qmax": 63, "first_w_div": 63.0} if fix == "first_layer_only" else {}
+        acts = ({"activations": "signed_by_range"} if options.preset == "performance" else
+                {"activations": "asymmetric", "a_qmin": 0, "a_qmax": 255})
+        return Int8Scheme(target, "NNCF: int8 symmetric per-channel weights"
+                          + {"enable": " 7-bit (overflow fix)", "first_layer_only": " (7-bit in the first layer)"}
+                          .get(fix, "") + ", int8 per-tensor activations "
+                          + ("symmetric" if options.preset == "performance" else "asymmetric"), per_channel=True,
+                          **weights, **first, **acts,
+                          options={"overflow_fix": fix, "overflow_fix_reason": why, "preset": options.preset})
+
     def export(self, job: ExportJob) -> ExportResult:
         import openvino as ov
 

@@ -168,6 +168,18 @@ class TensorrtExporter(Exporter):
         return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat,
                                  symmetric_activations=True)
 
+    def int8_scheme(self, target: str, options: ExportOptions):
+        """TensorRT's explicit quantization: symmetric int8 weights and activations (zero points of 0)."""
+        from edgeseg.quant.sensitivity import Int8Scheme
+
+        per_channel = bool(getattr(options, "per_channel", True))
+        chan = "per-channel" if per_channel else "per-tensor"
+        return Int8Scheme(target, f"TensorRT explicit QDQ: int8 symmetric {chan} weights, int8 symmetric per-tensor "
+                          "activations", w_qmin=-127, w_qmax=127, w_div=127.0, per_channel=per_channel,
+                          activations="symmetric", a_qmin=-127, a_qmax=127, a_div=127.0,
+                          options={"per_channel": per_channel,
+                                   "calibrate_method": getattr(options, "calibrate_method", "MinMax")})
+
     def export(self, job: ExportJob) -> ExportResult:
         model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
         out_dir = Path(job.out_dir)

@@ -64,3 +64,40 @@ class LiteRTSession(Session):
 
 
 SESSION = LiteRTSession
+
+
+# The device kit's runner (edgeseg/export/device_kit.py): the same Interpreter settings, with only ai-edge-litert
+# and numpy (on Android, the same .tflite goes to the LiteRT Interpreter / CompiledModel API with XNNPACK).
+RUN_SCRIPT = '''
+RUNTIME = "LiteRT"
+PACKAGES = ["ai-edge-litert"]  # pip distributions (pinned to the versions in manifest.json's tool_versions)
+
+
+class Runner:
+    """The LiteRT Interpreter (its default XNNPACK delegate), `threads` threads; int8 I/O tensors, if any, are
+    fed and read through their own scale and zero point."""
+
+    def __init__(self, here, manifest, threads):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_path=str(here / manifest["model_file"]), num_threads=threads)
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        self.logits = manifest["output"]["kind"] == "logits"
+
+    def __call__(self, x):
+        import numpy as np
+
+        scale, zero = self.inp["quantization"]
+        if np.issubdtype(self.inp["dtype"], np.integer) and x.dtype != self.inp["dtype"] and scale:
+            info = np.iinfo(self.inp["dtype"])
+            x = np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(self.inp["dtype"])
+        self.interp.set_tensor(self.inp["index"], np.ascontiguousarray(x))
+        self.interp.invoke()
+        y = self.interp.get_tensor(self.out["index"])
+        scale, zero = self.out["quantization"]
+        if np.issubdtype(y.dtype, np.integer) and scale and self.logits:
+            return (y.astype(np.float32) - zero) * scale
+        return np.array(y, copy=True)
+'''

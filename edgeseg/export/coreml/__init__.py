@@ -112,6 +112,23 @@ class CoreMLExporter(Exporter):
         # (executorch 1.5.1's CoreMLQuantizer has neither)
         return coreml_quantizer(per_channel=getattr(options, "per_channel", True))
 
+    def int8_scheme(self, target: str, options: ExportOptions):
+        """Core ML's int8 by `int8_mode`: weight-only int8, or W8A8 (CoreMLQuantizer symmetric, uint8 activations
+        with zero point 128)."""
+        from edgeseg.quant.sensitivity import Int8Scheme
+
+        if options.int8_mode == "weights":
+            return Int8Scheme(target, "Core ML weight-only int8: symmetric per-channel weights, float activations",
+                              w_qmin=-127, w_qmax=127, w_div=127.0, per_channel=True, activations="none",
+                              options={"int8_mode": options.int8_mode})
+        return Int8Scheme(target, "Core ML W8A8 (CoreMLQuantizer symmetric): int8 symmetric per-channel weights, "
+                          "uint8 symmetric per-tensor activations (zero point 128)", w_qmin=-128, w_qmax=127,
+                          w_div=127.5, per_channel=True, activations="symmetric", a_qmin=0, a_qmax=255, a_div=127.5,
+                          a_zero=128, options={"int8_mode": options.int8_mode})
+
+    def why_not_here(self) -> str | None:
+        return None if sys.platform == "darwin" else f"Core ML runs only on macOS (this host: {sys.platform})"
+
     def export(self, job: ExportJob) -> ExportResult:
         import platform
 

@@ -105,6 +105,16 @@ class LiteRTExporter(Exporter):
     Options = LiteRTOptions
     tools = ("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "torch")
 
+    def int8_scheme(self, target: str, options: ExportOptions):
+        """ai-edge-quantizer's static int8 arithmetic (either recipe: the recipe picks which ops are int8, not how)."""
+        from edgeseg.quant.sensitivity import Int8Scheme
+
+        # ai-edge-quantizer static_wi8_ai8: symmetric narrow-range weights (scale = absmax / 127), asymmetric
+        # min/max activations over -128..127 (ai_edge_quantizer/algorithms/uniform_quantize)
+        return Int8Scheme(target, "ai-edge-quantizer static_wi8_ai8: int8 symmetric per-channel weights, int8 "
+                          "asymmetric per-tensor activations", w_qmin=-127, w_qmax=127, w_div=127.0, per_channel=True,
+                          activations="asymmetric", a_qmin=-128, a_qmax=127, options={"recipe": options.recipe})
+
     def export(self, job: ExportJob) -> ExportResult:
         if job.qat:
             raise UsageError("--target litert: QAT checkpoints are not supported (no QAT scheme); export the float "
