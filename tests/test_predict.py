@@ -21,7 +21,7 @@ from test_api import odd_image  # noqa: E402
 import edgeseg  # noqa: E402
 from edgeseg.cli import main  # noqa: E402
 
-RUNS_HERE = ("onnx", "openvino", "executorch-xnnpack")
+RUNS_HERE = ("onnx", "openvino", "executorch-xnnpack", "litert", "jetson-tensorrt")
 
 
 def _save(path: Path, img: np.ndarray) -> Path:
