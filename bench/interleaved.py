@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
@@ -30,29 +30,32 @@ def main(argv=None) -> int:
     from edgeseg.cpu import host_cpu
     from edgeseg.runtime import open_session
 
-    sessions = {d: open_session(d, num_threads=args.threads) for d in args.artifacts}
-    first = sessions[args.artifacts[0]]
-    shape = tuple(first.manifest.input["shape"])
+    from peers import latency_stats, time_interleaved  # the same round-robin timing as bench/peers.py
+
+    keys = list(args.artifacts)
+    sessions = {i: open_session(d, num_threads=args.threads) for i, d in enumerate(keys)}
+    shape = tuple(sessions[0].manifest.input["shape"])
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    if first.manifest.input["dtype"] == "uint8":
+    if sessions[0].manifest.input["dtype"] == "uint8":
         x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    for s in sessions.values():
-        for _ in range(args.warmup):
-            s.run(x)
-    keys = list(sessions)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(args.runs):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t = time.perf_counter()
-            sessions[k].run(x)
-            times[k].append((time.perf_counter() - t) * 1e3)
+    manifests = {i: s.manifest for i, s in sessions.items()}
+    rows = [{"artifact": d} for d in keys]
+    try:
+        times = time_interleaved(rows, sessions, {i: x for i in sessions}, args.warmup, args.runs, progress=False)
+    finally:
+        for s in sessions.values():
+            s.close()
     print(f"{args.runs} runs interleaved, {args.threads} thread(s), input {shape}; CPU: {host_cpu().model}")
-    base = float(np.median(times[keys[0]]))
-    for k in keys:
-        m = sessions[k].manifest
-        p50 = float(np.median(times[k]))
-        print(f"{k:48s} {m.target:20s} {m.precision:5s} p50 {p50:8.1f} ms  p90 {np.percentile(times[k], 90):8.1f}"
-              f"  x first {p50 / base:.2f}")
+    base = None
+    for i, d in enumerate(keys):
+        m = manifests[i]
+        if rows[i].get("status") == "FAILED":
+            print(f"{d:48s} {m.target:20s} {m.precision:5s} FAILED: {rows[i]['error']}")
+            continue
+        st = latency_stats(times[i])
+        base = base or st["p50"]
+        print(f"{d:48s} {m.target:20s} {m.precision:5s} p50 {st['p50']:8.2f} ms  p90 {st['p90']:8.2f}"
+              f"  x first {st['p50'] / base:.2f}")
     return 0
 
 

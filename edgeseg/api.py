@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence, overload
 
 import numpy as np
 
+from edgeseg.artifact import MANIFEST
 from edgeseg.errors import ArtifactError, DataError, UsageError
 
 if TYPE_CHECKING:
@@ -316,14 +317,14 @@ def load(path: str | Path, threads: int | None = None, *, native_size: bool = Fa
     path = Path(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads {threads!r}: must be a positive integer (or None for the runtime's default)")
-    if not (path / "manifest.json").is_file() and (path / "model.json").is_file():
+    if not (path / MANIFEST).is_file() and (path / "model.json").is_file():
         from edgeseg.checkpoint import load_checkpoint
         from edgeseg.runtime.torch import TorchSession
 
         model, spec = load_checkpoint(path)  # what open_session does for a checkpoint, keeping the model for
         session = TorchSession.from_model(model, spec, path=path, num_threads=threads)  # native_size's sizes
         return Predictor(session, path, "checkpoint", native_size=native_size, model=model, spec=spec)
-    if native_size and (path / "manifest.json").is_file():
+    if native_size and (path / MANIFEST).is_file():
         raise UsageError(f"{path}: native_size is for checkpoints; an artifact has the fixed input size of its "
                          "manifest")
     session = open_session(path, num_threads=threads)  # ArtifactError for a folder that is neither

@@ -270,7 +270,7 @@ def test_freqfusion_channels_last_form_traced_equals_eager():
 @pytest.mark.parametrize("kernel,scale,hw,n", [(3, 1, (5, 7), 1), (5, 2, (4, 6), 1), (5, 2, (3, 3), 2),
                                                (3, 2, (2, 5), 2), (5, 1, (2, 2), 1)])
 def test_carafe_gather_form_matches_reference(kernel, scale, hw, n):
-    """The row-gather export form (ONNX Runtime's) computes CARAFE exactly like mmcv's definition, with its baked
+    """The row-gather export form (ONNX Runtime's and ExecuTorch's) computes CARAFE exactly like mmcv's definition, with its baked
     index or without, for one image (the export batch) and several."""
     from edgeseg.models.carafe import carafe_export_gather, gather_index
 

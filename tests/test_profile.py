@@ -23,9 +23,12 @@ def _check(rec: dict) -> None:
     assert rec["status"] == "ok", rec
     parts = {r["part"]: r for r in rec["parts"]}
     assert abs(sum(r["share"] for r in rec["parts"]) - 1.0) < 0.01
-    # the time lands on the model's own parts, not on unattributed rows
+    # the time of the model's ops lands on the model's own parts, not on unattributed rows; the runtime's own
+    # overhead (delegate calls) is its own row, which at 64x64 can be half of the time (ExecuTorch: a dozen calls)
+    inserted = parts[INSERTED]["share"] if INSERTED in parts else 0.0
+    assert inserted < 0.9, rec["parts"]
     attributed = sum(r["share"] for p, r in parts.items() if p not in (INSERTED, UNKNOWN))
-    assert attributed > 0.5, rec["parts"]
+    assert attributed / (1.0 - inserted) > 0.5, rec["parts"]
     assert any(p.startswith("backbone.") for p in parts) and any(p.startswith("decode_head.freqfusions.")
                                                                   for p in parts), sorted(parts)
     assert rec["total_ms"] > 0 and rec["wall_ms"] > 0

@@ -206,7 +206,7 @@ def test_qat_checkpoint_records_scheme(qat_run):
     spec = load_spec(res["checkpoint"])
     assert spec.quant["target"] == "executorch-xnnpack" and spec.quant["format"] == "edgeseg-qat/2"
     assert spec.quant["params"] == "qat_params.safetensors" and "program" not in spec.quant
-    assert spec.quant["export_form"] == {"sampler": "gather"}  # the target's profile: what PTQ exports too
+    assert spec.quant["export_form"] == {"carafe": "gather", "sampler": "gather"}  # the profile's: what PTQ exports
     assert spec.quant["bn_stats"].startswith("frozen")
     load_checkpoint(res["checkpoint"])  # the float weights still load into the eager model
 
@@ -628,7 +628,7 @@ def test_qat_trains_the_export_form_the_target_lowers(tiny_camvid, tmp_path):
     from edgeseg.train.qat import prepare_qat
 
     forms = dict(load_profile("executorch-xnnpack").export_form)
-    assert forms.get("sampler") == "gather", forms
+    assert forms == {"carafe": "gather", "sampler": "gather"}, forms
     model = create_model("test_offseg", num_classes=5)
     prepare_for_export(model, (64, 96), **forms)
     policy = float_policy(model)
@@ -636,4 +636,5 @@ def test_qat_trains_the_export_form_the_target_lowers(tiny_camvid, tmp_path):
     assert len(gathers) == 3, policy.names
     ops = [str(n.target) for n in prepare_qat(model, "executorch-xnnpack", (64, 96), policy).graph.nodes
            if n.op == "call_function"]
-    assert not any("grid_sampler" in o for o in ops) and sum("embedding" in o for o in ops) == 12
+    # row lookups: the sampler's 4 per fusion and CARAFE's im2col, 5 calls per fusion; no one-hot im2col conv
+    assert not any("grid_sampler" in o for o in ops) and sum("embedding" in o for o in ops) == 3 * (4 + 5)

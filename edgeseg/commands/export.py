@@ -1,6 +1,7 @@
 """`edgeseg export`: turn a checkpoint into a deployable artifact for a named target and prove it."""
 from __future__ import annotations
 
+from edgeseg.artifact import MANIFEST
 from edgeseg.cli_args import parse_hw
 
 HELP = "export a checkpoint to a target (ExecuTorch, ONNX, OpenVINO, Core ML, Jetson TensorRT) and prove it"
@@ -104,7 +105,7 @@ def run(args) -> int:
     out = export_checkpoint(args.checkpoint, args.target, args.precision,
                             input_hw=parse_hw(args.input_size, "--input-size", multiple_of=1), calib=args.calib,
                             out=args.out, force=args.force, calib_root=args.data, **_parse_options(args.option))
-    m = json.loads((Path(out) / "manifest.json").read_text())
+    m = json.loads((Path(out) / MANIFEST).read_text())
     proof = m.get("proof") or {}
     size_mb = sum((Path(out) / f).stat().st_size for f in m["sha256"]) / 1e6
     rows = [("artifact", str(out)), ("target", m["target"]), ("precision", m["precision"]), ("model", m["model"]),

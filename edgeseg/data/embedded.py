@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgeseg.artifact import MANIFEST
 from edgeseg.errors import ArtifactError, DataError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -47,4 +48,4 @@ def shipped_artifacts() -> list[Path]:
     root = ASSETS / "artifacts"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file())
+    return sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())

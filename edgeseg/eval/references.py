@@ -16,7 +16,7 @@ from edgeseg.errors import ArtifactError, UsageError
 if TYPE_CHECKING:
     from edgeseg.artifact import Manifest
 
-MANIFEST = "manifest.json"
+from edgeseg.artifact import MANIFEST  # noqa: E402  (the one name of the manifest file)
 
 
 def read_manifest_dict(artifact_dir: str | Path) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from edgeseg.errors import ArtifactError, UsageError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+from edgeseg.artifact import MANIFEST  # noqa: E402  (the one name of the manifest file)
 # the source name edgeseg.quant.calibration.default_images gives its random stand-in images
 RANDOM_IMAGES = "random uint8 images"
 
