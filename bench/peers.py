@@ -70,9 +70,11 @@ def _csv(values: Sequence[str] | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-def make_checkpoint(name: str, folder: Path, input_hw: tuple[int, int], weights: str) -> tuple[Path, str]:
-    """The checkpoint of model `name`: the shipped one (ours, weights="shipped") or a seeded random one saved in
-    `folder` (CamVid's 11 classes). Returns (checkpoint folder, description of its weights)."""
+def make_checkpoint(name: str, folder: Path, input_hw: tuple[int, int], weights: str,
+                    num_classes: int | None = None) -> tuple[Path, str]:
+    """The checkpoint of model `name`: the shipped one (ours, weights="shipped", CamVid's 11 classes) or a seeded
+    random one saved in `folder` (CamVid's classes, or `num_classes` generic ones, e.g. 150 as ADE20K's official
+    checkpoints). Returns (checkpoint folder, description of its weights)."""
     import torch
 
     from edgeseg.checkpoint import save_checkpoint
@@ -81,14 +83,19 @@ def make_checkpoint(name: str, folder: Path, input_hw: tuple[int, int], weights:
     from edgeseg.models import create_model
     from edgeseg.types import ModelSpec
 
-    if weights == "shipped" and name in SHIPPED:
+    camvid = num_classes in (None, CAMVID_INFO.num_classes)
+    if weights == "shipped" and name in SHIPPED and camvid:
         ckpt = assets_dir() / "checkpoints" / SHIPPED[name]
         if (ckpt / "model.safetensors").is_file() and (ckpt / "model.json").is_file():
             return ckpt, f"shipped {SHIPPED[name]}"
     torch.manual_seed(SEED)
-    model = create_model(name, num_classes=CAMVID_INFO.num_classes).eval()
-    spec = ModelSpec(model=name, num_classes=CAMVID_INFO.num_classes, class_names=CAMVID_INFO.class_names,
-                     palette=CAMVID_INFO.palette, ignore_index=CAMVID_INFO.ignore_index, input_hw=tuple(input_hw),
+    n = CAMVID_INFO.num_classes if camvid else int(num_classes)
+    names = CAMVID_INFO.class_names if camvid else tuple(f"class_{i}" for i in range(n))
+    palette = CAMVID_INFO.palette if camvid else tuple(((37 * i) % 256, (91 * i) % 256, (173 * i) % 256)
+                                                       for i in range(n))
+    model = create_model(name, num_classes=n).eval()
+    spec = ModelSpec(model=name, num_classes=n, class_names=names,
+                     palette=palette, ignore_index=CAMVID_INFO.ignore_index, input_hw=tuple(input_hw),
                      provenance={"weights": f"random (torch.manual_seed({SEED}))", "by": "bench/peers.py"})
     return save_checkpoint(folder / name, model, spec), f"random (seed {SEED})"
 
@@ -246,7 +253,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     w = max([len(r["model"]) for r in rows] + [5])
     lines = [f"CPU: {result['cpu_summary']}",
-             (f"input {result['input_hw'][0]}x{result['input_hw'][1]}, output {result['output']}, threads "
+             (f"input {result['input_hw'][0]}x{result['input_hw'][1]}, {result.get('num_classes', 11)} classes, "
+              f"output {result['output']}, threads "
               f"{result['threads']}, {result['runs']} runs after {result['warmup']} warm-up, interleaved "
               "round-robin over every artifact"),
              (f"{'model':<{w}}  {'role':<4}  {'GMAC':>6}  {'target':<18}  {'prec':<4}  {'p50 ms':>8}  "
@@ -327,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", choices=("shipped", "random"), default="shipped",
                     help="our models' weights: the shipped CamVid checkpoints, or seeded random (peers: always "
                          "random)")
+    ap.add_argument("--num-classes", type=int, default=None, metavar="K",
+                    help="classes of every model (default: CamVid's 11; another count, e.g. 150 as the official "
+                         "ADE20K checkpoints, gives every model seeded random weights)")
     ap.add_argument("--output", choices=("argmax", "logits"), default="argmax",
                     help="artifact output: uint8 class map at input size (same for every model; default) or each "
                          "model's native-stride logits")
@@ -353,6 +364,8 @@ def _check_args(args) -> tuple[tuple[int, int], list[str], list[str], list[str]]
         args.models = [m for m in OURS + PEERS if m != "yolo26n_sem" or peer_models.ultralytics_available()]
         if "yolo26n_sem" not in args.models:
             log.warning("yolo26n_sem left out: ultralytics is not importable (%s)", peer_models.ULTRALYTICS_INSTALL)
+    if args.num_classes is not None and args.num_classes < 2:
+        raise UsageError("--num-classes: must be at least 2")
     for flag in ("threads", "runs", "calib_count"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')}: must be at least 1")
@@ -430,7 +443,7 @@ def run(args) -> dict[str, Any]:
         for m in models:
             role = "peer" if m in PEERS else "ours"
             try:
-                ckpts[m], weights = make_checkpoint(m, work / "checkpoints", hw, args.weights)
+                ckpts[m], weights = make_checkpoint(m, work / "checkpoints", hw, args.weights, args.num_classes)
                 info[m] = {"role": role, "weights": weights,
                            "checkpoint": str(ckpts[m]) if weights.startswith("shipped") else None}
             except Exception as e:  # noqa: BLE001 - the model's rows all fail with this line
@@ -510,8 +523,8 @@ def run(args) -> dict[str, Any]:
         ratios = add_ratios(rows)
         result = {
             "benchmark": "bench/peers.py", "cpu": cpu.to_json(), "cpu_summary": cpu.summary(),
-            "input_hw": list(hw), "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
-            "output": args.output, "timing": "interleaved: every run goes round-robin over every open artifact, "
+            "input_hw": list(hw), "num_classes": args.num_classes or 11, "threads": args.threads, "runs": args.runs,
+            "warmup": args.warmup, "output": args.output, "timing": "interleaved: every run goes round-robin over every open artifact, "
                                               "starting one further along each run",
             "input": f"one real frame ({frame_source}) resized to the input size",
             "calibration": f"{args.calib_count} embedded CamVid frames (edgeseg default calibration images)",

@@ -178,3 +178,18 @@ def test_main_tiny_run_writes_rows_ratios_and_records_failures(tmp_path, capsys)
     before = (out / "peers.json").read_bytes()
     assert peers.main(argv) == 2  # refuses to overwrite without --force
     assert (out / "peers.json").read_bytes() == before
+
+
+def test_num_classes_gives_random_checkpoints_of_that_many_classes(tmp_path):
+    """--num-classes 150 (the official ADE20K checkpoints' head): every model, the shipped ones included, gets a
+    seeded random checkpoint with 150 classes; CamVid's 11 keeps the shipped checkpoint."""
+    from edgeseg.checkpoint import load_spec
+
+    ck, weights = peers.make_checkpoint("offseg_t", tmp_path, (64, 64), "shipped", num_classes=150)
+    spec = load_spec(ck)
+    assert weights.startswith("random") and spec.num_classes == 150 == len(spec.class_names) == len(spec.palette)
+    assert len({tuple(c) for c in spec.palette}) > 100  # distinguishable colours
+    _, weights = peers.make_checkpoint("offseg_t", tmp_path / "b", (64, 64), "shipped", num_classes=11)
+    assert weights.startswith("shipped")
+    with pytest.raises(Exception, match="--num-classes"):
+        peers.run(peers.build_parser().parse_args(["--num-classes", "1", "--out", str(tmp_path / "x")]))

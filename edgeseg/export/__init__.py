@@ -11,10 +11,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeseg import vendorlog
 from edgeseg.errors import ArtifactError, UsageError
+
+if TYPE_CHECKING:
+    from edgeseg.targets import TargetProfile
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,19 @@ def __getattr__(name: str):
 
         return {n: Target(exporter=p.exporter, runtime=p.runtime) for n, p in all_profiles().items()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A target resolved once per export and passed down: its profile (checked against the exporter), the exporter,
+    the precision and the exporter's checked options (the profile's under the caller's overrides). Nothing after
+    `_resolve` reads the profile again."""
+
+    name: str
+    profile: "TargetProfile"
+    exporter: Any
+    precision: str
+    options: Any
 
 
 def get_exporter(target: str):
@@ -73,14 +89,15 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
     from edgeseg.outputs import Output, check_outputs
     from edgeseg.quant.calibration import calibration_for_export
 
-    exporter, precision, opts = _resolve(target, precision, options)
+    resolved = _resolve(target, precision, options)
+    precision, opts = resolved.precision, resolved.options
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.parent / f"{checkpoint.name}-{target}-{precision}"
     # fail before the slow part (atomic_dir re-checks): an existing out needs force and must be edgeseg's; never
     # an input
     check_outputs(force, [Output("--out", out, "dir")],
                   [("--checkpoint", checkpoint), ("--calib", calib), ("--data", calib_root)])
-    wrapper, spec, input_hw, qat_record = _load_model(checkpoint, target, precision, input_hw, opts)
+    wrapper, spec, input_hw, qat_record = _load_model(checkpoint, resolved, input_hw)
     vendorlog.place(vendorlog.log_name(out))
 
     calib_data = None
@@ -89,18 +106,18 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
     # out_dir: the temporary folder, set by _write_artifact
     job = ExportJob(model=wrapper, spec=spec, precision=precision, input_hw=input_hw, out_dir=out, options=opts,
                     calib=calib_data, qat=qat_record)
-    _write_artifact(exporter, job, target, checkpoint, out, force)
+    _write_artifact(resolved, job, checkpoint, out, force)
     log.info("wrote %s", out)
     return out
 
 
-def _resolve(target: str, precision: str | None, options: dict[str, Any]):
-    """(exporter, precision, options) of an export: the profile's defaults under the caller's overrides, checked
+def _resolve(target: str, precision: str | None, options: dict[str, Any]) -> ResolvedTarget:
+    """The target of an export, resolved once: its profile's defaults under the caller's overrides, checked
     against the exporter and this host."""
-    from edgeseg.export.profiles import load_profile
+    from edgeseg.export.profiles import exporter_class, load_profile
 
     profile = load_profile(target)  # UsageError naming the known targets for an unknown one
-    exporter = get_exporter(target)
+    exporter = exporter_class(profile)()
     precision = precision or profile.default_precision
     if precision not in profile.precisions:
         raise UsageError(f"--precision: target {target!r} supports {', '.join(profile.precisions)}, "
@@ -109,10 +126,10 @@ def _resolve(target: str, precision: str | None, options: dict[str, Any]):
     missing = exporter.check_environment()
     if missing:
         raise UsageError(f"--target {target}: missing on this host: {'; '.join(missing)}")
-    return exporter, precision, opts
+    return ResolvedTarget(name=target, profile=profile, exporter=exporter, precision=precision, options=opts)
 
 
-def _load_model(checkpoint: Path, target: str, precision: str, input_hw: tuple[int, int] | None, opts):
+def _load_model(checkpoint: Path, resolved: ResolvedTarget, input_hw: tuple[int, int] | None):
     """(ExportWrapper, spec, input_hw, QAT record or None): the checkpoint in export form, or for int8 from a QAT
     checkpoint its converted int8 graph."""
     from edgeseg.checkpoint import load_checkpoint
@@ -120,6 +137,7 @@ def _load_model(checkpoint: Path, target: str, precision: str, input_hw: tuple[i
     from edgeseg.models import prepare_for_export
     from edgeseg.quant.qat_program import is_qat_record
 
+    target, precision, opts = resolved.name, resolved.precision, resolved.options
     model, spec = load_checkpoint(checkpoint)
     input_hw = tuple(int(v) for v in (input_hw or spec.input_hw))
     qat_record = None
@@ -142,23 +160,21 @@ def _load_model(checkpoint: Path, target: str, precision: str, input_hw: tuple[i
         qat_record = {k: v for k, v in quant.items() if k != "fake_quants"}
         qat_record["fake_quant_count"] = len(quant["fake_quants"])
     else:
-        from edgeseg.targets import load_profile
-
-        model = prepare_for_export(model, input_hw, **load_profile(target).export_form)
+        model = prepare_for_export(model, input_hw, **resolved.profile.export_form)
     wrapper = ExportWrapper(model, input_hw, spec.mean, spec.std, input_dtype=opts.input_dtype,
                             input_layout=opts.input_layout, output=opts.output).eval()
     return wrapper, spec, input_hw, qat_record
 
 
-def _write_artifact(exporter, job, target: str, checkpoint: Path, out: Path, force: bool) -> None:
+def _write_artifact(resolved: ResolvedTarget, job, checkpoint: Path, out: Path, force: bool) -> None:
     """Export `job` into a temporary folder, write its manifest and, where the artifact runs here, its proof; the
     folder becomes `out` only when all of that passed."""
     from edgeseg.export.base import write_manifest
     from edgeseg.export.device_kit import write_device_kit
     from edgeseg.export.proof import check_fp32_proof, prove
     from edgeseg.fileio import atomic_dir
-    from edgeseg.targets import load_profile
 
+    exporter, target = resolved.exporter, resolved.name
     with atomic_dir(out, force=force) as tmp:
         job = dataclasses.replace(job, out_dir=tmp)
         t0 = time.perf_counter()
@@ -174,7 +190,7 @@ def _write_artifact(exporter, job, target: str, checkpoint: Path, out: Path, for
             check_fp32_proof(target, job.precision, manifest.proof)
         # README.md, run_<runtime>.py and expected/ for the device (edgeseg.export.device_kit), hashed in
         # device_kit.sha256; `files` and `sha256` stay the model's
-        manifest.device_kit = write_device_kit(tmp, manifest, job.model, load_profile(target).runtime)
+        manifest.device_kit = write_device_kit(tmp, manifest, job.model, resolved.profile.runtime)
         write_manifest(tmp, manifest)
 
 
@@ -204,7 +220,7 @@ def _edgeseg_version() -> str:
     return __version__
 
 
-__all__ = ["Target", "export_checkpoint", "get_exporter"]
+__all__ = ["ResolvedTarget", "Target", "export_checkpoint", "get_exporter"]
 
 
 # `edgeseg.export(checkpoint, target, ...)` calls edgeseg.api.export: this package is also that function (the
