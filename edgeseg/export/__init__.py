@@ -43,8 +43,9 @@ def __getattr__(name: str):
 @dataclass(frozen=True)
 class ResolvedTarget:
     """A target resolved once per export and passed down: its profile (checked against the exporter), the exporter,
-    the precision and the exporter's checked options (the profile's under the caller's overrides). Nothing after
-    `_resolve` reads the profile again."""
+    the precision and the exporter's checked options (the profile's under the caller's overrides). The export reads
+    the profile only in `_resolve` (the sessions that the proof and the device kit open still find their runtime
+    module through the profile: edgeseg.runtime.open_session)."""
 
     name: str
     profile: "TargetProfile"
