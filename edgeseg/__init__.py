@@ -1,7 +1,7 @@
 """edgeseg: lightweight semantic segmentation from training to int8 on edge targets.
 
-Public API only; heavy runtimes (executorch, coremltools, openvino, onnxruntime) are imported lazily inside
-`edgeseg.export.<target>` and `edgeseg.runtime.<target>` so that `import edgeseg` stays cheap. The Python API
+Public API only; heavy runtimes are imported lazily inside the target packages (`edgeseg.targets.<name>`) so
+that `import edgeseg` stays cheap. The Python API
 (`edgeseg.api`: `load`, `export`, `validate`, `Predictor`, `Prediction`) is re-exported here on first use::
 
     import edgeseg
@@ -37,7 +37,7 @@ def list_models(pattern="*"):
 
 class _ExportPackage(_types.ModuleType):
     """The class of the `edgeseg.export` package: the package (`from edgeseg.export import export_checkpoint`,
-    `edgeseg.export.onnx`) that, called, is the function `edgeseg.api.export`. `edgeseg.export` cannot be a plain
+    `edgeseg.export.budget`) that, called, is the function `edgeseg.api.export`. `edgeseg.export` cannot be a plain
     function here: importing the package sets the attribute `edgeseg.export` to it."""
 
     def __call__(self, *args, **kwargs):

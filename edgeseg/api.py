@@ -136,8 +136,10 @@ class Predictor:
 
     @property
     def runtime(self) -> str:
-        """The runtime that runs it here: the module in edgeseg/runtime/ ("torch" for a checkpoint)."""
-        return type(self.session).__module__.rsplit(".", 1)[-1]
+        """The runtime that runs it here: its target package in edgeseg/targets/ (the profile's `runtime`), or
+        "torch" for a checkpoint."""
+        parts = type(self.session).__module__.split(".")
+        return parts[2] if parts[:2] == ["edgeseg", "targets"] else parts[-1]
 
     @property
     def threads(self) -> int | None:

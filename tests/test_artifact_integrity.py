@@ -68,7 +68,7 @@ def _one_line(e: pytest.ExceptionInfo, *needles: str) -> str:
 def test_openvino_weights_must_be_listed_hashed_and_inside(exports, tmp_path):
     from edgeseg.artifact import verify_manifest
     from edgeseg.runtime import open_session
-    from edgeseg.runtime.openvino import OpenVINOSession
+    from edgeseg.targets.openvino.session import OpenVINOSession
 
     src = exports.get("openvino", _tiny.TINY, "fp32")
     with open_session(src) as s:
@@ -111,7 +111,7 @@ def test_onnx_external_data_must_be_listed_and_hashed(exports, tmp_path):
 
     from edgeseg.artifact import verify_manifest
     from edgeseg.runtime import open_session
-    from edgeseg.runtime.onnx import OnnxSession
+    from edgeseg.targets.onnx.session import OnnxSession
 
     src = exports.get("onnx", _tiny.TINY, "fp32")
     with open_session(src) as s:
@@ -228,7 +228,7 @@ def test_corrupt_pte_is_one_line_not_an_abort(exports, tmp_path):
 
 @pytest.mark.exports([("executorch-xnnpack", _tiny.TINY, "fp32")])
 def test_pte_probe_runs_once_per_program(exports, monkeypatch):
-    import edgeseg.runtime.executorch as et
+    import edgeseg.targets.executorch.session as et
     from edgeseg.runtime import open_session
 
     calls = []

@@ -180,20 +180,19 @@ def test_run_script_errors_are_one_line(exports, clean_python, tmp_path):
 def test_every_runtime_template_renders_to_python():
     """Every runtime module's RUN_SCRIPT makes a script that compiles (Core ML's cannot run here; its Swift
     snippet ships beside it)."""
-    import importlib
 
-    from edgeseg.targets import all_profiles
+    from edgeseg.targets import all_profiles, session_module
 
     runtimes = sorted({p.runtime for p in all_profiles().values()})
     with_script = []
     for rt in runtimes:
-        mod = importlib.import_module(f"edgeseg.runtime.{rt}")
+        mod = session_module(rt)
         if getattr(mod, "RUN_SCRIPT", None):
             src = device_kit.render_script(mod.RUN_SCRIPT, {}, device_kit.script_name(rt))
             compile(src, device_kit.script_name(rt), "exec")
             assert "class Runner" in src and "PACKAGES = [" in src and "RUNTIME = " in src
             with_script.append(rt)
     assert {"onnx", "openvino", "executorch", "coreml", "litert"} <= set(with_script)
-    from edgeseg.runtime import coreml
+    from edgeseg.targets.coreml import session as coreml
 
     assert "MLModel" in coreml.EXTRA_FILES["Segment.swift"]

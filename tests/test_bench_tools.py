@@ -42,3 +42,14 @@ def test_carafe_forms_exact_on_every_runtime(capsys):
     assert all(float(err) < 1e-5 for *_, err in rows), out
     # the gather form's row lookup is the one op XNNPACK does not take
     assert re.search(r"executorch gather: ops outside XNNPACK \(portable kernels\): .*embedding", out), out
+
+
+def test_carafe_forms_runs_only_the_runtimes_asked_for(capsys):
+    assert carafe_forms.main(["--channels", "3", "--hw", "4x6", "--kernel", "3", "--scale", "2", "--runs", "2",
+                              "--runtimes", "openvino"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(onnxruntime|openvino f32|executorch|litert)\s+(\w+)\s+[\d.]+\s+[\d.e+-]+$", out, re.M)
+    assert {rt for rt, _ in rows} == {"openvino f32"}, out
+    with pytest.raises(SystemExit):
+        carafe_forms.main(["--runtimes", "openvino,tflite"])
+    assert "--runtimes: unknown tflite" in capsys.readouterr().err

@@ -44,8 +44,8 @@ def test_forced_flags_decide_saturation(monkeypatch, flags, saturates):
 
 @pytest.mark.parametrize("flags, fix, reduce", [(AVX2, "enable", True), (INTEL_AMX, "disable", False)])
 def test_auto_options_follow_the_cpu(monkeypatch, flags, fix, reduce):
-    from edgeseg.export.onnx_quant import resolve_reduce_range
-    from edgeseg.export.openvino_quant import resolve_overflow_fix
+    from edgeseg.targets.onnx.quantize import resolve_reduce_range
+    from edgeseg.targets.openvino.quantize import resolve_overflow_fix
 
     monkeypatch.setenv(FORCE_ENV, flags)
     if host_cpu().machine != "x86_64":

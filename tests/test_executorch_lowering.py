@@ -26,7 +26,7 @@ def _lower(module: nn.Module, x: torch.Tensor, tmp_path: Path):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from edgeseg.export.executorch import (delegate_friendly_decompositions, non_delegated_ops,
+    from edgeseg.targets.executorch.exporter import (delegate_friendly_decompositions, non_delegated_ops,
                                            rewrite_last_dim_softmax, unshare_constants)
 
     ep = torch.export.export(module, (x,), strict=False)
@@ -161,7 +161,7 @@ def test_int8_shared_conv_weight_loads_and_runs(tmp_path):
     exporter unshares constants before PT2E; the .pte must load, run and match the quantized eager graph."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from edgeseg.export.executorch import ExecutorchExporter, unshare_constants
+    from edgeseg.targets.executorch.exporter import ExecutorchExporter, unshare_constants
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -208,7 +208,7 @@ def test_int8_one_by_one_average_pool_runs(tmp_path):
     turns a 1x1 unpadded pool into the strided slice it is; wider pools stay pools."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from edgeseg.export.executorch import ExecutorchExporter, delegate_friendly_decompositions
+    from edgeseg.targets.executorch.exporter import ExecutorchExporter, delegate_friendly_decompositions
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -282,7 +282,7 @@ def test_uint8_nhwc_input_and_argmax_output(exported, checkpoints):
 
 
 def test_existing_out_needs_force_and_interrupted_export_leaves_nothing(exported, checkpoints, monkeypatch, tmp_path):
-    from edgeseg.export import onnx as onnx_exporter
+    from edgeseg.targets.onnx import exporter as onnx_exporter
 
     art = exported("onnx")
     before = (art / MANIFEST).read_bytes()
@@ -364,7 +364,7 @@ def _lower_and_run(model, x, fix: bool, tmp_path) -> torch.Tensor:
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    from edgeseg.export.executorch import non_delegated_ops, rewrite_last_dim_softmax
+    from edgeseg.targets.executorch.exporter import non_delegated_ops, rewrite_last_dim_softmax
 
     ep = torch.export.export(model, (x,), strict=False)
     if fix:
@@ -390,7 +390,7 @@ def test_xnnpack_softmax_between_convs(tmp_path):
 
 def test_xnnpack_softmax_bug_still_present_upstream(tmp_path):
     """Documents why the rewrite exists: without it XNNPACK reduces over channels. When this fails, executorch
-    fixed the bug: drop `rewrite_last_dim_softmax` (edgeseg/export/executorch.py) and this test."""
+    fixed the bug: drop `rewrite_last_dim_softmax` (edgeseg/targets/executorch/passes.py) and this test."""
     _require("executorch-xnnpack")
     torch.manual_seed(0)
     model = _ConvSoftmaxConv().eval()
@@ -426,7 +426,7 @@ def _onnx_float_violations(path: Path, policy) -> tuple[int, list[str]]:
     that is quantized."""
     import onnx
 
-    from edgeseg.export.onnx_quant import _name_scopes
+    from edgeseg.targets.onnx.quantize import _name_scopes
 
     g = onnx.load(str(path)).graph
     inits = {i.name for i in g.initializer}
@@ -492,7 +492,7 @@ def test_executorch_pt2e_filter_leaves_float_modules_unobserved(model, checkpoin
 
     from edgeseg.checkpoint import load_checkpoint
     from edgeseg.export.base import ExportWrapper
-    from edgeseg.export.executorch import ExecutorchExporter
+    from edgeseg.targets.executorch.exporter import ExecutorchExporter
     from edgeseg.models import prepare_for_export
 
     _require("executorch-xnnpack")
@@ -557,7 +557,7 @@ def test_onnx_int8_structure(exported, tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from edgeseg.export.onnx_quant import one_hot_gather_convs
+    from edgeseg.targets.onnx.quantize import one_hot_gather_convs
 
     art = exported("onnx", "test_offseg", "int8")
     q = json.loads((art / MANIFEST).read_text())["quantization"]

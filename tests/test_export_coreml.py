@@ -217,7 +217,7 @@ def test_uint8_input_and_bad_options_are_usage_errors(checkpoints, tmp_path):
 @pytest.mark.parametrize("n_in, n_out, align, sf", [(7, 14, False, None), (7, 14, False, 2.0), (16, 9, False, None),
                                                     (5, 12, True, None), (12, 12, False, None), (3, 8, False, None)])
 def test_bicubic_matrix_equals_torch(n_in, n_out, align, sf):
-    from edgeseg.export.coreml import bicubic_matrix
+    from edgeseg.targets.coreml.exporter import bicubic_matrix
 
     x = torch.randn(1, 1, n_in, 3)
     kw = dict(scale_factor=(sf, 1.0)) if sf else dict(size=(n_out, 3))
@@ -243,7 +243,7 @@ def test_bicubic_is_rewritten_and_converts():
     computes what torch computes."""
     import coremltools as ct
 
-    from edgeseg.export.coreml import export_program
+    from edgeseg.targets.coreml.exporter import export_program
 
     torch.set_num_threads(1)
     m = _Bicubic().eval()
@@ -266,7 +266,7 @@ class _FFT(nn.Module):
 
 
 def test_fft_fails_with_an_error_naming_the_op_and_fix():
-    from edgeseg.export.coreml import export_program
+    from edgeseg.targets.coreml.exporter import export_program
 
     with pytest.raises(ArtifactError, match=r"fft.*matmul-DFT"):
         export_program(_FFT().eval(), torch.randn(1, 3, 8, 8))
@@ -274,7 +274,7 @@ def test_fft_fails_with_an_error_naming_the_op_and_fix():
 
 def test_coreml_quantizer_honours_the_float_policy():
     """The float policy's filter reaches CoreMLQuantizer's annotators: nodes of a float module stay unannotated."""
-    from edgeseg.export.coreml import coreml_quantizer
+    from edgeseg.targets.coreml.exporter import coreml_quantizer
     from edgeseg.quant.policy import FloatPolicy
 
     class Net(nn.Module):

@@ -125,7 +125,7 @@ def test_int8_full_integer_keeps_float_io(model, exported, checkpoints):
 def test_default_int8_recipe_quantizes_conv_fc_and_keeps_gelu_norms_float(exported):
     """recipe "xnnpack" (default): conv / FC int8; GELU, LayerNorm (RSQRT, SQUARED_DIFFERENCE and the module's
     MEAN/SUB/MUL/ADD) and softmax float, read from the .tflite's op output dtypes. "static_wi8_ai8" quantizes them."""
-    from edgeseg.export.litert.inspect_tflite import op_output_dtypes, read_model
+    from edgeseg.targets.litert.inspection import op_output_dtypes, read_model
 
     art = exported(_tiny.TINY, "int8")
     m = _manifest(art)

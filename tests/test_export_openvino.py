@@ -206,8 +206,8 @@ class _SameSignNet(nn.Module):
 def _int8_rel_err(overflow_fix: str) -> float:
     import openvino as ov
 
-    from edgeseg.export.openvino import OpenVINOOptions, convert
-    from edgeseg.export.openvino_quant import quantize
+    from edgeseg.targets.openvino.exporter import OpenVINOOptions, convert
+    from edgeseg.targets.openvino.quantize import quantize
 
     torch.set_num_threads(1)
     net = _SameSignNet().eval()
@@ -247,7 +247,7 @@ def test_exporter_environment_ready():
 
 
 def test_query_model_in_child_lists_no_cpu_fallback(exported):
-    from edgeseg.export.openvino import query_in_child
+    from edgeseg.targets.openvino.exporter import query_in_child
 
     assert query_in_child(exported(_tiny.TINY, "fp32") / "model.xml", "CPU") == []
 
@@ -268,7 +268,7 @@ def test_segnext_ir_compiles_static_with_group_norm_decomposed(exported):
 def test_decompose_group_norm_matches_torch():
     import openvino as ov
 
-    from edgeseg.export.openvino import decompose_group_norm
+    from edgeseg.targets.openvino.exporter import decompose_group_norm
 
     torch.manual_seed(0)
     gn1, gn2 = nn.GroupNorm(4, 16).eval(), nn.GroupNorm(2, 16).eval()
@@ -294,8 +294,8 @@ def test_decompose_group_norm_matches_torch():
 
 def test_float_policy_that_matches_no_node_is_an_error():
     """A policy whose names do not reach the OV model must fail, never quantize everything silently."""
-    from edgeseg.export.openvino import Converted, convert
-    from edgeseg.export.openvino_quant import float_node_names
+    from edgeseg.targets.openvino.exporter import Converted, convert
+    from edgeseg.targets.openvino.quantize import float_node_names
     from edgeseg.quant.policy import FloatPolicy
 
     torch.set_num_threads(1)

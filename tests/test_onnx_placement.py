@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgeseg.export.onnx import INTENDED_PROVIDER, ep_placement
+from edgeseg.targets.onnx.exporter import INTENDED_PROVIDER, ep_placement
 
 MODEL = "tiny_ops"
 

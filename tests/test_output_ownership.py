@@ -189,7 +189,7 @@ def test_force_replaces_only_the_folder_it_checked(newcomer, tmp_path):
 def test_two_exports_into_one_out_the_second_to_finish_fails(inputs, tmp_path, monkeypatch, capsys):
     """The first export is already working when the second starts; the second finishes first and wins."""
     from edgeseg.export import export_checkpoint
-    from edgeseg.export import onnx as onnx_exporter
+    from edgeseg.targets.onnx import exporter as onnx_exporter
 
     out = tmp_path / "art"
     real = onnx_exporter.OnnxExporter.export

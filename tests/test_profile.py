@@ -55,7 +55,7 @@ def test_bench_profile_cli_writes_table_and_json(exports, tmp_path, capsys):
 def test_ort_int8_runs_fused_qlinear_ops(exports):
     """ONNX Runtime fuses the int8 QDQ graph: convolutions and matmuls run as QLinearConv / QLinearMatMul, not as
     dequantize -> float op -> quantize (read from the ops ORT actually ran)."""
-    from edgeseg.runtime.onnx import profile_ops
+    from edgeseg.targets.onnx.session import profile_ops
 
     art = exports.get("onnx", MODEL, "int8")
     op_times, _ = profile_ops(art / "model.onnx", num_threads=1, runs=1)

@@ -318,7 +318,7 @@ def test_jetson_artifact_is_symmetric_qdq_from_qat(tiny_ckpt_nobn, tiny_camvid, 
     import onnx
 
     from edgeseg.export import export_checkpoint
-    from edgeseg.export.tensorrt import asymmetric_quantize_nodes
+    from edgeseg.targets.tensorrt.exporter import asymmetric_quantize_nodes
 
     res = _qat_tiny_run(tiny_ckpt_nobn, tiny_camvid, tmp_path / "run", "jetson-tensorrt")
     art = export_checkpoint(res["checkpoint"], "jetson-tensorrt", "int8", out=tmp_path / "trt", progress=False)
@@ -520,30 +520,36 @@ def _float_output_pads(gm) -> list:
             and not all("quantize_per_tensor" in str(u.target) for u in n.users)]
 
 
-def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches():
+def test_executorch_qat_zero_pad_of_a_dequantized_tensor_loads_and_matches(tmp_path):
     """offseg_t's ExecuTorch QAT .pte was refused at load: FreqFusion zero-pads a dequantized tensor whose pad
     output stays float, XNNPACK's partitioner still takes the pad as quantized ("Failed to create
-    StaticConstantPad node ... xnn_status_invalid_parameter"). convert_qat re-quantizes such pads (exactly)."""
+    StaticConstantPad node ... xnn_status_invalid_parameter"). The ExecuTorch exporter re-quantizes such pads
+    (exactly) in the QAT program it is given; the program itself stays target-neutral."""
     pytest.importorskip("executorch.runtime")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
 
-    from edgeseg.export.executorch import delegate_friendly_decompositions
+    from edgeseg.export.base import ExportJob, ExportWrapper
     from edgeseg.quant.policy import FloatPolicy
+    from edgeseg.targets.executorch.exporter import ExecutorchExporter
     from edgeseg.train.qat import convert_qat, init_observers, prepare_qat
 
     torch.manual_seed(0)
     prepared = prepare_qat(_PadThenFloat(), "executorch-xnnpack", (8, 8), FloatPolicy({}))
     init_observers(prepared, [torch.randn(1, 3, 8, 8) for _ in range(4)])
-    ep = convert_qat(prepared, (8, 8))
-    pads = [n for n in ep.graph.nodes if "pad" in str(n.target)]
-    assert pads and all(all("quantize_per_tensor" in str(u.target) for u in p.users) for p in pads)
-    prog = to_edge_transform_and_lower(delegate_friendly_decompositions(ep),
-                                       partitioner=[XnnpackPartitioner()]).to_executorch()
-    method = Runtime.get().load_program(prog.buffer).load_method("forward")  # raised before the fix
+    program = convert_qat(prepared, (8, 8)).module()
+    allow_exported_model_train_eval(program)  # as load_qat_program does
+    assert _float_output_pads(program)  # what XNNPACK refuses, left to the exporter
+    wrapper = ExportWrapper(program, (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
+    exporter = ExecutorchExporter()
+    job = ExportJob(model=wrapper, spec=None, precision="int8", input_hw=(8, 8), out_dir=tmp_path,
+                    options=exporter.Options(), qat={"target": "executorch-xnnpack"})
+    result = exporter.export(job)
+    assert not _float_output_pads(program)
+    pte = (tmp_path / result.files[0]).read_bytes()  # kept alive: the loaded program reads from it
+    method = Runtime.get().load_program(pte).load_method("forward")  # raised before the fix
     x = torch.randn(1, 3, 8, 8)
-    assert torch.allclose(method.execute([x])[0], ep.module()(x), atol=1e-5)
+    assert torch.allclose(method.execute([x])[0], wrapper(x), atol=1e-5)
 
 
 def test_executorch_exporter_requantizes_zero_pads_of_an_older_qat_program(tmp_path):
@@ -555,7 +561,7 @@ def test_executorch_exporter_requantizes_zero_pads_of_an_older_qat_program(tmp_p
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from edgeseg.export.base import ExportJob, ExportWrapper
-    from edgeseg.export.executorch import ExecutorchExporter
+    from edgeseg.targets.executorch.exporter import ExecutorchExporter
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
@@ -587,7 +593,7 @@ def test_executorch_qat_shared_conv_weight_is_quantized_per_use_and_runs():
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    from edgeseg.export.executorch import delegate_friendly_decompositions
+    from edgeseg.targets.executorch.exporter import delegate_friendly_decompositions
     from edgeseg.quant.policy import FloatPolicy
     from edgeseg.train.qat import convert_qat, init_observers, prepare_qat
 

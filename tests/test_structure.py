@@ -11,7 +11,11 @@ PKG = REPO / "edgeseg"
 
 
 def _top(module: str) -> str | None:
+    """The layer a module belongs to: edgeseg's top-level package or module, and each target package
+    (`edgeseg.targets.<name>`) on its own, above the generic code it builds on."""
     parts = module.split(".")
+    if parts[:2] == ["edgeseg", "targets"] and len(parts) > 2:
+        return ".".join(parts[:3])
     return ".".join(parts[:2]) if parts[0] == "edgeseg" and len(parts) > 1 else None
 
 
@@ -74,6 +78,24 @@ def test_no_import_cycle_between_packages():
     assert not found, "import cycles: " + "; ".join(detail)
 
 
+def test_target_packages_import_no_other_target_package_undeclared():
+    """A target package builds on generic code; where it builds on another target package (jetson-tensorrt's
+    ONNX), its __init__ declares it in BUILDS_ON."""
+    import importlib
+
+    edges = package_edges()
+    targets = sorted(p.name for p in (PKG / "targets").iterdir() if (p / "exporter.py").is_file())
+    assert len(targets) >= 6
+    undeclared = []
+    for t in targets:
+        declared = set(getattr(importlib.import_module(f"edgeseg.targets.{t}"), "BUILDS_ON", ()))
+        for dst, where in edges.get(f"edgeseg.targets.{t}", {}).items():
+            other = dst.removeprefix("edgeseg.targets.")
+            if other != dst and other not in declared:
+                undeclared.append(f"{t} -> {other} ({where})")
+    assert not undeclared, undeclared
+
+
 def test_the_cycle_check_can_fail():
     assert cycles({"a": {"b": "x"}, "b": {"c": "y"}, "c": {"a": "z"}}) == [["a", "b", "c"]]
 
@@ -82,7 +104,7 @@ def test_target_names_only_in_profiles_exporters_and_sessions():
     """A target's facts live in its profile: no other module lists target names (help texts and docstrings
     aside, which are not code)."""
     names = [p.stem for p in (REPO / "export_targets").glob("*.toml")]
-    allowed = ("edgeseg/export/", "edgeseg/runtime/", "edgeseg/targets.py", "edgeseg/extras.py")
+    allowed = ("edgeseg/targets/", "edgeseg/extras.py")
     hits = []
     for f in PKG.rglob("*.py"):
         rel = str(f.relative_to(REPO))

@@ -11,9 +11,11 @@ EPILOG = """examples:
 
 
 def add_arguments(p) -> None:
+    from edgeseg.targets import qat_targets
+
     p.add_argument("--checkpoint", metavar="CKPT", required=True, help="fp32 checkpoint folder")
     p.add_argument("--target", metavar="TARGET", required=True,
-                   help="executorch-xnnpack | onnx | jetson-tensorrt | openvino | coreml")
+                   help="a target whose profile has a [qat] table: " + " | ".join(qat_targets()))
     p.add_argument("--data", metavar="DIR", required=True, help="dataset root (train split for training, val "
                                                                "split for the fake-quant validation mIoU)")
     p.add_argument("--iters", type=int, default=1000, help="fine-tuning iterations (default 1000)")

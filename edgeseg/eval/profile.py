@@ -12,7 +12,7 @@ NMF, AFM, ...), so the speed work starts from measured shares rather than guesse
 - ExecuTorch: an ETDump of the same program (XNNPACK logs each of its operators inside a delegate call; portable
   kernels log their instruction), joined with the debug map the ExecuTorch exporter writes beside the .pte
   (instruction -> debug handles -> op and module path). Inside one delegate call the XNNPACK operators are matched
-  to the delegated ops in order by kind, so shares within a delegate are approximate (edgeseg.runtime.executorch).
+  to the delegated ops in order by kind, so shares within a delegate are approximate (edgeseg.targets.executorch.session).
 - Core ML cannot run on Linux: its record says that no per-op profile is available here, and why (the runtime
   module's NO_PROFILE).
 
@@ -23,7 +23,6 @@ the paths up into parts.
 from __future__ import annotations
 
 import collections
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ def _roll_up(op_times: list[tuple[str, str, float]], runs: int) -> dict[str, Any
 def profile_artifact(artifact_dir: str | Path, num_threads: int = 2, runs: int = 5) -> dict[str, Any]:
     """One artifact's profile: {artifact, target, precision, runtime, status, total_ms, wall_ms, parts, op_types,
     source} or status "not available" with the reason. The sha256 of every file is checked first."""
-    from edgeseg.targets import load_profile
+    from edgeseg.targets import load_profile, session_module
 
     artifact_dir = Path(artifact_dir)
     m = verify_manifest(artifact_dir)
@@ -75,10 +74,10 @@ def profile_artifact(artifact_dir: str | Path, num_threads: int = 2, runs: int =
     rec: dict[str, Any] = {"artifact": str(artifact_dir), "target": m.target, "precision": m.precision,
                            "model": m.model, "runtime": runtime, "threads": num_threads, "runs": runs}
     model_path = artifact_dir / m.model_file
-    profile_ops = getattr(importlib.import_module(f"edgeseg.runtime.{runtime}"), "profile_ops", None)
+    profile_ops = getattr(session_module(runtime), "profile_ops", None)
     try:
         if profile_ops is None:
-            why = getattr(importlib.import_module(f"edgeseg.runtime.{runtime}"), "NO_PROFILE", "")
+            why = getattr(session_module(runtime), "NO_PROFILE", "")
             rec.update(status="not available", reason=why or f"no per-op profiler for the {runtime} runtime here")
         else:
             optimize = m.precision != "int8" or load_profile(m.target).int8_runtime_optimize

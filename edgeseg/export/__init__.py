@@ -55,7 +55,7 @@ class ResolvedTarget:
 
 
 def get_exporter(target: str):
-    """Instantiate the exporter of `target` (imports edgeseg/export/<module>.py, which is light)."""
+    """Instantiate the exporter of `target` (imports edgeseg/targets/<package>/exporter.py, which is light)."""
     from edgeseg.export.profiles import exporter_class, load_profile
 
     return exporter_class(load_profile(target))()

@@ -1,11 +1,11 @@
 """What every target exporter shares: the `Exporter` ABC, `ExportOptions`, the export wrapper model. The
 `Manifest` written as `manifest.json` beside an artifact lives in `edgeseg.artifact` (re-exported here).
 
-Adding a target is three files: its profile `export_targets/<name>.toml` (the single record of the target: exporter,
-runtime, thread control, QAT scheme, options; read by edgeseg.targets), its exporter `edgeseg/export/<exporter>.py`
-(or a package of that name) defining an `Exporter` subclass and `EXPORTER = <that class>`, and its session
-`edgeseg/runtime/<runtime>.py` defining a `Session` subclass and `SESSION = <that class>`. Tests are parametrised over
-the profiles that can run here.
+Adding a target: its profile `export_targets/<name>.toml` (the single record of the target: exporter, runtime, thread
+control, QAT scheme, options; read by edgeseg.targets) and its package `edgeseg/targets/<package>/`: `exporter.py`
+defining an `Exporter` subclass and `EXPORTER = <that class>`, `session.py` defining a `Session` subclass and
+`SESSION = <that class>`, plus what else the target needs (quantize.py, passes.py, inspection.py). Tests are
+parametrised over the profiles that can run here.
 
 Contract of `Exporter.export(job)` (called by `edgeseg.export.export_checkpoint`, never by the CLI directly):
   * `job.model` is an `ExportWrapper` in eval mode, already passed through `edgeseg.models.prepare_for_export`
@@ -219,6 +219,12 @@ class Exporter(ABC):
         observers. `options.per_channel`, where set, picks per-channel weight scales (default True). None: the
         target has no PT2E scheme."""
         return None
+
+    def qat_graph_passes(self) -> list:
+        """Rewrites `edgeseg.train.qat.prepare_qat` applies to the exported training graph (a torch.fx.GraphModule)
+        before it inserts this target's fake quants, each a callable taking the graph; they must keep its
+        outputs exact. Import nothing heavy."""
+        return []
 
     def fallback_ops(self, lowered: Any) -> list[str] | None:
         """Ops of a converted program that do not run on the target's accelerator; None if unknown."""

@@ -313,7 +313,7 @@ def _runtime_note(target: str) -> str:
     from edgeseg.targets import load_profile
 
     profile = load_profile(target)
-    return profile.host_run_note or f"edgeseg.runtime.{profile.runtime}"
+    return profile.host_run_note or f"edgeseg.targets.{profile.runtime}.session"
 
 
 def _ranking(checkpoint, data, split, images, spec, base_float, options, scheme=None) -> list[str]:

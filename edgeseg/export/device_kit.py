@@ -19,7 +19,6 @@ loads, and the artifact's size).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgeseg.errors import ArtifactError, EdgesegError, one_line
+from edgeseg.targets import session_module
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def write_device_kit(out_dir: Path, manifest, wrapper, runtime: str) -> dict[str
     from edgeseg.fileio import sha256_file
 
     out_dir = Path(out_dir)
-    mod = importlib.import_module(f"edgeseg.runtime.{runtime}")
+    mod = session_module(runtime)
     files: list[str] = []
     expected = _write_expected(out_dir, manifest, wrapper)
     files += expected.pop("files")
@@ -167,7 +167,7 @@ def render_readme(manifest, kit: dict[str, Any], files: list[str]) -> str:
     h, w = m.input_hw
     script = kit["script"]
     versions = m.tool_versions or {}
-    snippet = getattr(importlib.import_module(f"edgeseg.runtime.{kit['runtime']}"), "RUN_SCRIPT", None) or ""
+    snippet = getattr(session_module(kit['runtime']), "RUN_SCRIPT", None) or ""
     runtime = _snippet_constant(snippet, "RUNTIME", kit["runtime"])
     pkgs = _packages(snippet, versions)
     L: list[str] = [f"# {m.model}: {m.target} artifact ({m.precision})", "",

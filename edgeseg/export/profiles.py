@@ -3,18 +3,17 @@ options its `Options` dataclass takes. Export uses these checked loaders; everyt
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from edgeseg.errors import UsageError
-from edgeseg.targets import TargetProfile, list_profiles  # noqa: F401  (list_profiles: re-exported)
+from edgeseg.targets import TargetProfile, exporter_module, list_profiles  # noqa: F401  (list_profiles: re-exported)
 from edgeseg.targets import load_profile as _load_record
 from edgeseg.targets import parse_profile as _parse_record
 
 
 def exporter_class(profile: TargetProfile):
     """The exporter module's `EXPORTER` class (imports the light module, not the vendor tool)."""
-    return importlib.import_module(f"edgeseg.export.{profile.exporter}").EXPORTER
+    return exporter_module(profile.exporter).EXPORTER
 
 
 def check_profile(profile: TargetProfile) -> TargetProfile:

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.export.executorch_passes import requantize_after_zero_pad
-from edgeseg.quant.qat_program import QAT_TARGETS, check_deterministic
+from edgeseg.quant.qat_program import check_deterministic
 from edgeseg.export.qat_quantizers import target_quantizer
 
 log = logging.getLogger(__name__)
@@ -199,6 +198,7 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
+    from edgeseg.export import get_exporter
     from edgeseg.quant.policy import float_policy
 
     policy = float_policy(model) if policy is None else policy
@@ -211,8 +211,8 @@ def prepare_qat(model: nn.Module, target: str, input_hw: Sequence[int], policy=N
     try:
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
         gm = ep.module()
-        if QAT_TARGETS[target][0] == "xnnpack":
-            unshare_weight_uses(gm)
+        for rewrite in get_exporter(target).qat_graph_passes():
+            rewrite(gm)
         prepared = prepare_qat_pt2e(gm, quantizer)
     except Exception as e:  # noqa: BLE001 - the tool's failure becomes one line
         raise ArtifactError(f"qat: preparing {type(model).__name__} for {target} failed: {type(e).__name__}: "
@@ -283,7 +283,6 @@ def convert_qat(prepared: nn.Module, input_hw: Sequence[int], fold_quantize: boo
     move_exported_model_to_eval(gm)
     _freeze_weight_clones(gm)
     converted = convert_pt2e(gm, fold_quantize=fold_quantize)
-    requantize_after_zero_pad(converted)  # XNNPACK needs it; exact, so every target's program gets it
     h, w = int(input_hw[0]), int(input_hw[1])
     batch = torch.export.Dim("batch", min=1, max=1024)
     return torch.export.export(converted, (torch.randn(2, 3, h, w),), dynamic_shapes=({0: batch},), strict=False)

@@ -6,7 +6,6 @@ where a target's int8 kernels need them (edgeseg.quant.pt2e_specs). See edgeseg.
 from __future__ import annotations
 
 from edgeseg.errors import UsageError
-from edgeseg.export.openvino_quant import openvino_qat_quantizer  # noqa: F401  (re-exported)
 from edgeseg.quant.pt2e_specs import WEIGHT_7BIT  # noqa: F401  (re-exported)
 from edgeseg.quant.qat_program import QAT_TARGETS
 

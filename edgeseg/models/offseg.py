@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from edgeseg.models.efficientformer_v2 import EfficientFormerV2, efficientformerv2_feat
+from edgeseg.models.encoder_decoder import EncoderDecoder
 from edgeseg.models.freqfusion import FreqFusion
 from edgeseg.models.offset_learning import OffsetLearning
 from edgeseg.models.registry import register_model
@@ -87,18 +88,10 @@ class OffSegHead(nn.Module):
         return self.offset_learning(self.align(self.fuse(feats)))
 
 
-class OffSeg(nn.Module):
+class OffSeg(EncoderDecoder):
     """Segmentor: `backbone` (EfficientFormerV2) + `decode_head` (OffSegHead); logits at stride 4."""
 
     output_stride = 4
-
-    def __init__(self, backbone: nn.Module, decode_head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.decode_head = decode_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_head(self.backbone(x))
 
 
 # Official configs: backbone variant, decode_head in_channels / new_channels (channels 256, GN 32 groups).

@@ -6,26 +6,18 @@ Must not import export/ or runtime/.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
+from edgeseg.models.encoder_decoder import EncoderDecoder
 from edgeseg.models.ham_head import LightHamHead, LightHamHeadOffsetLearning
 from edgeseg.models.mscan import MSCAN, mscan_t
 from edgeseg.models.registry import register_model
 
 
-class SegNeXt(nn.Module):
+class SegNeXt(EncoderDecoder):
     """Encoder-decoder: `decode_head(backbone(x))`, logits (N, K, H/8, W/8)."""
 
     output_stride = 8
-
-    def __init__(self, backbone: nn.Module, decode_head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.decode_head = decode_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_head(self.backbone(x))
 
     def set_nmf_mode(self, mode: str) -> None:
         """'fixed' (stored bases; default, deterministic, exportable) or 'random' (official per-forward draw)."""

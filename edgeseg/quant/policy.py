@@ -25,9 +25,9 @@ Mechanisms per target: the policy says which modules stay float; each target's q
   * PT2E quantizers (XNNPACK, CoreMLQuantizer, executorch's OpenVINOQuantizer for QAT): `FloatPolicy.apply_pt2e`,
     a node filter on the node's `nn_module_stack` (`quantizer.set_filter_function`); the quantizer then leaves
     those ops unannotated. It stays here because several targets share it.
-  * NNCF (OpenVINO IR): `edgeseg.export.openvino_quant` (`fx_node_names`, `nncf_patterns`) turns the policy into
+  * NNCF (OpenVINO IR): `edgeseg.targets.openvino.quantize` (`fx_node_names`, `nncf_patterns`) turns the policy into
     the OpenVINO node names of an `nncf.IgnoredScope`.
-  * ONNX Runtime `quantize_static(nodes_to_exclude=...)`: `edgeseg.export.onnx_quant.onnx_nodes_to_exclude`, the
+  * ONNX Runtime `quantize_static(nodes_to_exclude=...)`: `edgeseg.targets.onnx.quantize.onnx_nodes_to_exclude`, the
     ONNX nodes whose `pkg.torch.onnx.name_scopes` metadata (torch.onnx dynamo exporter) lies under a float module.
 
 Must not import export runtimes at module level.

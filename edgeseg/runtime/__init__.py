@@ -6,7 +6,6 @@ sets `SESSION = <its Session subclass>`.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ def open_session(path: str | Path, num_threads: int | None = None, **kwargs: Any
         ArtifactError: not a checkpoint/artifact, a file missing or changed since export, unknown target.
     """
     from edgeseg.artifact import MANIFEST, verify_manifest
-    from edgeseg.targets import list_profiles, load_profile
+    from edgeseg.targets import list_profiles, load_profile, session_module
 
     path = Path(path)
     if (path / MANIFEST).is_file():
@@ -33,7 +32,7 @@ def open_session(path: str | Path, num_threads: int | None = None, **kwargs: Any
         if manifest.target not in list_profiles():
             raise ArtifactError(f"{path / MANIFEST}: unknown target {manifest.target!r}; known: "
                                 f"{', '.join(list_profiles())}")
-        mod = importlib.import_module(f"edgeseg.runtime.{load_profile(manifest.target).runtime}")
+        mod = session_module(load_profile(manifest.target).runtime)
         return mod.SESSION(path, manifest, num_threads=num_threads, **kwargs)
     if (path / "model.json").is_file():
         from edgeseg.runtime.torch import TorchSession

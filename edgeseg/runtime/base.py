@@ -1,6 +1,6 @@
 """The `Session` ABC: run an artifact (or a checkpoint, for the eager reference) through its manifest's contract.
 
-A runtime module `edgeseg/runtime/<module>.py` subclasses `Session`, implements `_load()` and `_run()`, and sets
+A target package's runtime module `edgeseg/targets/<package>/session.py` subclasses `Session`, implements `_load()` and `_run()`, and sets
 the module attribute `SESSION = <its class>`. `edgeseg.runtime.open_session` picks it by the manifest's target.
 Heavy runtimes are imported inside `_load`, never at module level.
 """

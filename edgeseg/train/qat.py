@@ -54,7 +54,7 @@ from edgeseg.export.qat_graph import (  # noqa: F401
     set_observers,
     unshare_weight_uses,
 )
-from edgeseg.export.qat_quantizers import WEIGHT_7BIT, openvino_qat_quantizer, target_quantizer  # noqa: F401
+from edgeseg.export.qat_quantizers import WEIGHT_7BIT, target_quantizer  # noqa: F401
 from edgeseg.quant.qat_program import (  # noqa: F401
     PARAMS_FILE,
     QAT_FORMAT,
@@ -142,7 +142,7 @@ def qat(checkpoint: str | Path, target: str, data: str | Path, out: str | Path, 
             "observer_scales": observer_scales(prepared)}
 
 
-__all__ = ["QAT_TARGETS", "QAT_FORMAT", "PARAMS_FILE", "check_export_target", "openvino_qat_quantizer",
+__all__ = ["QAT_TARGETS", "QAT_FORMAT", "PARAMS_FILE", "check_export_target",
            "target_quantizer", "freeze_bn_stats", "check_deterministic", "unshare_weight_uses", "prepare_qat",
            "init_observers", "freeze_activation_ranges", "set_observers", "convert_qat",
            "observer_scales", "program_scales", "load_qat_program", "save_qat_checkpoint", "qat"]

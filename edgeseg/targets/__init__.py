@@ -3,19 +3,20 @@
 runtime. Everything else asks this module: which exporter converts a target and which runtime runs it, how bench
 pins its threads, which QAT scheme it trains for and which QAT checkpoints it exports, how long an export takes.
 
-Adding a target: its profile, its exporter (`edgeseg/export/<exporter>`), its session (`edgeseg/runtime/<runtime>`).
+Adding a target: its profile and its package `edgeseg/targets/<package>/` (exporter.py, session.py, and what else
+it needs: quantize.py, passes.py, inspection.py); `exporter_module` / `session_module` import them.
 
 A profile (`export_targets/<name>.toml`):
 
     name = "onnx"                      # (str) target name; equals the file stem
-    exporter = "onnx"                  # (str) module in edgeseg/export/ that converts it
+    exporter = "onnx"                  # (str) package in edgeseg/targets/ whose exporter.py converts it
     description = "..."                # (str) one line for --list-targets
     precisions = ["fp32", "int8"]      # (list[str]) precisions this target supports
     default_precision = "fp32"         # (str) used when --precision is not given; one of precisions
     input_dtype = "float32"            # (str) "float32" normalised input, or "uint8" with normalisation in graph
     input_layout = "NCHW"              # (str) "NCHW" | "NHWC"
     output = "logits"                  # (str) "logits" (stride-s logits) | "argmax" (uint8 map at input size)
-    runtime = "onnx"                   # (str) module in edgeseg/runtime/ that runs the artifact here
+    runtime = "onnx"                   # (str) package in edgeseg/targets/ whose session.py runs it here
     thread_control = "..."             # (str) how bench pins the runtime's threads (said beside every latency)
     export_cost = 1.5                  # (float) relative export time; the pipeline starts costly exports first
     int8_runtime_optimize = true       # (bool) run int8 artifacts with the runtime's graph optimisations
@@ -148,8 +149,9 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
     if name != stem:
         raise UsageError(f"{where}: name: {name!r} must equal the file stem {stem!r}")
     exporter = need("exporter", str)
-    if not exporter.isidentifier() or not _is_module("export", exporter):
-        raise UsageError(f"{where}: exporter: {exporter!r} is not a module in edgeseg/export/")
+    if not exporter.isidentifier() or not _has_part(exporter, "exporter"):
+        raise UsageError(f"{where}: exporter: {exporter!r} is not a target package with an exporter "
+                         f"(edgeseg/targets/{exporter}/exporter.py)")
     precisions = need("precisions", list)
     if not precisions or any(p not in PRECISIONS for p in precisions) or len(set(precisions)) != len(precisions):
         raise UsageError(f"{where}: precisions: {precisions!r}; expected distinct values from {list(PRECISIONS)}")
@@ -167,8 +169,9 @@ def parse_profile(data: dict[str, Any], stem: str, where: str) -> TargetProfile:
         if k in options:
             raise UsageError(f"{where}: options.{k}: set it as the top-level key {k!r}, not under [options]")
     runtime = need("runtime", str)
-    if not runtime.isidentifier() or not _is_module("runtime", runtime):
-        raise UsageError(f"{where}: runtime: {runtime!r} is not a module in edgeseg/runtime/")
+    if not runtime.isidentifier() or not _has_part(runtime, "session"):
+        raise UsageError(f"{where}: runtime: {runtime!r} is not a target package with a session "
+                         f"(edgeseg/targets/{runtime}/session.py)")
     cost = need("export_cost", (int, float))
     if isinstance(cost, bool) or cost <= 0:
         raise UsageError(f"{where}: export_cost: expected a positive number, got {cost!r}")
@@ -208,10 +211,20 @@ def _parse_export_form(table: Any, where: str) -> dict[str, str]:
     return dict(table)
 
 
-def _is_module(package: str, name: str) -> bool:
-    """Whether edgeseg/<package>/<name>.py (or a package of that name) exists, found without importing it."""
-    folder = importlib.resources.files("edgeseg") / package
-    return (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file()
+def _has_part(package: str, part: str) -> bool:
+    """Whether edgeseg/targets/<package>/<part>.py exists, found without importing it."""
+    return (importlib.resources.files("edgeseg") / "targets" / package / f"{part}.py").is_file()
+
+
+def exporter_module(package: str):
+    """The exporter module of a target package, `edgeseg.targets.<package>.exporter` (light: no vendor tool)."""
+    return importlib.import_module(f"edgeseg.targets.{package}.exporter")
+
+
+def session_module(package: str):
+    """The runtime module of a target package, `edgeseg.targets.<package>.session`: its `SESSION` class, and where
+    it has them `RUN_SCRIPT` (the device kit's runner), `profile_ops` / `NO_PROFILE` (`edgeseg bench --profile`)."""
+    return importlib.import_module(f"edgeseg.targets.{package}.session")
 
 
 def _parse_qat(table: Any, where: str) -> QatScheme | None:

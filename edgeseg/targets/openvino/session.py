@@ -106,7 +106,7 @@ def profile_ops(xml_path: Path, num_threads: int, runs: int, optimize: bool = Tr
     model, weights = read_ir(core, *artifact_of(xml_path))  # noqa: F841  (kept alive while the model runs)
     import json
 
-    # {FX node name: module path}, stored in the model's rt_info by the exporter (edgeseg.export.openvino)
+    # {FX node name: module path}, stored in the model's rt_info by the exporter (edgeseg.targets.openvino.exporter)
     module_of = json.loads(model.get_rt_info([RT_INFO_KEY]).astype(str)) if model.has_rt_info([RT_INFO_KEY]) else {}
     if precision_hint is None:  # what the artifact's sessions compute with
         from edgeseg.artifact import read_manifest

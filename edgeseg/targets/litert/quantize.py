@@ -19,7 +19,7 @@ Additions to both:
     I/O tensors, input scale 0.0078 / zero point -1 on offseg_lite0, and every caller would have to quantize.)
   * The float policy (edgeseg.quant.policy: OffsetLearning, NMF2D, AFM, BilinearGather, SSAClassifier, plus
     `keep_float`) as no_quantize entries whose scope regexes match the module paths that litert-torch writes into
-    tensor names (`inspect_tflite.scope_regex`). Measured before this was added: offseg_lite0's all-int8 model failed
+    tensor names (`inspection.scope_regex`). Measured before this was added: offseg_lite0's all-int8 model failed
     on random-noise input in OffsetLearning's LayerNorm DIV (the int8 variance rounds to its zero point:
     `div.cc:262 data[i] != zero_point`).
 litert-torch's own PT2E int8 path is not used: on offseg_lite0 its converter failed after calibration ("operand #0
@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.export.litert.inspect_tflite import op_scopes, read_model, scope_regex
+from edgeseg.targets.litert.inspection import op_scopes, read_model, scope_regex
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""OpenVINO int8: NNCF post-training quantization of the converted OpenVINO model (edgeseg.export.openvino), with
+"""OpenVINO int8: NNCF post-training quantization of the converted OpenVINO model (edgeseg.targets.openvino.exporter), with
 the float policy as an IgnoredScope. Heavy imports stay inside functions.
 
 int8 (NNCF 3.4 on the OV model, the simplest PTQ: no FX graph, no re-export): FakeQuantize nodes are inserted on
@@ -15,7 +15,7 @@ Float policy (edgeseg.quant.policy, options `keep_float` / `float_defaults`): NN
 exact OpenVINO node names that come from the float modules (NMF2D, OffsetLearning, AFM by default). On the
 torch.export route the OpenVINO PyTorch frontend names every node `<fx node name>/<aten op>/<OV op>`; the FX graph
 it converts (the ExportedProgram after openvino's own `run_decompositions`) is built by `convert`
-(edgeseg.export.openvino) with `TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their
+(edgeseg.targets.openvino.exporter) with `TorchFXPythonDecoder.from_exported_program`, so the float FX nodes (their
 `nn_module_stack`) map to OV nodes exactly. NNCF validates the names (`validate=True`), and a non-empty policy that
 matches no OV node is an error, never a silent all-int8 model.
 

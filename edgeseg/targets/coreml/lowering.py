@@ -156,6 +156,6 @@ def _convert(ep, precision_fp16: bool, options, input_shape, output_name: str):
         return ct.convert(ep, **kwargs)
     except NotImplementedError as e:
         raise ArtifactError(f"coreml: ct.convert failed: {one_line(e, with_type=True)} (coremltools {ct.__version__} has no "
-                            "converter for it; lower it at export time in edgeseg/export/coreml/lowering.py)") from e
+                            "converter for it; lower it at export time in edgeseg/targets/coreml/lowering.py)") from e
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"coreml: ct.convert failed: {one_line(e, with_type=True)}") from e

@@ -2,7 +2,7 @@
 fp32 through `litert_torch.convert` of the ExportWrapper at the static export size (torch.export -> litert-torch's
 FX passes, incl. its NCHW->NHWC layout pass -> TFLite flatbuffer); int8 full-integer through ai-edge-quantizer on
 the fp32 flatbuffer (`quantize.py`), with float32 I/O kept in graph. What the manifest reports (op histogram,
-XNNPACK partitions and the ops left off XNNPACK): `inspect_tflite.py`.
+XNNPACK partitions and the ops left off XNNPACK): `inspection.py`.
 
 Measured (litert-torch 0.10.0, ai-edge-litert 2.3.0, 384x480, 1 thread, Intel Xeon with AVX-512):
 offseg_lite0, segnext_t_offset and offseg_t convert exactly (max |dlogit| <= 4.2e-5, argmax agreement 1.0) in the
@@ -58,7 +58,7 @@ class LiteRTOptions(ExportOptions):
 
     def validate(self, where: str = "options") -> None:
         super().validate(where)
-        from edgeseg.export.litert.quantize import RECIPES
+        from edgeseg.targets.litert.quantize import RECIPES
 
         if self.recipe not in RECIPES:
             raise UsageError(f"{where}.recipe: {self.recipe!r} is not one of {', '.join(repr(r) for r in RECIPES)}")
@@ -123,9 +123,9 @@ class LiteRTExporter(Exporter):
             return self._export(job)
 
     def _export(self, job: ExportJob) -> ExportResult:
-        from edgeseg.export.litert.inspect_tflite import io_dtypes, op_histogram, op_output_dtypes, read_model, \
+        from edgeseg.targets.litert.inspection import io_dtypes, op_histogram, op_output_dtypes, read_model, \
             tensor_dtypes, xnnpack_split
-        from edgeseg.export.litert.quantize import quantize
+        from edgeseg.targets.litert.quantize import quantize
 
         options = job.options
         timings: dict[str, float] = {}

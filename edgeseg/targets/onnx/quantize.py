@@ -1,4 +1,4 @@
-"""ONNX int8: ONNX Runtime static QDQ quantization of the exported float graph (edgeseg.export.onnx; the Jetson
+"""ONNX int8: ONNX Runtime static QDQ quantization of the exported float graph (edgeseg.targets.onnx.exporter; the Jetson
 TensorRT exporter uses it too), with the float policy's nodes excluded. Heavy imports stay inside functions.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ class _Reader:
 
 
 def _name_scopes(node) -> list[str]:
-    """Module paths of an ONNX node (edgeseg.runtime.onnx.onnx_name_scopes: the exporter's name-scope metadata)."""
-    from edgeseg.runtime.onnx import onnx_name_scopes
+    """Module paths of an ONNX node (edgeseg.targets.onnx.session.onnx_name_scopes: the exporter's name-scope metadata)."""
+    from edgeseg.targets.onnx.session import onnx_name_scopes
 
     return onnx_name_scopes(node)
 

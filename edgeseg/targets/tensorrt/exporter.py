@@ -17,8 +17,8 @@ import numpy as np
 
 from edgeseg.errors import ArtifactError, UsageError
 from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
-from edgeseg.export.onnx import MIN_OPSET, MODEL_FILE, export_onnx, op_histogram
-from edgeseg.export.onnx_quant import quantize_qdq
+from edgeseg.targets.onnx.exporter import MIN_OPSET, MODEL_FILE, export_onnx, op_histogram
+from edgeseg.targets.onnx.quantize import quantize_qdq
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ class TensorrtExporter(Exporter):
     def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
         """The PT2E quantizer `edgeseg qat --target jetson-tensorrt` trains for: XNNPACK's symmetric int8 config
         with symmetric activations (TensorRT's explicit quantization needs zero points of 0). The PTQ itself is
-        ONNX Runtime's symmetric quantize_static on the float ONNX (onnx_quant.quantize_qdq), not PT2E."""
-        from edgeseg.export.executorch import xnnpack_quantizer
+        ONNX Runtime's symmetric quantize_static on the float ONNX (edgeseg.targets.onnx.quantize.quantize_qdq), not PT2E."""
+        from edgeseg.quant.pt2e_specs import xnnpack_quantizer
 
         return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat,
                                  symmetric_activations=True)
@@ -258,7 +258,7 @@ def _ort_check(path: Path, model) -> dict[str, Any]:
     """Run the ONNX with ONNX Runtime CPU on two example inputs and compare with eager (TensorRT is not here).
 
     Graph optimisations off: QDQ then runs as dequantize -> float op, the arithmetic TensorRT computes exactly;
-    ORT's fused x86 int8 kernels saturate on full-range symmetric weights without VNNI (see runtime/onnx.py)."""
+    ORT's fused x86 int8 kernels saturate on full-range symmetric weights without VNNI (see edgeseg/targets/onnx/session.py)."""
     import onnxruntime as ort
     import torch
 

@@ -15,8 +15,9 @@ import torch
 
 from edgeseg.errors import ArtifactError, UsageError
 from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy, module_path
-from edgeseg.export.executorch_passes import requantize_after_zero_pad
-from edgeseg.runtime.executorch import DEBUG_MAP
+from edgeseg.quant.pt2e_specs import xnnpack_quantizer
+from edgeseg.targets.executorch.passes import requantize_after_zero_pad
+from edgeseg.targets.executorch.session import DEBUG_MAP
 
 log = logging.getLogger(__name__)
 
@@ -238,34 +239,6 @@ def _op_name(target) -> str:
     return name.replace("::", ".")
 
 
-def xnnpack_quantizer(per_channel: bool = True, is_qat: bool = False, weight_7bit: bool = False,
-                      symmetric_activations: bool = False):
-    """executorch's XNNPACKQuantizer with its symmetric int8 config: symmetric weights (per-channel unless
-    `per_channel` is False), asymmetric per-tensor activations. Variants for the targets whose QAT scheme
-    starts from it (their graphs export as ONNX QDQ): `weight_7bit` (ONNX Runtime's reduce_range, 7-bit weights)
-    and `symmetric_activations` (TensorRT's explicit quantization, zero points of 0).
-
-    For QAT (`is_qat`) the fused fake quants become plain ones that ask their observers for the scales
-    (edgeseg.quant.pt2e_specs.unfused_fake_quant), so training rounds like the converted program."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-
-    from edgeseg.quant import pt2e_specs
-
-    cfg = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat)
-    if symmetric_activations:
-        cfg = pt2e_specs.symmetric_activations(cfg)
-    if weight_7bit:
-        # with 8-bit weights, segnext_t_offset's QAT ONNX agreed 84.5 % with fp32 while its fake-quant
-        # model scored within 0.4 mIoU
-        cfg = pt2e_specs.weight_7bit(cfg)
-    if is_qat:
-        cfg = pt2e_specs.unfused_fake_quant(cfg)
-    return XNNPACKQuantizer().set_global(cfg)
-
-
 class ExecutorchExporter(Exporter):
     """`.pte` for ExecuTorch with the XNNPACK delegate; fp32, or int8 via PT2E with the XNNPACK quantizer."""
 
@@ -278,6 +251,13 @@ class ExecutorchExporter(Exporter):
         """XNNPACKQuantizer with the symmetric int8 config (per-channel weights unless options say otherwise):
         this exporter's PTQ and the scheme `edgeseg qat --target executorch-xnnpack` trains for."""
         return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat)
+
+    def qat_graph_passes(self) -> list:
+        """XNNPACK's quantizer leaves a conv unannotated when its weight already serves another conv: each extra
+        use of a trained weight reads a clone of it (exact; edgeseg.export.qat_graph.unshare_weight_uses)."""
+        from edgeseg.export.qat_graph import unshare_weight_uses
+
+        return [unshare_weight_uses]
 
     def ptq_quantizer(self, model, options: ExportOptions | None = None):
         """(quantizer, policy) for PTQ of an ExportWrapper: `quantizer(options)` with the float policy's filter

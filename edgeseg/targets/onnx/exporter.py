@@ -1,5 +1,5 @@
 """ONNX exporter: `torch.onnx.export(..., dynamo=True)` at opset >= 18 with static shapes, checked with
-onnx.checker; int8 as QDQ through ONNX Runtime's `quantize_static` (edgeseg.export.onnx_quant). Heavy imports
+onnx.checker; int8 as QDQ through ONNX Runtime's `quantize_static` (edgeseg.targets.onnx.quantize). Heavy imports
 stay inside functions.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from edgeseg.export.base import (
     ExportResult,
     export_float_policy,
 )
-from edgeseg.export.onnx_quant import quantize_qdq, resolve_reduce_range
+from edgeseg.targets.onnx.quantize import quantize_qdq, resolve_reduce_range
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class OnnxOptions(ExportOptions):
 
 # Per-node metadata of torch.onnx's dynamo exporter that only names the exporting machine's source files (absolute
 # paths) and costs ~25 % of an artifact's size; `pkg.torch.onnx.name_scopes` (module paths) stays: the float policy
-# reads it (onnx_quant.float_nodes).
+# reads it (quantize.float_nodes).
 STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace",)
 
 
@@ -130,13 +130,13 @@ def export_onnx(model, path: Path, opset: int, output_name: str) -> None:
         raise ArtifactError(f"{path}: onnx.checker rejected the exported model: {e}") from e
 
 
-INTENDED_PROVIDER = "CPUExecutionProvider"  # the provider edgeseg.runtime.onnx runs artifacts with
+INTENDED_PROVIDER = "CPUExecutionProvider"  # the provider edgeseg.targets.onnx.session runs artifacts with
 _KERNEL_SUFFIX = "_kernel_time"
 
 
 def ep_placement(path: Path, optimize: bool = True, intended: str = INTENDED_PROVIDER) -> dict[str, Any]:
     """Which execution provider ONNX Runtime placed each node on, measured: one profiled run of the model at
-    `path` (session options as edgeseg.runtime.onnx opens it: `optimize` = graph optimisations on), the node
+    `path` (session options as edgeseg.targets.onnx.session opens it: `optimize` = graph optimisations on), the node
     -> provider assignment read from the profile's kernel events. Nodes not on `intended` are the fallbacks.
 
     Returns:
@@ -217,8 +217,8 @@ class OnnxExporter(Exporter):
     def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
         """The PT2E quantizer `edgeseg qat --target onnx` trains for: XNNPACK's symmetric int8 config with 7-bit
         weights, as this exporter's PTQ uses reduce_range. The PTQ itself is ONNX Runtime's quantize_static on
-        the float ONNX (onnx_quant.quantize_qdq), not PT2E."""
-        from edgeseg.export.executorch import xnnpack_quantizer
+        the float ONNX (quantize.quantize_qdq), not PT2E."""
+        from edgeseg.quant.pt2e_specs import xnnpack_quantizer
 
         return xnnpack_quantizer(per_channel=getattr(options, "per_channel", True), is_qat=is_qat, weight_7bit=True)
 
@@ -267,7 +267,7 @@ class OnnxExporter(Exporter):
         hist = op_histogram(out_dir / MODEL_FILE)
         if precision == "int8" and not hist.get("QuantizeLinear"):
             raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no QuantizeLinear node")
-        # what ORT actually placed off its provider, from a profiled run (the session edgeseg.runtime.onnx opens)
+        # what ORT actually placed off its provider, from a profiled run (the session edgeseg.targets.onnx.session opens)
         t = time.perf_counter()
         fallback_ops, placement = measured_fallback_ops(out_dir / MODEL_FILE, optimize=True)
         timings["ep_placement"] = time.perf_counter() - t

@@ -40,7 +40,7 @@ from typing import Any
 
 from edgeseg.errors import ArtifactError, UsageError, one_line
 from edgeseg.export.base import INPUT_NAME, Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
-from edgeseg.export.coreml.lowering import (  # noqa: F401
+from edgeseg.targets.coreml.lowering import (  # noqa: F401
     _convert,
     aten_ops,
     bicubic_as_matmul,
@@ -49,8 +49,8 @@ from edgeseg.export.coreml.lowering import (  # noqa: F401
     deployment_target,
     export_program,
 )
-from edgeseg.export.coreml.quantize import coreml_quantizer, quantize_w8a8, quantize_weights, zero_channel_configs  # noqa: F401
-from edgeseg.runtime.coreml import compute_plan_fallbacks, inspect_mlpackage  # noqa: F401
+from edgeseg.targets.coreml.quantize import coreml_quantizer, quantize_w8a8, quantize_weights, zero_channel_configs  # noqa: F401
+from edgeseg.targets.coreml.session import compute_plan_fallbacks, inspect_mlpackage  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What the OpenVINO exporter (edgeseg.export.openvino) reports about an IR: op and constant histograms,
+"""What the OpenVINO exporter (edgeseg.targets.openvino.exporter) reports about an IR: op and constant histograms,
 FakeQuantize levels, the ops a device does not take (Core.query_model, in a child process) and the runtime
 precision of each compute layer once compiled. Heavy imports stay inside functions.
 """
@@ -60,7 +60,7 @@ def query_in_child(xml: Path, device: str, timeout: float = 300) -> list[str] | 
     import subprocess
     import sys
 
-    code = ("import json, sys, openvino as ov; from edgeseg.export.openvino_inspect import unsupported_ops; "
+    code = ("import json, sys, openvino as ov; from edgeseg.targets.openvino.inspection import unsupported_ops; "
             "c = ov.Core(); print(json.dumps(unsupported_ops(c, c.read_model(sys.argv[1]), sys.argv[2])))")
     try:
         r = subprocess.run([sys.executable, "-c", code, str(xml), device], capture_output=True, text=True,

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgeseg.errors import ArtifactError, one_line
-from edgeseg.export.coreml.lowering import bicubic_as_matmul
+from edgeseg.targets.coreml.lowering import bicubic_as_matmul
 from edgeseg.quant.calibration import CalibrationData
 
 log = logging.getLogger(__name__)

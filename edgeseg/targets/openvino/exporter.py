@@ -17,8 +17,8 @@ I/O renaming: a bare torch.export -> convert_model -> compile_model of the model
 here and for every consumer of the IR (no plugin option needed): `decompose_group_norm` rewrites each
 `GroupNormalization` node into Reshape -> MVN -> Reshape -> Multiply -> Add (bitwise-close: max |d| ~5e-8).
 
-int8 (NNCF PTQ, its overflow fix and the float policy's IgnoredScope) and the QAT quantizer: `openvino_quant.py`;
-what the manifest reports about the IR (histograms, device queries): `openvino_inspect.py`.
+int8 (NNCF PTQ, its overflow fix and the float policy's IgnoredScope) and the QAT quantizer: `quantize.py`;
+what the manifest reports about the IR (histograms, device queries): `inspection.py`.
 
 Fallback ops: the CPU plugin has no fallback device (an op it does not take fails `compile_model`), so a CPU IR
 that compiles has none; everything our models use is supported (grid_sample -> GridSample, unfold, bicubic ->
@@ -43,14 +43,14 @@ from edgeseg.export.base import (
     ExportResult,
     export_float_policy,
 )
-from edgeseg.export.openvino_inspect import (
+from edgeseg.targets.openvino.inspection import (
     constant_dtypes,
     fake_quantize_levels,
     op_histogram,
     query_in_child,
     runtime_precisions,
 )
-from edgeseg.export.openvino_quant import float_node_names, quantize, quantized_float_nodes
+from edgeseg.targets.openvino.quantize import float_node_names, quantize, quantized_float_nodes
 
 log = logging.getLogger(__name__)
 
@@ -249,16 +249,16 @@ class OpenVINOExporter(Exporter):
 
     def quantizer(self, options: ExportOptions | None = None, is_qat: bool = False):
         """The PT2E quantizer `edgeseg qat --target openvino` trains for: executorch's OpenVINOQuantizer (NNCF's
-        INT8_SYM placement) with fake quants (openvino_quant.openvino_qat_quantizer). The PTQ itself is NNCF on
-        the converted OpenVINO model (openvino_quant.quantize), not PT2E."""
-        from edgeseg.export.openvino_quant import openvino_qat_quantizer
+        INT8_SYM placement) with fake quants (quantize.openvino_qat_quantizer). The PTQ itself is NNCF on
+        the converted OpenVINO model (quantize.quantize), not PT2E."""
+        from edgeseg.targets.openvino.quantize import openvino_qat_quantizer
 
         return openvino_qat_quantizer()
 
     def int8_scheme(self, target: str, options: ExportOptions):
         """NNCF's int8 as it quantizes here: symmetric per-channel weights (7-bit where the overflow fix applies,
         resolved from this CPU), activations by the preset."""
-        from edgeseg.export.openvino_quant import resolve_overflow_fix
+        from edgeseg.targets.openvino.quantize import resolve_overflow_fix
         from edgeseg.quant.sensitivity import Int8Scheme
 
         fix, why = resolve_overflow_fix(options.overflow_fix)
