@@ -40,6 +40,9 @@ class Manifest:
     `device_kit` = {runtime, script, files, sha256, cpu, self_test}: the README, run script and self-test files
     written for the device (edgeseg.export.device_kit), hashed in their own `sha256` (checked by verify_manifest
     like the model's; `files`/`sha256` stay the model's, what runs and what its size is); {} for older artifacts.
+    `runtime` = {package, thread_control, int8_runtime_optimize}: how the artifact runs, from its target's profile
+    at export (edgeseg.targets.runtime_record), so opening, benching and profiling it never re-read the profile;
+    {} for older artifacts (edgeseg.targets.artifact_runtime then reads the profile).
     """
 
     target: str
@@ -68,6 +71,7 @@ class Manifest:
     inspection: dict[str, Any] = field(default_factory=dict)
     export_seconds: float | None = None
     device_kit: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
     host: dict[str, str] = field(default_factory=lambda: {"system": platform.system(),
                                                            "machine": platform.machine()})
     format_version: int = MANIFEST_FORMAT_VERSION

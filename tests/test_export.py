@@ -154,6 +154,12 @@ def test_fp32_export_manifest_and_runtime_agree_with_eager(target, model, export
     assert m["source_checkpoint"]["sha256"] and m["tool_versions"]["torch"].startswith("2.")
     assert m["executed_here"] is True and isinstance(m["fallback_ops"], list)
     assert m["proof"]["argmax_agreement"] >= 0.999 and m["proof"]["max_abs_logit_diff"] < 1e-3
+    # every exporter runs its tool steps in ExportJob.stage: timed into the manifest
+    assert m["inspection"]["timings_s"] and all(v >= 0 for v in m["inspection"]["timings_s"].values())
+    # how it runs, recorded at export (open_session, bench and profile read it, not the profile)
+    profile = load_profile(target)
+    assert m["runtime"] == {"package": profile.runtime, "thread_control": profile.thread_control,
+                            "int8_runtime_optimize": profile.int8_runtime_optimize}
     print(f"\n{target} {model}: proof {m['proof']}; fallback ops {m['fallback_ops']}")
 
     x = torch.randn(2, 3, *HW).numpy()
@@ -585,3 +591,20 @@ def test_onnx_int8_structure(exported, tmp_path):
     ort.InferenceSession(str(art / "model.onnx"), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     assert ops["QLinearConv"] >= len(quantized), (ops["QLinearConv"], len(quantized))
+
+
+def test_export_stage_times_a_step_and_makes_a_tool_failure_one_line():
+    from edgeseg.export.base import ExportJob
+
+    job = ExportJob(model=None, spec=None, precision="fp32", input_hw=(8, 8), out_dir=Path("."), options=None,
+                    target="onnx")
+    with job.stage("first"):
+        pass
+    with pytest.raises(ArtifactError, match=r"^onnx: torch.onnx.export failed: RuntimeError: boom$") as e:
+        with job.stage("second", "torch.onnx.export"):
+            raise RuntimeError("boom\n  at some vendor frame")
+    assert isinstance(e.value.__cause__, RuntimeError)  # the whole failure stays chained for --debug
+    with pytest.raises(UsageError, match="^--option x: no$"):  # edgeseg's own errors pass as they are
+        with job.stage("third"):
+            raise UsageError("--option x: no")
+    assert set(job.timings) == {"first", "second", "third"} and all(v >= 0 for v in job.timings.values())

@@ -2,6 +2,7 @@
 scales of the QAT observers."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,38 @@ def test_max_miou_drop_unrunnable_target_refused_before_any_work(tmp_path, monke
     assert len(lines) == 1 and lines[0].startswith("edgeseg: error: --max-miou-drop"), err
     assert "macOS" in err and "--keep-float" in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_qat_runs_to_the_end_and_writes_its_table_and_json(tiny_ckpt_nobn, tiny_camvid, tmp_path, capsys):
+    """`edgeseg qat` end to end (the CLI's own path: TrainConfig + QatOptions): exit 0, the summary table, the
+    JSON record, and the checkpoint it names."""
+    from edgeseg.cli import main
+
+    out, rec = tmp_path / "run", tmp_path / "qat.json"
+    rc = main(["qat", "--checkpoint", str(tiny_ckpt_nobn), "--target", "onnx", "--data", str(tiny_camvid),
+               "--out", str(out), "--iters", "2", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu",
+               "--json", str(rec)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    table = dict(line.split(None, 1) for line in captured.out.splitlines() if line.startswith(("checkpoint ", "target ")))
+    assert table["target"].strip() == "onnx" and table["checkpoint"].strip() == str(out / "checkpoint")
+    r = json.loads(rec.read_text())
+    assert r["fit"]["step"] == 2 and r["target"] == "onnx" and Path(r["params"]).is_file()
+    assert json.loads((out / "checkpoint" / "model.json").read_text())["quant"]["target"] == "onnx"
+
+
+def test_qat_takes_a_train_config_and_refuses_unknown_keywords(tiny_ckpt_nobn, tiny_camvid, tmp_path):
+    from edgeseg.train.qat import QatOptions, qat, qat_train_config
+
+    cfg = qat_train_config(iters=1, batch_size=2, progress=False)
+    assert cfg.lr == 1e-5 and cfg.warmup_iters == 0 and cfg.channels_last is False
+    with pytest.raises(TypeError, match="bogus"):
+        qat(tiny_ckpt_nobn, "onnx", tiny_camvid, tmp_path / "x", config=cfg, bogus=1)
+    assert not (tmp_path / "x").exists()
+    res = qat(tiny_ckpt_nobn, "onnx", tiny_camvid, tmp_path / "run", config=cfg,
+              options=QatOptions(freeze_ranges=True), val_interval=1)
+    quant = json.loads((Path(res["checkpoint"]) / "model.json").read_text())["quant"]
+    assert res["fit"]["step"] == 1 and quant["activation_ranges"] == "fixed after initialisation"
 
 
 def _qat_tiny_run(tiny_ckpt, tiny_camvid, out, target, iters=2):

@@ -426,8 +426,11 @@ def _fake_artifact(onnx_art: Path, dst: Path, target: str, files: dict[str, byte
     m = json.loads((onnx_art / MANIFEST).read_text())
     for name, data in files.items():
         (dst / name).write_bytes(data)
+    from edgeseg.targets import load_profile, runtime_record
+
     m.update(target=target, model_file=next(iter(files)), files=list(files),
-             sha256={n: sha256_file(dst / n) for n in files})
+             sha256={n: sha256_file(dst / n) for n in files},
+             runtime=runtime_record(load_profile(target)))  # how `target`'s artifacts run (recorded at export)
     m.pop("device_kit", None)  # the fake holds no device kit (README, run script, expected/) of its own
     (dst / MANIFEST).write_text(json.dumps(m))
     return dst

@@ -69,15 +69,16 @@ def run(args) -> int:
 
     from edgeseg.cli_args import parse_hw
     from edgeseg.fileio import write_json
-    from edgeseg.train.qat import qat
+    from edgeseg.train.qat import QatOptions, qat, qat_train_config
 
-    res = qat(args.checkpoint, args.target, args.data, out, iters=args.iters, batch_size=args.batch_size,
-              lr=args.lr, device=args.device, resume=args.resume, force=args.force, keep_float=args.keep_float,
-              val_interval=args.val_interval, data_hw=parse_hw(args.data_size, "--data-size", multiple_of=1),
-              freeze_bn=not args.update_bn_stats, calib=args.calib, init_ranges=not args.no_range_init,
-              freeze_ranges=args.freeze_ranges)
+    config = qat_train_config(iters=args.iters, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                              resume=args.resume, force=args.force, val_interval=args.val_interval,
+                              data_hw=parse_hw(args.data_size, "--data-size", multiple_of=1))
+    options = QatOptions(keep_float=args.keep_float, freeze_bn=not args.update_bn_stats, calib=args.calib,
+                         init_ranges=not args.no_range_init, freeze_ranges=args.freeze_ranges)
+    res = qat(args.checkpoint, args.target, args.data, out, config=config, options=options)
     val = (res["fit"] or {}).get("last") or {}
-    rows = [("checkpoint", res["checkpoint"]), ("program", res["program"]), ("target", res["target"]),
+    rows = [("checkpoint", res["checkpoint"]), ("learned scales", res["params"]), ("target", res["target"]),
             ("scheme", res["scheme"]), ("iterations", str(res["fit"]["step"])),
             ("fake-quant val mIoU", f"{100 * val['miou']:.2f}" if "miou" in val else "not validated"),
             ("float modules", ", ".join(res["float_modules"]) or "none"),

@@ -42,14 +42,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def _thread_control(target: str) -> str:
-    """How the target's runtime threads are pinned, from its profile (`thread_control`); the eager reference
-    ("torch") uses torch.set_num_threads."""
-    from edgeseg.targets import list_profiles, load_profile
+def _thread_control(manifest) -> str:
+    """How the artifact's runtime threads are pinned (`thread_control` of its target's profile, recorded in the
+    manifest); the eager reference ("torch") uses torch.set_num_threads."""
+    from edgeseg.errors import ArtifactError
+    from edgeseg.targets import artifact_runtime
 
-    if target in list_profiles():
-        return load_profile(target).thread_control
-    return "torch.set_num_threads" if target == "torch" else "session num_threads"
+    if manifest.target == "torch":
+        return "torch.set_num_threads"
+    try:
+        return artifact_runtime(manifest).get("thread_control") or "session num_threads"
+    except ArtifactError:
+        return "session num_threads"
 
 
 def _rss_mb() -> float | None:
@@ -255,7 +259,7 @@ def _bench_one(art: Path, opener: Callable, threads: int | None, warmup: int, ru
     elif threads is None:
         rec["thread_control"] = "runtime default"
     elif passed:
-        how = getattr(session, "thread_control", None) or _thread_control(target)
+        how = getattr(session, "thread_control", None) or _thread_control(manifest)
         rec["thread_control"] = f"{how}; torch.set_num_threads"
     else:
         rec["thread_control"] = (f"torch.set_num_threads only (session takes no num_threads; "

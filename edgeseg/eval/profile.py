@@ -66,11 +66,12 @@ def _roll_up(op_times: list[tuple[str, str, float]], runs: int) -> dict[str, Any
 def profile_artifact(artifact_dir: str | Path, num_threads: int = 2, runs: int = 5) -> dict[str, Any]:
     """One artifact's profile: {artifact, target, precision, runtime, status, total_ms, wall_ms, parts, op_types,
     source} or status "not available" with the reason. The sha256 of every file is checked first."""
-    from edgeseg.targets import load_profile, session_module
+    from edgeseg.targets import artifact_runtime, session_module
 
     artifact_dir = Path(artifact_dir)
     m = verify_manifest(artifact_dir)
-    runtime = load_profile(m.target).runtime
+    run = artifact_runtime(m)
+    runtime = run["package"]
     rec: dict[str, Any] = {"artifact": str(artifact_dir), "target": m.target, "precision": m.precision,
                            "model": m.model, "runtime": runtime, "threads": num_threads, "runs": runs}
     model_path = artifact_dir / m.model_file
@@ -80,7 +81,7 @@ def profile_artifact(artifact_dir: str | Path, num_threads: int = 2, runs: int =
             why = getattr(session_module(runtime), "NO_PROFILE", "")
             rec.update(status="not available", reason=why or f"no per-op profiler for the {runtime} runtime here")
         else:
-            optimize = m.precision != "int8" or load_profile(m.target).int8_runtime_optimize
+            optimize = m.precision != "int8" or run.get("int8_runtime_optimize", True)
             op_times, extra = profile_ops(model_path, num_threads, runs, optimize=optimize)
             rec.update(_roll_up([(part_of(p) if p not in (INSERTED, UNKNOWN) else p, t, us)
                                  for p, t, us in op_times], runs), **extra, status="ok")

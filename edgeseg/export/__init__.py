@@ -106,7 +106,7 @@ def export_checkpoint(checkpoint: str | Path, target: str, precision: str | None
         calib_data = calibration_for_export(wrapper, calib, opts.calib_count, spec, data_root=calib_root)
     # out_dir: the temporary folder, set by _write_artifact
     job = ExportJob(model=wrapper, spec=spec, precision=precision, input_hw=input_hw, out_dir=out, options=opts,
-                    calib=calib_data, qat=qat_record)
+                    calib=calib_data, qat=qat_record, target=resolved.name)
     _write_artifact(resolved, job, checkpoint, out, force)
     log.info("wrote %s", out)
     return out
@@ -184,7 +184,7 @@ def _write_artifact(resolved: ResolvedTarget, job, checkpoint: Path, out: Path, 
         seconds = time.perf_counter() - t0
         if not result.files:
             raise ArtifactError(f"--target {target}: the exporter wrote no files")
-        manifest = _manifest(exporter, job, result, target, checkpoint, seconds)
+        manifest = _manifest(exporter, job, result, resolved, checkpoint, seconds)
         write_manifest(tmp, manifest)
         if result.executed_here:
             manifest.proof = prove(tmp, job.model, job.options.proof_images, job.options.num_threads)
@@ -195,14 +195,15 @@ def _write_artifact(resolved: ResolvedTarget, job, checkpoint: Path, out: Path, 
         write_manifest(tmp, manifest)
 
 
-def _manifest(exporter, job, result, target: str, checkpoint: Path, seconds: float):
+def _manifest(exporter, job, result, resolved: ResolvedTarget, checkpoint: Path, seconds: float):
     """The artifact's manifest (before its proof)."""
     from edgeseg.export.base import Manifest
     from edgeseg.fileio import sha256_tree
+    from edgeseg.targets import runtime_record
 
     spec, wrapper = job.spec, job.model
     return Manifest(
-        target=target, precision=job.precision, model=spec.model, model_file=result.files[0],
+        target=resolved.name, precision=job.precision, model=spec.model, model_file=result.files[0],
         input=wrapper.input_contract(), output=wrapper.output_contract(spec.num_classes),
         mean=list(spec.mean), std=list(spec.std), class_names=list(spec.class_names),
         palette=[list(c) for c in spec.palette], ignore_index=spec.ignore_index, input_hw=list(job.input_hw),
@@ -212,7 +213,8 @@ def _manifest(exporter, job, result, target: str, checkpoint: Path, seconds: flo
         quantization=result.quantization, executed_here=result.executed_here,
         not_executed_reason=result.not_executed_reason,
         source_checkpoint={"path": str(checkpoint.resolve()), "sha256": sha256_tree(checkpoint)},
-        options=job.options.to_json(), inspection=result.inspection, export_seconds=round(seconds, 2))
+        options=job.options.to_json(), inspection={**result.inspection, "timings_s": dict(job.timings)},
+        export_seconds=round(seconds, 2), runtime=runtime_record(resolved.profile))
 
 
 def _edgeseg_version() -> str:

@@ -16,15 +16,19 @@ Contract of `Exporter.export(job)` (called by `edgeseg.export.export_checkpoint`
     tensors already in the wrapper's input contract (feed them to the model/quantizer as they are).
   * Write every artifact file into `job.out_dir` (a temporary folder that is renamed into place only when the whole
     export, manifest and proof succeeded; do not write anywhere else). Return an `ExportResult`.
-  * Raise `edgeseg.errors.UsageError` for an unsupported precision/option and `ArtifactError` when the
-    vendor tool fails, with one line naming the target and the cause.
+  * Run each step of a vendor tool inside `with job.stage(name, tool):` (`ExportJob.stage`): it is timed into the
+    manifest's `inspection.timings_s` and the tool's failure becomes one ArtifactError line naming the target and
+    the tool. Raise `edgeseg.errors.UsageError` for an unsupported precision/option and `ArtifactError` for an
+    artifact that is not what was asked (e.g. an int8 export with no quantize op), one line each.
 
-Must not import heavy runtimes (executorch, onnxruntime, openvino, coremltools, tensorrt) at module level.
+Must not import heavy runtimes (the vendor tools) at module level.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +46,7 @@ from edgeseg.artifact import (  # noqa: F401
     verify_manifest,
     write_manifest,
 )
-from edgeseg.errors import UsageError
+from edgeseg.errors import ArtifactError, EdgesegError, UsageError, one_line
 
 # the deployed model's I/O contract and the int8 calibration inputs live beside their users; re-exported here
 from edgeseg.models.wrapper import INPUT_NAME, OUTPUT_ARGMAX, OUTPUT_LOGITS, ExportWrapper  # noqa: F401
@@ -149,6 +153,27 @@ class ExportJob:
     options: ExportOptions                # an instance of the exporter's `Options`
     calib: CalibrationData | None = None  # int8 PTQ only
     qat: dict[str, Any] | None = None     # int8 from a QAT checkpoint: its `quant` record
+    target: str = ""                      # the target's name, for messages
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (`stage`), into the manifest
+
+    @contextlib.contextmanager
+    def stage(self, name: str, tool: str | None = None):
+        """One named stage of the export, what every exporter wraps its steps in (`with job.stage("convert",
+        "ov.convert_model"): ...`): its seconds go to `timings` (the manifest's `inspection.timings_s`), and an
+        exception of the tool inside becomes one ArtifactError line naming the target and the tool, "<target>:
+        <tool> failed: <Type>: <first line>" (the whole exception stays chained for --debug). edgeseg's own
+        errors pass as they are. The tool's chatter already goes to the vendor log: export_checkpoint runs the
+        whole export inside it."""
+        t = time.perf_counter()
+        try:
+            yield
+        except EdgesegError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the vendor tool's failure becomes one line
+            raise ArtifactError(f"{self.target or 'export'}: {tool or name} failed: "
+                                f"{one_line(e, with_type=True)}") from e
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t, 2)
 
 
 @dataclass

@@ -246,6 +246,30 @@ def _parse_qat(table: Any, where: str) -> QatScheme | None:
     return QatScheme(scheme=scheme, about=str(about), exports_from=tuple(accepts), fold_quantize=fold)
 
 
+def runtime_record(profile: TargetProfile) -> dict[str, Any]:
+    """How the artifacts of `profile`'s target run, as the manifest records it (`Manifest.runtime`): the runtime
+    package whose session opens them, how bench pins its threads, whether int8 runs with the runtime's graph
+    optimisations."""
+    return {"package": profile.runtime, "thread_control": profile.thread_control,
+            "int8_runtime_optimize": profile.int8_runtime_optimize}
+
+
+def artifact_runtime(manifest) -> dict[str, Any]:
+    """An artifact's runtime record (`runtime_record`): the one its manifest carries, or, for an artifact exported
+    before manifests carried it, the same record from its target's profile.
+
+    Raises:
+        ArtifactError: neither (a target this edgeseg does not know).
+    """
+    if manifest.runtime:
+        return manifest.runtime
+    if manifest.target not in list_profiles():
+        from edgeseg.errors import ArtifactError
+
+        raise ArtifactError(f"{manifest.target!r}: unknown target; known: {', '.join(list_profiles())}")
+    return runtime_record(load_profile(manifest.target))
+
+
 def all_profiles() -> dict[str, TargetProfile]:
     """Every profile by name (each checked; the first bad one raises UsageError naming its key)."""
     return {name: load_profile(name) for name in list_profiles()}

@@ -33,12 +33,11 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeseg.errors import ArtifactError, UsageError, one_line
+from edgeseg.errors import ArtifactError, UsageError
 from edgeseg.export.base import INPUT_NAME, Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy
 from edgeseg.targets.coreml.lowering import (  # noqa: F401
     _convert,
@@ -136,9 +135,7 @@ class CoreMLExporter(Exporter):
         out_dir = Path(job.out_dir)
         output_name = model.output_contract(spec.num_classes)["name"]
         example = model.example_input()
-        timings: dict[str, float] = {}
         quant: dict[str, Any] = {}
-        t = time.perf_counter()
         source = model
         prequantized = job.qat
         w8a8 = precision == "int8" and (options.int8_mode == "w8a8" or bool(prequantized))
@@ -153,35 +150,25 @@ class CoreMLExporter(Exporter):
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: coreml W8A8 needs calibration images")
             policy = export_float_policy(model, options)
-            source, float_ops = quantize_w8a8(model, calib_data, policy)
-            timings["pt2e_quantize"] = time.perf_counter() - t
+            with job.stage("pt2e_quantize", "PT2E quantization (CoreMLQuantizer)"):
+                source, float_ops = quantize_w8a8(model, calib_data, policy)
             quant = {"scheme": "W8A8: PT2E CoreMLQuantizer (executorch.backends.apple.coreml.quantizer)",
                      "weights": "int8 symmetric per-channel", "activations": "uint8 per-tensor",
                      "calibration_images": len(calib_data.inputs), "float_modules": policy.to_json(),
                      "float_ops": float_ops}
-            t = time.perf_counter()
-        try:
+        with job.stage("torch_export", "torch.export"):
             ep, rewrites = export_program(source, example)
-        except ArtifactError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"coreml: torch.export failed: {one_line(e, with_type=True)}") from e
-        timings["torch_export"] = time.perf_counter() - t
-        t = time.perf_counter()
-        mlmodel = _convert(ep, precision != "fp32", options, example.shape, output_name)
-        timings["ct_convert"] = time.perf_counter() - t
+        with job.stage("ct_convert", "ct.convert"):
+            mlmodel = _convert(ep, precision != "fp32", options, example.shape, output_name)
         if precision == "int8" and not w8a8:
-            t = time.perf_counter()
-            mlmodel = quantize_weights(mlmodel)
-            timings["linear_quantize_weights"] = time.perf_counter() - t
+            with job.stage("linear_quantize_weights"):
+                mlmodel = quantize_weights(mlmodel)
             quant = {"scheme": "weight-only int8 (ct.optimize.coreml.linear_quantize_weights)",
                      "weights": "int8 symmetric per-channel (conv, linear, conv_transpose)",
                      "activations": "fp16"}
         mlmodel.short_description = f"edgeseg {spec.model} ({precision})"
-        try:
+        with job.stage("save", f"saving {MODEL_FILE}"):
             mlmodel.save(str(out_dir / MODEL_FILE))
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"coreml: saving {MODEL_FILE} failed: {one_line(e, with_type=True)}") from e
 
         info = inspect_mlpackage(out_dir / MODEL_FILE)
         if info["inputs"] != [INPUT_NAME] or info["outputs"] != [output_name]:
@@ -194,8 +181,7 @@ class CoreMLExporter(Exporter):
         executed = sys.platform == "darwin"
         inspection = {**info, "compute_units": options.compute_units,
                       "minimum_deployment_target": options.minimum_deployment_target,
-                      "aten_ops": aten_ops(ep), "rewrites": rewrites,
-                      "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+                      "aten_ops": aten_ops(ep), "rewrites": rewrites}
         return ExportResult(files=[MODEL_FILE],
                             fallback_ops=compute_plan_fallbacks(out_dir / MODEL_FILE, options.compute_units),
                             executed_here=executed,

@@ -6,14 +6,13 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgeseg.errors import ArtifactError, UsageError
+from edgeseg.errors import UsageError
 from edgeseg.export.base import Exporter, ExportJob, ExportOptions, ExportResult, export_float_policy, module_path
 from edgeseg.quant.pt2e_specs import xnnpack_quantizer
 from edgeseg.targets.executorch.passes import requantize_after_zero_pad
@@ -285,15 +284,13 @@ class ExecutorchExporter(Exporter):
 
         model, precision, calib_data, options = job.model, job.precision, job.calib, job.options
         out_dir = Path(job.out_dir)
-        timings: dict[str, float] = {}
         example = (model.example_input(),)
         graph = getattr(model, "model", model)
         if job.qat and isinstance(graph, torch.fx.GraphModule):
             # for QAT checkpoints converted before QAT's convert ran this pass (a no-op on the others)
             requantize_after_zero_pad(graph)
-        t = time.perf_counter()
-        ep = torch.export.export(model, example, strict=False)
-        timings["torch_export"] = time.perf_counter() - t
+        with job.stage("torch_export", "torch.export"):
+            ep = torch.export.export(model, example, strict=False)
         quant: dict[str, Any] = {}
         if job.qat:
             # a QAT checkpoint's converted graph: the q/dq ops with the learned scales are already in `ep`
@@ -303,56 +300,49 @@ class ExecutorchExporter(Exporter):
                 raise UsageError("--precision int8: executorch-xnnpack needs calibration images")
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            t = time.perf_counter()
-            quantizer, policy = self.ptq_quantizer(model, options)  # float modules: ops left unannotated
-            # a conv whose weight is shared (FreqFusion's one-hot kernels, content_encoder on hr and lr) is left
-            # unannotated by the XNNPACK quantizer while its input is dequantized: XNNPACK then takes it as a
-            # quantized conv with an fp32 weight and fails at load ("Failed to create convolution node")
-            ep, _ = unshare_constants(ep)
-            prepared = prepare_pt2e(ep.module(), quantizer)
-            float_ops = sum(1 for n in prepared.graph.nodes if n.op == "call_function" and policy.node_is_float(n))
-            with torch.no_grad():
-                for x in calib_data.inputs:
-                    prepared(x)
-            converted = convert_pt2e(prepared)
-            requantize_after_zero_pad(converted)  # XNNPACK refuses a "quantized" pad with a float output
-            ep = torch.export.export(converted, example, strict=False)
-            timings["quantize"] = time.perf_counter() - t
+            with job.stage("quantize", "PT2E quantization"):
+                quantizer, policy = self.ptq_quantizer(model, options)  # float modules: ops left unannotated
+                # a conv whose weight is shared (FreqFusion's one-hot kernels, content_encoder on hr and lr) is
+                # left unannotated by the XNNPACK quantizer while its input is dequantized: XNNPACK then takes it
+                # as a quantized conv with an fp32 weight and fails at load ("Failed to create convolution node")
+                ep, _ = unshare_constants(ep)
+                prepared = prepare_pt2e(ep.module(), quantizer)
+                float_ops = sum(1 for n in prepared.graph.nodes
+                                if n.op == "call_function" and policy.node_is_float(n))
+                with torch.no_grad():
+                    for x in calib_data.inputs:
+                        prepared(x)
+                converted = convert_pt2e(prepared)
+                requantize_after_zero_pad(converted)  # XNNPACK refuses a "quantized" pad with a float output
+                ep = torch.export.export(converted, example, strict=False)
             quant = {"scheme": "PT2E static int8", "quantizer": "XNNPACKQuantizer symmetric",
                      "per_channel_weights": options.per_channel, "activations": "int8 asymmetric per-tensor",
                      "calibration_images": len(calib_data.inputs), "float_modules": policy.to_json(),
                      "float_ops": float_ops}
         rewritten = 0
-        if options.fix_channels_last_softmax:
-            ep, rewritten = rewrite_last_dim_softmax(ep, example)
-        t = time.perf_counter()
-        ep = delegate_friendly_decompositions(ep)
-        ep, unshared = unshare_constants(ep)
-        timings["decompose"] = time.perf_counter() - t
-        t = time.perf_counter()
-        try:
+        with job.stage("decompose", "graph rewrites for XNNPACK"):
+            if options.fix_channels_last_softmax:
+                ep, rewritten = rewrite_last_dim_softmax(ep, example)
+            ep = delegate_friendly_decompositions(ep)
+            ep, unshared = unshare_constants(ep)
+        with job.stage("to_edge_transform_and_lower", "lowering"):
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-        except Exception as e:  # noqa: BLE001 - the vendor tool's failure becomes one line
-            raise ArtifactError(f"executorch-xnnpack: lowering failed: {type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        timings["to_edge_transform_and_lower"] = time.perf_counter() - t
         lowered = edge.exported_program()
         hist = non_delegated_ops(lowered)
         delegates = sum(1 for n in lowered.graph_module.graph.nodes
                         if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
         delegated = delegated_op_counts(lowered)
         handles = debug_map(lowered)  # before to_executorch, whose passes rewrite the top-level graph
-        t = time.perf_counter()
-        prog = edge.to_executorch()
-        timings["to_executorch"] = time.perf_counter() - t
+        with job.stage("to_executorch"):
+            prog = edge.to_executorch()
         (Path(out_dir) / MODEL_FILE).write_bytes(prog.buffer)
         dmap = instruction_map(handles, prog.debug_handle_map.get("forward", {}))
         (Path(out_dir) / DEBUG_MAP).write_text(json.dumps(dmap, separators=(",", ":")))
-        timings = {k: round(v, 2) for k, v in timings.items()}
-        log.info("executorch: timings %s; %d delegate call(s); off XNNPACK: %s", timings, delegates, hist or "none")
+        log.info("executorch: timings %s; %d delegate call(s); off XNNPACK: %s", job.timings, delegates,
+                 hist or "none")
         return ExportResult(
             files=[MODEL_FILE, DEBUG_MAP], fallback_ops=sorted(hist), executed_here=True, quantization=quant,
-            inspection={"delegate_calls": delegates, "non_delegated_op_counts": hist, "timings_s": timings,
+            inspection={"delegate_calls": delegates, "non_delegated_op_counts": hist,
                         "delegated_op_counts": delegated, "softmax_rewritten_for_xnnpack": rewritten,
                         "constants_unshared": unshared})
 

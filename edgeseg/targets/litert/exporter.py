@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -128,18 +127,16 @@ class LiteRTExporter(Exporter):
         from edgeseg.targets.litert.quantize import quantize
 
         options = job.options
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        data = convert(job.model)
-        timings["litert_torch_convert"] = time.perf_counter() - t
+        with job.stage("litert_torch_convert", "litert_torch.convert"):
+            data = convert(job.model)
         quant: dict[str, Any] = {}
         if job.precision == "int8":
             if job.calib is None or not job.calib.inputs:
                 raise UsageError("--precision int8: litert needs calibration images")
             policy = export_float_policy(job.model, options)
-            t = time.perf_counter()
-            data, quant = quantize(data, job.calib.numpy(), options.recipe, policy.names, float_io=options.float_io)
-            timings["ai_edge_quantizer"] = time.perf_counter() - t
+            with job.stage("ai_edge_quantizer", "ai-edge-quantizer"):
+                data, quant = quantize(data, job.calib.numpy(), options.recipe, policy.names,
+                                       float_io=options.float_io)
             quant["float_modules"] = policy.to_json()
         (Path(job.out_dir) / MODEL_FILE).write_bytes(data)
 
@@ -151,16 +148,10 @@ class LiteRTExporter(Exporter):
             inspection["op_output_dtypes"] = op_output_dtypes(model)
         if job.precision == "int8" and not inspection["tensor_dtypes"].get("INT8"):
             raise ArtifactError(f"{Path(job.out_dir) / MODEL_FILE}: int8 export holds no int8 tensor")
-        t = time.perf_counter()
-        try:
+        with job.stage("interpreter_load", "loading the converted model in the LiteRT Interpreter"):
             split = xnnpack_split(data, num_threads=max(1, options.num_threads))
-        except Exception as e:  # noqa: BLE001 - the runtime's failure becomes one line
-            raise ArtifactError(f"litert: the LiteRT Interpreter could not load the converted model: "
-                                f"{type(e).__name__}: {one_line(e)}") from e
-        timings["interpreter_load"] = time.perf_counter() - t
         inspection["xnnpack"] = split
-        inspection["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-        log.info("litert: timings %s; %d XNNPACK partition(s); off XNNPACK: %s", inspection["timings_s"],
+        log.info("litert: timings %s; %d XNNPACK partition(s); off XNNPACK: %s", job.timings,
                  split["partitions"], split["not_delegated"] or "none")
         return ExportResult(files=[MODEL_FILE], fallback_ops=sorted(split["not_delegated"]), executed_here=True,
                             quantization=quant, inspection=inspection)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,37 +242,32 @@ class OnnxExporter(Exporter):
         model, spec, precision, calib_data, options = job.model, job.spec, job.precision, job.calib, job.options
         out_dir = Path(job.out_dir)
         output_name = model.output_contract(spec.num_classes)["name"]
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
         prequantized = job.qat  # QAT graph: q/dq with learned scales, no PTQ
         target = out_dir / (FLOAT_FILE if precision == "int8" and not prequantized else MODEL_FILE)
-        export_onnx(model, target, options.opset, output_name)
-        timings["torch_onnx_export"] = time.perf_counter() - t
+        with job.stage("torch_onnx_export", "torch.onnx.export"):
+            export_onnx(model, target, options.opset, output_name)
         quant: dict[str, Any] = {}
         if precision == "int8" and prequantized:
             quant = {**prequantized, "calibration_images": 0}
         elif precision == "int8":
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: onnx needs calibration images")
-            t = time.perf_counter()
             reduce_range, why = resolve_reduce_range(options.reduce_range)
-            quant = quantize_qdq(target, out_dir / MODEL_FILE, calib_data, activation_type=options.activation_type,
-                                 reduce_range=reduce_range, per_channel=options.per_channel,
-                                 calibrate_method=options.calibrate_method, op_types=list(options.op_types),
-                                 policy=export_float_policy(model, options))
+            with job.stage("quantize_static", "ONNX Runtime quantize_static"):
+                quant = quantize_qdq(target, out_dir / MODEL_FILE, calib_data,
+                                     activation_type=options.activation_type, reduce_range=reduce_range,
+                                     per_channel=options.per_channel, calibrate_method=options.calibrate_method,
+                                     op_types=list(options.op_types), policy=export_float_policy(model, options))
             quant.update(reduce_range=reduce_range, reduce_range_reason=why)
             target.unlink()
-            timings["quantize_static"] = time.perf_counter() - t
         hist = op_histogram(out_dir / MODEL_FILE)
         if precision == "int8" and not hist.get("QuantizeLinear"):
             raise ArtifactError(f"{out_dir / MODEL_FILE}: int8 export holds no QuantizeLinear node")
         # what ORT actually placed off its provider, from a profiled run (the session edgeseg.targets.onnx.session opens)
-        t = time.perf_counter()
-        fallback_ops, placement = measured_fallback_ops(out_dir / MODEL_FILE, optimize=True)
-        timings["ep_placement"] = time.perf_counter() - t
+        with job.stage("ep_placement", "the profiled ONNX Runtime run"):
+            fallback_ops, placement = measured_fallback_ops(out_dir / MODEL_FILE, optimize=True)
         return ExportResult(files=[MODEL_FILE], fallback_ops=fallback_ops, executed_here=True, quantization=quant,
-                            inspection={"op_histogram": hist, "opset": options.opset, "ep_placement": placement,
-                                        "timings_s": {k: round(v, 2) for k, v in timings.items()}})
+                            inspection={"op_histogram": hist, "opset": options.opset, "ep_placement": placement})
 
 
 EXPORTER = OnnxExporter

@@ -101,10 +101,11 @@ def default_optimize(manifest) -> bool:
     int8 as the target's profile says (`int8_runtime_optimize`; false: the reference QDQ arithmetic)."""
     if manifest.precision != "int8":
         return True
-    from edgeseg.targets import list_profiles, load_profile
+    from edgeseg.targets import artifact_runtime
 
-    # the profile says whether this target's int8 runs with ORT's fused kernels or its reference arithmetic
-    return manifest.target not in list_profiles() or load_profile(manifest.target).int8_runtime_optimize
+    # the target's profile, recorded at export, says whether its int8 runs with ORT's fused kernels or its
+    # reference arithmetic
+    return artifact_runtime(manifest).get("int8_runtime_optimize", True)
 
 
 # The artifact folder's run script (edgeseg.export.device_kit writes run_onnx.py around it): a `Runner` that needs

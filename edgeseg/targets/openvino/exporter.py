@@ -29,7 +29,6 @@ compute layers that still run in float.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,27 +279,20 @@ class OpenVINOExporter(Exporter):
 
         model, options = job.model, job.options
         out_dir = Path(job.out_dir)
-        timings: dict[str, float] = {}
         # the manifest's options carry the resolved hint, which sessions compute with
         options.inference_precision, precision_why = resolve_inference_precision(options.inference_precision)
-        t = time.perf_counter()
-        converted = convert(model, options.route)
-        name_io(converted.model, model.output_contract(job.spec.num_classes)["name"])
-        timings["convert_model"] = time.perf_counter() - t
-        ov_model, quant, float_names = _quantize(converted, job, timings)
-        t = time.perf_counter()
-        try:
+        with job.stage("convert_model", "ov.convert_model"):
+            converted = convert(model, options.route)
+            name_io(converted.model, model.output_contract(job.spec.num_classes)["name"])
+        ov_model, quant, float_names = _quantize(converted, job)
+        with job.stage("save_model", "ov.save_model"):
             ov.save_model(ov_model, str(out_dir / MODEL_FILE), compress_to_fp16=(job.precision == "fp16"))
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"openvino: ov.save_model failed: {one_line(e, with_type=True)}") from e
-        timings["save_model"] = time.perf_counter() - t
 
         core = ov.Core()
         saved = core.read_model(str(out_dir / MODEL_FILE))
         inspection = _inspect(saved, converted, job, float_names)
         inspection["inference_precision"] = {"hint": options.inference_precision, "why": precision_why}
-        fallback = _compile(core, saved, job, inspection, timings)
-        inspection["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+        fallback = _compile(core, saved, job, inspection)
         executed = options.device in core.available_devices
         return ExportResult(files=[MODEL_FILE, WEIGHTS_FILE], fallback_ops=fallback, executed_here=executed,
                             not_executed_reason=None if executed else
@@ -309,7 +301,7 @@ class OpenVINOExporter(Exporter):
                             quantization=quant, inspection=inspection)
 
 
-def _quantize(converted: Converted, job: ExportJob, timings: dict[str, float]) -> tuple[Any, dict[str, Any], list[str]]:
+def _quantize(converted: Converted, job: ExportJob) -> tuple[Any, dict[str, Any], list[str]]:
     """(OV model to save, quantization record, float policy node names) of a job."""
     quant: dict[str, Any] = {}
     float_names: list[str] = []
@@ -321,12 +313,11 @@ def _quantize(converted: Converted, job: ExportJob, timings: dict[str, float]) -
                  "conversion": "ov.convert_model of the QAT-converted PT2E graph (q/dq -> FakeQuantize); "
                                "no NNCF PTQ"}
     elif job.precision == "int8":
-        t = time.perf_counter()
-        policy = export_float_policy(job.model, job.options)
-        float_names = float_node_names(converted, policy)
-        ov_model, quant = quantize(ov_model, job.calib, job.options, float_names)
+        with job.stage("nncf_quantize", "NNCF quantization"):
+            policy = export_float_policy(job.model, job.options)
+            float_names = float_node_names(converted, policy)
+            ov_model, quant = quantize(ov_model, job.calib, job.options, float_names)
         quant["float_modules"] = policy.to_json()
-        timings["nncf_quantize"] = time.perf_counter() - t
     return ov_model, quant, float_names
 
 
@@ -357,21 +348,17 @@ def _inspect(saved, converted: Converted, job: ExportJob, float_names: list[str]
     return inspection
 
 
-def _compile(core, saved, job: ExportJob, inspection: dict[str, Any], timings: dict[str, float]) -> list[str] | None:
+def _compile(core, saved, job: ExportJob, inspection: dict[str, Any]) -> list[str] | None:
     """Compile the IR on the options' device where present (adding runtime precisions to `inspection`) -> the
     fallback ops (None when unknown)."""
     options = job.options
     fallback: list[str] | None = None
     if options.device in core.available_devices:
-        t = time.perf_counter()
-        try:
-            config = {"INFERENCE_NUM_THREADS": max(1, options.num_threads)}
-            if options.device == "CPU":
-                config["INFERENCE_PRECISION_HINT"] = options.inference_precision
+        config = {"INFERENCE_NUM_THREADS": max(1, options.num_threads)}
+        if options.device == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = options.inference_precision
+        with job.stage("compile_model", f"compile_model on {options.device}"):
             compiled = core.compile_model(saved, options.device, config)
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"openvino: compile_model on {options.device} failed: {one_line(e, with_type=True)}") from e
-        timings["compile_model"] = time.perf_counter() - t
         if options.device == "CPU":
             # The CPU plugin has no fallback device: an op it does not take fails compile_model, so a compiled
             # CPU model has none. (Core.query_model is asked, in a child process, for other devices.)

@@ -186,8 +186,8 @@ class TensorrtExporter(Exporter):
         output_name = model.output_contract(spec.num_classes)["name"]
         prequantized = job.qat
         fp32_path = out_dir / ("model_fp32.onnx" if precision == "int8" and not prequantized else MODEL_FILE)
-        t = time.perf_counter()
-        export_onnx(model, fp32_path, options.opset, output_name)
+        with job.stage("torch_onnx_export", "torch.onnx.export"):
+            export_onnx(model, fp32_path, options.opset, output_name)
         quant: dict[str, Any] = {}
         if prequantized:
             # QAT graph (edgeseg qat --target jetson-tensorrt): its q/dq pairs with the learned scales are the
@@ -205,15 +205,15 @@ class TensorrtExporter(Exporter):
             if calib_data is None or not calib_data.inputs:
                 raise UsageError("--precision int8: jetson-tensorrt needs calibration images")
             # TensorRT explicit quantization takes symmetric int8 (zero point 0) for activations and weights.
-            quant = quantize_qdq(fp32_path, out_dir / MODEL_FILE, calib_data, activation_type="int8",
-                                 reduce_range=False, per_channel=options.per_channel,
-                                 calibrate_method=options.calibrate_method, symmetric=True, op_types=TRT_QUANT_OPS,
-                                 policy=export_float_policy(model, options))
+            with job.stage("quantize_static", "ONNX Runtime quantize_static"):
+                quant = quantize_qdq(fp32_path, out_dir / MODEL_FILE, calib_data, activation_type="int8",
+                                     reduce_range=False, per_channel=options.per_channel,
+                                     calibrate_method=options.calibrate_method, symmetric=True,
+                                     op_types=TRT_QUANT_OPS, policy=export_float_policy(model, options))
             quant["scheme"] = "TensorRT explicit quantization (symmetric int8 QDQ, ONNX Runtime calibration)"
             fp32_path.unlink()
         elif precision == "fp16":
             quant = {"scheme": "fp32 ONNX; TensorRT builds fp16 kernels (trtexec --fp16)"}
-        seconds = time.perf_counter() - t
         cmd = trtexec_command(precision, options.workspace_mb)
         (out_dir / TRTEXEC_FILE).write_text(
             "#!/bin/sh\n# Build and time the TensorRT engine on the Jetson (JetPack's trtexec is in "
@@ -221,8 +221,9 @@ class TensorrtExporter(Exporter):
         (out_dir / SCRIPT_FILE).write_text(_SCRIPT.format(precision=precision, workspace_mb=options.workspace_mb,
                                                           model=MODEL_FILE, engine=ENGINE_FILE))
         inspection: dict[str, Any] = {"op_histogram": op_histogram(out_dir / MODEL_FILE), "trtexec": cmd,
-                                      "opset": options.opset, "timings_s": {"export": round(seconds, 2)},
-                                      "onnxruntime_check": _ort_check(out_dir / MODEL_FILE, model)}
+                                      "opset": options.opset}
+        with job.stage("onnxruntime_check", "the ONNX Runtime check"):
+            inspection["onnxruntime_check"] = _ort_check(out_dir / MODEL_FILE, model)
         why_not = _tensorrt_here()
         files = [MODEL_FILE, TRTEXEC_FILE, SCRIPT_FILE]
         if why_not is None:
