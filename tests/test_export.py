@@ -25,20 +25,17 @@ from edgeseg.export.base import MANIFEST, verify_manifest  # noqa: E402
 from edgeseg.export.profiles import list_profiles, load_profile, parse_profile  # noqa: E402
 from edgeseg.models import list_models  # noqa: E402
 from edgeseg.runtime import open_session  # noqa: E402
+from edgeseg.targets import flows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# Targets whose exporters live in this repo's export tests (executed here); others (openvino, coreml) have their own.
-RUN_HERE = ("executorch-xnnpack", "onnx")
-# Every registered tiny variant (`test_*`) runs on every target here, fp32 at 64x64. FreqFusion's export form
-# (edgeseg/models/freqfusion.py, selected by prepare_for_export) keeps test_offseg's graph small: the traced CARAFE
-# used to unroll into ~1,600 of ~1,900 nodes and ExecuTorch lowering took > 20 min on 2 shared cores.
+# Each target's package declares how it is tested (edgeseg.targets.Flow): which tiny variants its contract fp32
+# round trip runs here (every registered `test_*` plus tiny_ops by default; fp32 at 64x64), which are known to
+# fail. FreqFusion's export form (edgeseg/models/freqfusion.py, selected by prepare_for_export) keeps test_offseg's
+# graph small: the traced CARAFE used to unroll into ~1,600 of ~1,900 nodes and ExecuTorch lowering took > 20 min.
+FLOWS = flows()
 MODELS = [_tiny.TINY, *list_models("test_*")]
-# ExecuTorch lowering is the suite's slowest step (30-130 s per tiny model on 2 cores), so its fp32 round trip runs on
-# the variants that add a distinct op family: the offseg backbone + FreqFusion + offset head, the AFM spectral path,
-# MSCAN + LightHamHead + offset head, and EfficientNet-Lite0 (ReLU6, depth-wise) + FPN (bilinear resize) + offset head
-# (~12 s). test_segnext and test_offseg_afm only recombine those; the SSA head has its own XNNPACK tests
-# (tests/test_executorch_lowering.py). ONNX still runs every variant.
-ET_MODELS = [_tiny.TINY, "test_offseg", "test_segnext_afm", "test_segnext_offset", "test_offseg_lite0"]
+CONTRACT = {t: (MODELS if f.contract_models is None else list(f.contract_models)) for t, f in FLOWS.items()}
+RUN_HERE = tuple(t for t, models in CONTRACT.items() if models)
 HW = (64, 64)
 
 
@@ -125,17 +122,26 @@ def test_contradicting_profile_is_an_error_naming_the_key(changes, key):
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 export + proof + runtime, per target x model
 # ----------------------------------------------------------------------------------------------------------------
-# (target, model) pairs known to fail, run as strict xfails so that a fix shows up. Empty since the SSA head's
-# XNNPACK run-time failure was fixed (its prototypes are baked at export: tests/test_executorch_lowering.py).
-_KNOWN_BROKEN: set[tuple[str, str]] = set()
+# (target, model) pairs known to fail (each Flow's known_broken), run as strict xfails so that a fix shows up.
+# Empty since the SSA head's XNNPACK run-time failure was fixed (its prototypes are baked at export:
+# tests/test_executorch_lowering.py).
+_KNOWN_BROKEN = {(t, m): why for t, f in FLOWS.items() for m, why in f.known_broken.items()}
 
 
 def _cases():
     for target in RUN_HERE:
-        for model in (ET_MODELS if target == "executorch-xnnpack" else MODELS):
-            marks = [pytest.mark.xfail(strict=True, reason="known to fail with the pinned toolchain")] \
+        for model in CONTRACT[target]:
+            marks = [pytest.mark.xfail(strict=True, reason=_KNOWN_BROKEN[(target, model)])] \
                 if (target, model) in _KNOWN_BROKEN else []
             yield pytest.param(target, model, marks=marks, id=f"{target}-{model}")
+
+
+def test_every_flow_names_registered_models_and_says_why_it_narrows():
+    for target, f in FLOWS.items():
+        assert set(CONTRACT[target]) <= set(MODELS), target
+        assert set(f.known_broken) <= set(CONTRACT[target]), target
+        assert f.contract_models is None or f.contract_note, f"{target}: contract_models narrowed without a note"
+    assert RUN_HERE  # some target runs the contract here
 
 
 @pytest.mark.exports(lambda p: [] if (p["target"], p["model"]) in _KNOWN_BROKEN  # the xfail: made in the test

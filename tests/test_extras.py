@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tiny  # noqa: E402
 
 from edgeseg.extras import EXTRAS, missing_extra  # noqa: E402
+from edgeseg.targets import flows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # distribution name -> top-level module
@@ -76,8 +77,16 @@ def test_core_works_without_any_extra(checkpoints, tmp_path):
     assert (tmp_path / "onnx" / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("target, extra", [("openvino", "openvino"), ("executorch-xnnpack", "executorch"),
-                                           ("coreml", "coreml"), ("litert", "litert")])
+# each target's package declares the extra that brings its tools (edgeseg.targets.Flow.extra)
+TARGET_EXTRAS = [(t, f.extra) for t, f in flows().items() if f.extra]
+
+
+def test_every_declared_extra_exists_and_a_target_needs_each_tool_extra():
+    assert {e for _, e in TARGET_EXTRAS} <= set(EXTRAS)
+    assert set(EXTRAS) - {e for _, e in TARGET_EXTRAS} == {"pretrained"}  # training's, no target's
+
+
+@pytest.mark.parametrize("target, extra", TARGET_EXTRAS)
 def test_export_without_its_extra_is_one_line(checkpoints, tmp_path, target, extra):
     r = _run_without(EXTRAS[extra], ["export", "--checkpoint", str(checkpoints(_tiny.TINY)), "--target", target,
                                      "--precision", "fp32", "--out", str(tmp_path / "a")])

@@ -12,6 +12,14 @@ from edgeseg.eval.profile import INSERTED, UNKNOWN, part_of, profile_artifact
 MODEL = "test_offseg"
 
 
+def _profiled_targets() -> list[str]:
+    """The targets whose own runtime package has a per-op profiler (`profile_ops` in its session.py)."""
+    from edgeseg.targets import all_profiles, session_module
+
+    return [t for t, p in all_profiles().items()
+            if p.runtime == p.exporter and hasattr(session_module(p.runtime), "profile_ops")]
+
+
 def test_part_of_groups_stages_and_drops_the_wrapper():
     assert part_of("model.backbone.network.3.1.mlp.fc1") == "backbone.network.3"
     assert part_of("model.decode_head.freqfusions.2.dysampler") == "decode_head.freqfusions.2"
@@ -34,8 +42,12 @@ def _check(rec: dict) -> None:
     assert rec["total_ms"] > 0 and rec["wall_ms"] > 0
 
 
+def test_the_profiled_targets_are_found():
+    assert len(_profiled_targets()) >= 3  # ONNX Runtime, OpenVINO, ExecuTorch today
+
+
 @pytest.mark.exports(lambda p: [(p["target"], MODEL, "fp32")])
-@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch-xnnpack"])
+@pytest.mark.parametrize("target", _profiled_targets())
 def test_profile_attributes_time_to_model_parts(exports, target):
     _check(profile_artifact(exports.get(target, MODEL, "fp32"), num_threads=1, runs=2))
 

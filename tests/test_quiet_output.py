@@ -17,6 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tiny  # noqa: E402  (registers tiny_ops)
 
+from edgeseg.targets import flows  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 BOOT = ("import sys; sys.path.insert(0, {tests!r}); import _tiny; from edgeseg.cli import main; "
@@ -24,8 +26,10 @@ BOOT = ("import sys; sys.path.insert(0, {tests!r}); import _tiny; from edgeseg.c
 # what the unfiltered run printed on stderr (measured before the vendor log existed)
 CHATTER = ("Traceback", "Warning", "[coreml", "Removing op", "not found in decomp table", "Converting op",
            "cpuinfo_utils", "Failed to load")
-# target -> a line the vendor log must hold for it (what that converter is known to say on tiny_ops)
-VENDOR_SAYS = {"openvino": "not found in decomp table", "coreml": "Removing op"}
+# target -> a line the vendor log must hold for it (what that converter is known to say on tiny_ops), and the
+# precisions each target's CLI export is checked at: declared by each target's package (edgeseg.targets.Flow)
+FLOWS = flows()
+VENDOR_SAYS = {t: f.vendor_says for t, f in FLOWS.items() if f.vendor_says}
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ([\w.]+): (.*)$")
 
 
@@ -65,17 +69,14 @@ def _ours(log_text: str) -> list[str]:
     return out
 
 
-CASES = [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "int8"),
-         ("executorch-xnnpack", "fp32"), ("executorch-xnnpack", "int8"), ("coreml", "fp32"),
-         ("coreml", "int8"), ("litert", "fp32"), ("litert", "int8")]
+CASES = [(t, precision) for t, f in FLOWS.items() for precision in f.quiet]
 
 
 @pytest.mark.parametrize("target, precision", CASES, ids=[f"{t}-{p}" for t, p in CASES])
 def test_export_prints_only_our_lines(ckpt, tmp_path, target, precision):
     _need(target)
     out = tmp_path / f"{target}-{precision}"
-    # Core ML int8 weight-only: the W8A8 calibration flow takes minutes on 2 cores (test_export_coreml covers it)
-    opts = ["--option", 'int8_mode="weights"'] if (target, precision) == ("coreml", "int8") else []
+    opts = list(FLOWS[target].quiet[precision])  # e.g. Core ML's int8 weight-only (its W8A8 takes minutes)
     p = _export("--checkpoint", ckpt, "--target", target, "--precision", precision, "--out", out, *opts)
     assert p.returncode == 0, p.stderr[-3000:]
     for needle in CHATTER:

@@ -108,7 +108,7 @@ def test_target_names_only_in_profiles_exporters_and_sessions():
     hits = []
     for f in PKG.rglob("*.py"):
         rel = str(f.relative_to(REPO))
-        if rel.startswith(allowed) or rel.startswith("edgeseg/commands/"):
+        if rel.startswith(allowed):
             continue
         tree = ast.parse(f.read_text())
         docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
@@ -119,3 +119,28 @@ def test_target_names_only_in_profiles_exporters_and_sessions():
                     and node.value in names:
                 hits.append(f"{rel}:{node.lineno} {node.value!r}")
     assert not hits, hits
+
+
+# the vendor tools of the targets, by top-level module
+VENDOR_MODULES = {"executorch", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "coremltools", "litert_torch",
+                  "ai_edge_litert", "ai_edge_quantizer", "tensorrt"}
+# module -> why it may import a vendor tool outside a target package
+VENDOR_IMPORT_EXCEPTIONS = {
+    "edgeseg/quant/pt2e_specs.py": "executorch's XNNPACKQuantizer: the PT2E scheme the ExecuTorch, ONNX and "
+                                   "jetson-tensorrt QAT schemes share",
+}
+
+
+def test_vendor_tools_are_imported_only_inside_target_packages():
+    hits = []
+    for f in PKG.rglob("*.py"):
+        rel = str(f.relative_to(REPO))
+        if rel.startswith("edgeseg/targets/") and rel.count("/") >= 3:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            hits += [f"{rel}:{node.lineno} {n}" for n in names
+                     if n.split(".")[0] in VENDOR_MODULES and rel not in VENDOR_IMPORT_EXCEPTIONS]
+    assert not hits, hits
+    assert all((REPO / m).is_file() for m in VENDOR_IMPORT_EXCEPTIONS)  # no stale exception

@@ -246,6 +246,37 @@ def _parse_qat(table: Any, where: str) -> QatScheme | None:
     return QatScheme(scheme=scheme, about=str(about), exports_from=tuple(accepts), fold_quantize=fold)
 
 
+@dataclass
+class Flow:
+    """How the test suite exercises a target, declared in its package as `FLOW` (as each ExecuTorch backend declares
+    its TestFlow), so that no test file keeps a table of targets: tests/ read `flows()`.
+
+    extra: the pip extra that brings the target's tools (None: the core install); without it, an export is one
+        line naming `pip install 'edgeseg[<extra>]'`.
+    contract_models: the registered tiny variants (`test_*`, plus tests/_tiny.py's `tiny_ops`) its fp32 round trip
+        runs in tests/test_export.py (export, manifest, proof, session against eager): None = every one; a tuple
+        = those (say why in `contract_note`); () = none (`contract_note` says which test file covers it).
+    contract_note: why `contract_models` is not every variant.
+    known_broken: {model: reason} of the contract round trip, run as strict xfails so that a fix shows up.
+    quiet: {precision: extra CLI arguments} that tests/test_quiet_output.py exports through the CLI, checking
+        that only edgeseg's lines reach the terminal and the converter's go to the vendor log.
+    vendor_says: a line the target's converter writes on tiny_ops, which the vendor log must then hold.
+    """
+
+    extra: str | None = None
+    contract_models: tuple[str, ...] | None = None
+    contract_note: str = ""
+    known_broken: dict[str, str] = field(default_factory=dict)
+    quiet: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    vendor_says: str | None = None
+
+
+def flows() -> dict[str, Flow]:
+    """Target name -> the `FLOW` its exporter's package declares (`Flow()` where it declares none)."""
+    return {name: getattr(importlib.import_module(f"edgeseg.targets.{load_profile(name).exporter}"), "FLOW", Flow())
+            for name in list_profiles()}
+
+
 def runtime_record(profile: TargetProfile) -> dict[str, Any]:
     """How the artifacts of `profile`'s target run, as the manifest records it (`Manifest.runtime`): the runtime
     package whose session opens them, how bench pins its threads, whether int8 runs with the runtime's graph

@@ -7,3 +7,10 @@ edgeseg.targets) names none. Parts:
   inspection.py: op histogram, XNNPACK partitions and the ops left off XNNPACK
   session.py: the LiteRT Interpreter (XNNPACK delegate, pinned threads), profiler and device-kit runner
 """
+
+from edgeseg.targets import Flow
+
+FLOW = Flow(extra="litert", contract_models=(),
+            contract_note="tests/test_export_litert.py runs the fp32 and int8 round trips with LiteRT's own checks "
+                          "(XNNPACK partitions, int8 tensors)",
+            quiet={"fp32": (), "int8": ()})

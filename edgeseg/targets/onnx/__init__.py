@@ -6,3 +6,7 @@ edgeseg.targets) names none. Parts:
   quantize.py: ONNX Runtime's quantize_static with edgeseg's float policy and calibration
   session.py: the ONNX Runtime session (also runs jetson-tensorrt's ONNX here), its per-op profiler and device-kit runner
 """
+
+from edgeseg.targets import Flow
+
+FLOW = Flow(extra=None, contract_models=None, quiet={"fp32": (), "int8": ()})

@@ -9,3 +9,8 @@ edgeseg.targets) names none. Parts:
 # import between target packages, declared here and checked by tests/test_structure.py.
 BUILDS_ON = ("onnx",)
 
+from edgeseg.targets import Flow
+
+FLOW = Flow(extra=None, contract_models=(),
+            contract_note="the engine is built on the Jetson; tests/test_export.py checks the ONNX, its QDQ and the "
+                          "ONNX Runtime run here")
