@@ -459,7 +459,8 @@ def test_window_under_xvfb_shows_overlay_and_legend(tmp_path):
                                   env=_env(DISPLAY=display))
         shot = tmp_path / "screen.xwd"
         screen = None
-        deadline = time.monotonic() + 90
+        refused: list[str] = []  # xwd's complaints, for the failure message
+        deadline = time.monotonic() + 180  # a loaded machine (the export prefetch on the other core) is slow to map it
 
         def legend_missing(img):  # the palette colours not (yet) on screen, each needs >= 50 exact pixels
             flat = img.reshape(-1, 3)
@@ -473,6 +474,7 @@ def test_window_under_xvfb_shows_overlay_and_legend(tmp_path):
                                   capture_output=True, text=True, timeout=30)
             if grab.returncode != 0:  # a busy server may refuse one client; a dead one fails the test
                 assert xvfb.poll() is None, f"Xvfb exited ({xvfb.returncode}); xwd: {grab.stderr.strip()}"
+                refused.append(grab.stderr.strip())
                 continue
             img = read_xwd(shot)
             if (img.max(axis=2) > 0).mean() > 0.05:  # something covers >5% of the black root window
@@ -484,7 +486,8 @@ def test_window_under_xvfb_shows_overlay_and_legend(tmp_path):
                     screen = read_xwd(shot)
                     break
         assert demo.poll() is None, f"demo exited early: {demo.communicate()[1][-2000:]}"
-        assert screen is not None, "no window appeared on the Xvfb screen"
+        assert screen is not None, (f"no window appeared on the Xvfb screen {display}; {len(refused)} grab(s) "
+                                    f"refused, last: {refused[-1] if refused else 'none'}")
         demo.send_signal(signal.SIGINT)
         out, err = demo.communicate(timeout=60)
         assert demo.returncode == 130, err  # interrupted, summary still printed
