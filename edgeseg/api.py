@@ -138,8 +138,11 @@ class Predictor:
     def runtime(self) -> str:
         """The runtime that runs it here: its target package in edgeseg/targets/ (the profile's `runtime`), or
         "torch" for a checkpoint."""
-        parts = type(self.session).__module__.split(".")
-        return parts[2] if parts[:2] == ["edgeseg", "targets"] else parts[-1]
+        if self.kind == "checkpoint":
+            return "torch"
+        from edgeseg.targets import artifact_runtime
+
+        return str(artifact_runtime(self.manifest)["package"])
 
     @property
     def threads(self) -> int | None:

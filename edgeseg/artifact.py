@@ -199,6 +199,13 @@ def _check_manifest(m: Manifest, artifact_dir: Path, where: Path) -> None:
             raise bad(f"{name}.shape must be a list of non-negative integers, got {_short(shape)}")
         if contract["dtype"] not in _INPUT_DTYPES:
             raise bad(f"{name}.dtype {_short(contract['dtype'])} is not one of {', '.join(_INPUT_DTYPES)}")
+    if m.runtime:  # {} for artifacts from before the record; the package itself is checked by artifact_runtime
+        rt = m.runtime
+        if (not isinstance(rt, dict) or not isinstance(rt.get("package"), str)
+                or not isinstance(rt.get("thread_control"), str)
+                or not isinstance(rt.get("int8_runtime_optimize"), bool)):
+            raise bad("runtime must be {package: str, thread_control: str, int8_runtime_optimize: bool}, got "
+                      f"{_short(rt)}")
     if m.input["layout"] not in _LAYOUTS:
         raise bad(f"input.layout {_short(m.input['layout'])} is not one of {', '.join(_LAYOUTS)}")
     if m.output["kind"] not in _OUTPUT_KINDS:

@@ -19,7 +19,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 FORCE_ENV = "EDGESEG_CPU_FLAGS"
 # the flags that decide int8 arithmetic and speed on x86
@@ -96,7 +96,25 @@ def int8_saturates() -> bool:
     return host_cpu().int8_saturates
 
 
-__all__ = ["CpuInfo", "FORCE_ENV", "BF16_FLAGS", "host_cpu", "int8_saturates", "cpu_label"]
+SATURATES_WHY = "saturates u8 x s8 int16 sums with full 8-bit weights"
+EXACT_WHY = "accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
+
+
+def resolve_auto(requested: Any, test: Callable[[CpuInfo], bool], when_true: Any, when_false: Any,
+                 why_true: str, why_false: str) -> tuple[Any, str]:
+    """(value, why) of an option whose "auto" is decided by this host's CPU: `requested` itself unless it is "auto",
+    else `when_true` if `test(host_cpu())` holds and `when_false` if not, with the CPU and the reason. The one rule
+    behind ONNX Runtime's reduce_range, NNCF's overflow fix and OpenVINO's inference precision."""
+    if requested != "auto":
+        return requested, "set explicitly"
+    cpu = host_cpu()
+    if test(cpu):
+        return when_true, f"auto: {cpu.summary()} {why_true}"
+    return when_false, f"auto: {cpu.summary()} {why_false}"
+
+
+__all__ = ["CpuInfo", "FORCE_ENV", "BF16_FLAGS", "host_cpu", "int8_saturates", "cpu_label", "resolve_auto",
+           "SATURATES_WHY", "EXACT_WHY"]
 
 
 def cpu_label(cpu: dict[str, Any] | None) -> str:

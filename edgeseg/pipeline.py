@@ -263,24 +263,18 @@ def _bench_all(run: _Run, artifacts: list[Path], cpu: dict[str, Any], threads: i
 
 def _report(run: _Run, out: Path, vrecs: list[dict[str, Any]], brecs: list[dict[str, Any]], notes: list[str]
             ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Step 5: validation.json, bench.json and the report, with paths naming the final folder -> (report file
-    name, validation records, bench records)."""
-    from edgeseg.fileio import write_json, write_text
+    """Step 5: validation.json, bench.json and the report -> (report file name, validation records, bench records).
+    Every path inside the run folder is recorded relative to it (artifacts/onnx-fp32, maps/..., data/eval), so the
+    records stay true when the folder moves: from its temporary name to `out` now, or anywhere later."""
+    from edgeseg.fileio import write_json
     from edgeseg.report.render import render
 
     tmp = run.tmp
     with run.timed("report", "report"):
-        final = str(out.resolve())
-        vrecs = _rebase(vrecs, str(tmp), final)
-        brecs = _rebase(brecs, str(tmp), final)
+        vrecs, brecs = _relative(vrecs, tmp), _relative(brecs, tmp)
         write_json(tmp / "validation.json", vrecs)
         write_json(tmp / "bench.json", brecs)
-        # the report reads the npz maps now, from the temporary folder; paths in its JSON name the final folder
-        report = render(_rebase(vrecs, final, str(tmp)), _rebase(brecs, final, str(tmp)), tmp / "report", notes=notes,
-                        title="edgeseg pipeline report")
-        _rebase_file(tmp / "report" / "results.json", str(tmp), final)
-        for page in (tmp / "report" / report.name, tmp / "report" / "report.html"):
-            write_text(page, page.read_text().replace(str(tmp), final))
+        report = render(vrecs, brecs, tmp / "report", notes=notes, title="edgeseg pipeline report", base=tmp)
     run.bar.close()
     return report.name, vrecs, brecs
 
@@ -342,7 +336,8 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
     jobs, profile_failures = _plan(targets, precisions)
     vendorlog.place(out / "vendor.log")
     cpu = {**host_cpu().to_json(), "summary": host_cpu().summary()}
-    notes: list[str] = [f"Checkpoint: `{ckpt}`"]
+    notes: list[str] = [f"Checkpoint: `{ckpt}`", "Paths inside the run folder (artifacts/, maps/, data/) are relative "
+                        "to it, in the report and in every JSON of the run"]
 
     with atomic_dir(out, force=force) as tmp:
         run = _Run(ckpt=ckpt, tmp=tmp, total=1 + len(jobs) + 3, progress=progress,
@@ -373,20 +368,15 @@ def run_pipeline(checkpoint: str | Path | None = None, data: str | Path | None =
                           step_seconds=run.seconds, notes=notes)
 
 
-def _rebase(obj: Any, old: str, new: str) -> Any:
-    """Replace the path prefix `old` by `new` in every string of a JSON-like object."""
+def _relative(obj: Any, root: Path) -> Any:
+    """Every string of a JSON-like object that is a path inside `root`, made relative to it (POSIX form)."""
     if isinstance(obj, str):
-        return new + obj[len(old):] if obj.startswith(old) else obj
+        p = Path(obj)
+        if p.is_absolute() and p.is_relative_to(root):
+            return p.relative_to(root).as_posix() or "."
+        return obj
     if isinstance(obj, list):
-        return [_rebase(v, old, new) for v in obj]
+        return [_relative(v, root) for v in obj]
     if isinstance(obj, dict):
-        return {k: _rebase(v, old, new) for k, v in obj.items()}
+        return {k: _relative(v, root) for k, v in obj.items()}
     return obj
-
-
-def _rebase_file(path: Path, old: str, new: str) -> None:
-    import json
-
-    from edgeseg.fileio import write_json
-
-    write_json(path, _rebase(json.loads(path.read_text()), old, new))

@@ -82,6 +82,7 @@ def test_notebook_checkpoint_and_onnx_on_an_odd_sized_image(exports):
         assert onnx.input_size == (64, 64) and onnx.target == "onnx" and onnx.precision == "fp32"
         assert eager.target == "torch" and eager.kind == "checkpoint" and onnx.kind == "artifact"
         assert onnx.threads == 1 and onnx.runtime == "onnx" and "tiny_ops" in repr(onnx)
+        assert eager.runtime == "torch"  # the manifest's runtime record for an artifact; eager for a checkpoint
         assert onnx.predict_logits(img).shape == (len(_tiny.CLASSES), 16, 16)  # stride 4 at 64x64
         # drawing: colours from the palette, the overlay blends them over the image
         colour = onnx.colorize(cmap)

@@ -117,6 +117,14 @@ def test_concurrent_exports_real_targets(tmp_path, camvid_root, caplog):
     plots = list((tmp_path / "run" / "report").glob("*.png"))
     assert html.count('src="data:image/png;base64,') == len(plots) > 0
     assert not (tmp_path / "run" / "vendor.log").exists()  # a library call opens no vendor log session
+    # paths inside the run folder are relative to it: the records stay true when the folder moves
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    for name in ("validation.json", "bench.json", "pipeline.json", "report/results.json", "report/report.md"):
+        text = (moved / name).read_text()
+        assert str(tmp_path / "run") not in text and ".run.tmp-" not in text, name
+    recs = json.loads((moved / "validation.json").read_text())
+    assert recs and all((moved / r["artifact"] / "manifest.json").is_file() for r in recs), recs
 
 
 def test_split_embedded_is_disjoint_and_covers_every_frame(tmp_path):

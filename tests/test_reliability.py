@@ -416,6 +416,24 @@ def test_truncated_onnx_with_matching_manifest_is_reported_by_the_runtime(onnx_a
     assert str(model) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("record", [{"package": "os", "thread_control": "x", "int8_runtime_optimize": False},
+                                    {"package": "../../evil", "thread_control": "x", "int8_runtime_optimize": False},
+                                    {"package": "onnx"}, ["onnx"]])
+def test_a_manifest_runtime_record_names_only_a_shipped_runtime(record, onnx_art, tmp_path):
+    """The manifest's runtime record picks the session module that opens the artifact: a record from elsewhere or
+    edited is refused in one line naming manifest.json before anything is imported from it."""
+    from edgeseg.export.base import MANIFEST
+    from edgeseg.runtime import open_session
+
+    art = _copy(onnx_art, tmp_path / "art")
+    m = json.loads((art / MANIFEST).read_text())
+    m["runtime"] = record
+    (art / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="runtime") as e:
+        open_session(art)
+    assert str(art / MANIFEST) in str(e.value) and "\n" not in str(e.value)
+
+
 def _fake_artifact(onnx_art: Path, dst: Path, target: str, files: dict[str, bytes]) -> Path:
     """The onnx artifact's manifest relabelled as `target` with `files` (the first is the model file) holding
     truncated/garbage bytes and matching sha256: only the target's runtime can tell they are broken."""

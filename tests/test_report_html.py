@@ -182,6 +182,25 @@ def test_rerender_removes_stale_plots_and_replaces_pages(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # atomic writes left no temporary
 
 
+def test_records_relative_to_a_run_folder_render_from_anywhere(tmp_path, monkeypatch):
+    """A pipeline run's records name paths relative to its folder: render(base=folder) finds the npz maps from any
+    working directory and writes the records as given (relative, in the report's JSON)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    vrecs, brecs = _records(run)
+    for r in vrecs + brecs:
+        r["artifact"] = str(Path(r["artifact"]).relative_to(run))
+        if "maps" in r:
+            r["maps"] = str(Path(r["maps"]).relative_to(run))
+    monkeypatch.chdir(tmp_path)  # not the run folder: the relative maps do not resolve from here
+    render(vrecs, brecs, tmp_path / "rep_cwd")
+    assert not list((tmp_path / "rep_cwd").glob("disagreement_*.png"))
+    render(vrecs, brecs, run / "report", base=run)
+    assert len(list((run / "report").glob("disagreement_*.png"))) == 2  # one per int8 row, maps read from `base`
+    results = (run / "report" / "results.json").read_text()
+    assert '"maps": "maps_onnx.npz"' in results and '"artifact": "artifacts/onnx-int8"' in results
+
+
 def test_cpu_label_names_what_the_host_lacks():
     epyc = {"model": "AMD EPYC 7B13", "machine": "x86_64", "flags": ["avx2"], "forced": False}
     assert cpu_label(epyc) == "AMD EPYC 7B13 (AVX2; no AVX-512, no VNNI, no AMX)"

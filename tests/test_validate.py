@@ -127,6 +127,12 @@ def test_validate_fp32_matches_eager_and_catches_broken_manifest(tmp_path, ckpt)
     assert g["reference"]["kind"] == "checkpoint" and g["num_images"] == N_IMAGES
     assert g["size_bytes"] > 0 and g["fallback_ops"] == ["aten.grid_sampler_2d.default"]
     assert g["latency_ms"]["p50"] <= g["latency_ms"]["p90"]
+    from edgeseg.cpu import host_cpu
+    from edgeseg.report.render import latency_hosts, merge
+
+    assert g["cpu"]["model"] == host_cpu().model  # every per-image latency names its CPU, in the table too
+    (host,) = latency_hosts(merge([g]))
+    assert host.startswith(host_cpu().model) and "not recorded" not in host, host
 
     # broken mean/std: caught by the agreement check
     assert b["executed"] is True and b["passed"] is False

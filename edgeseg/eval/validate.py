@@ -104,6 +104,9 @@ def validate(artifacts: Sequence[str | Path], data: str | Path, split: str = "va
         raise DataError(f"{data}: split {split!r} holds no images")
     job = _Job(dataset, list(range(n)), reference, ReferenceCache(opener), opener, boundary_px, maps_dir, num_maps,
                thresholds or Thresholds(), progress)
+    from edgeseg.cpu import host_cpu
+
+    cpu = {**host_cpu().to_json(), "summary": host_cpu().summary()}
     records = []
     for art in artifacts:
         art = Path(art)
@@ -115,6 +118,7 @@ def validate(artifacts: Sequence[str | Path], data: str | Path, split: str = "va
             rec = artifact_failed_record(art, one_line(e))
         rec["validate_seconds"] = round(time.perf_counter() - t0, 3)
         rec["data"] = {"root": str(data), "split": split, "num_images": n}
+        rec["cpu"] = cpu  # the host its per-image latencies were measured on (the table and report name it)
         log_record(rec)
         records.append(rec)
     return records

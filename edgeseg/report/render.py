@@ -149,7 +149,8 @@ def text_table(rows: Sequence[dict[str, Any]], max_check: int = 70) -> str:
 
 
 def render(validation: Sequence[dict[str, Any]] | str | Path, bench: Sequence[dict[str, Any]] | str | Path | None,
-           out_dir: str | Path, notes: Sequence[str] = (), title: str = "edgeseg validation report") -> Path:
+           out_dir: str | Path, notes: Sequence[str] = (), title: str = "edgeseg validation report",
+           base: str | Path | None = None) -> Path:
     """Write `out_dir/report.md`, `out_dir/report.html` (self-contained), `out_dir/results.json` and PNG plots;
     returns the report.md path. Plots of a previous render that this one does not write again are removed.
 
@@ -159,6 +160,8 @@ def render(validation: Sequence[dict[str, Any]] | str | Path, bench: Sequence[di
         out_dir: report folder (created; files inside are replaced atomically one by one).
         notes: extra lines for the report (e.g. how calibration and evaluation images were chosen).
         title: first heading.
+        base: the folder that relative paths in the records (the npz maps) are relative to (a pipeline run
+            folder's records are relative to it); None: the working directory. Records are written as given.
     """
     from edgeseg.eval.validate import load_records
     from edgeseg.fileio import write_json, write_text
@@ -166,6 +169,7 @@ def render(validation: Sequence[dict[str, Any]] | str | Path, bench: Sequence[di
 
     if isinstance(validation, (str, Path)):
         validation = load_records(validation)
+    root = Path(base) if base is not None else Path()
     if isinstance(bench, (str, Path)):
         bench = load_records(bench)
     bench = bench or []
@@ -183,10 +187,11 @@ def render(validation: Sequence[dict[str, Any]] | str | Path, bench: Sequence[di
         if p:
             images.append(("Per-class IoU change against the reference", p))
     for r in rows:
-        if r.get("maps") and r.get("precision") != "fp32" and Path(r["maps"]).is_file():
+        maps = root / r["maps"] if r.get("maps") else None  # an absolute path stays itself
+        if maps is not None and r.get("precision") != "fp32" and maps.is_file():
             ref = r.get("reference") or {}
             ref_name = f"{ref.get('kind', 'reference')} {Path(ref.get('path', '')).name}".strip()
-            p = plots.disagreement_maps(r["maps"], out / f"disagreement_{r['name']}.png",
+            p = plots.disagreement_maps(maps, out / f"disagreement_{r['name']}.png",
                                         title=f"{r['target']} {r['precision']} vs {ref_name}",
                                         ref_label=f"reference ({ref_name})",
                                         pred_label=f"{r['target']} {r['precision']}")

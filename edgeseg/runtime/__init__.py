@@ -24,15 +24,16 @@ def open_session(path: str | Path, num_threads: int | None = None, **kwargs: Any
         ArtifactError: not a checkpoint/artifact, a file missing or changed since export, unknown target.
     """
     from edgeseg.artifact import MANIFEST, verify_manifest
-    from edgeseg.targets import artifact_runtime, list_profiles, session_module
+    from edgeseg.targets import artifact_runtime, session_module
 
     path = Path(path)
     if (path / MANIFEST).is_file():
         manifest = verify_manifest(path)
-        if manifest.target not in list_profiles():
-            raise ArtifactError(f"{path / MANIFEST}: unknown target {manifest.target!r}; known: "
-                                f"{', '.join(list_profiles())}")
-        mod = session_module(artifact_runtime(manifest)["package"])
+        try:
+            runtime = artifact_runtime(manifest)
+        except ArtifactError as e:
+            raise ArtifactError(f"{path / MANIFEST}: {e}") from None
+        mod = session_module(runtime["package"])
         return mod.SESSION(path, manifest, num_threads=num_threads, **kwargs)
     if (path / "model.json").is_file():
         from edgeseg.runtime.torch import TorchSession

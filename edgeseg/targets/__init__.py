@@ -257,7 +257,12 @@ class Flow:
         runs in tests/test_export.py (export, manifest, proof, session against eager): None = every one; a tuple
         = those (say why in `contract_note`); () = none (`contract_note` says which test file covers it).
     contract_note: why `contract_models` is not every variant.
+    contract_options: exporter options of every contract export (fp32 and int8), e.g. OpenVINO's strict f32
+        compute, so that the floors below do not depend on the CPU the suite runs on.
     known_broken: {model: reason} of the contract round trip, run as strict xfails so that a fix shows up.
+    int8: {model: argmax-agreement floor} of the contract's int8 round trip (export calibrated on the tiny set,
+        manifest, the export's proof against eager, the session): the random-weight tiny variants measured on one
+        CPU, minus a margin (each package says what it measured); {} = no int8 contract.
     quiet: {precision: extra CLI arguments} that tests/test_quiet_output.py exports through the CLI, checking
         that only edgeseg's lines reach the terminal and the converter's go to the vendor log.
     vendor_says: a line the target's converter writes on tiny_ops, which the vendor log must then hold.
@@ -266,7 +271,9 @@ class Flow:
     extra: str | None = None
     contract_models: tuple[str, ...] | None = None
     contract_note: str = ""
+    contract_options: dict[str, Any] = field(default_factory=dict)
     known_broken: dict[str, str] = field(default_factory=dict)
+    int8: dict[str, float] = field(default_factory=dict)
     quiet: dict[str, tuple[str, ...]] = field(default_factory=dict)
     vendor_says: str | None = None
 
@@ -290,13 +297,18 @@ def artifact_runtime(manifest) -> dict[str, Any]:
     before manifests carried it, the same record from its target's profile.
 
     Raises:
-        ArtifactError: neither (a target this edgeseg does not know).
+        ArtifactError: neither (a target this edgeseg does not know), or a record naming a runtime package this
+            edgeseg does not have (a manifest from elsewhere or edited: only a shipped package is ever imported).
     """
+    from edgeseg.errors import ArtifactError
+
     if manifest.runtime:
+        known = sorted({p.runtime for p in all_profiles().values()})
+        if manifest.runtime.get("package") not in known:
+            raise ArtifactError(f"runtime.package {str(manifest.runtime.get('package'))[:60]!r}: not a runtime this "
+                                f"edgeseg has; known: {', '.join(known)}")
         return manifest.runtime
     if manifest.target not in list_profiles():
-        from edgeseg.errors import ArtifactError
-
         raise ArtifactError(f"{manifest.target!r}: unknown target; known: {', '.join(list_profiles())}")
     return runtime_record(load_profile(manifest.target))
 

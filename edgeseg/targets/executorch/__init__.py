@@ -16,4 +16,7 @@ FLOW = Flow(extra="executorch",
             contract_models=("tiny_ops", "test_offseg", "test_segnext_afm", "test_segnext_offset", "test_offseg_lite0"),
             contract_note="test_segnext and test_offseg_afm only recombine the op families of these; the SSA head "
                           "has its own XNNPACK tests (tests/test_executorch_lowering.py)",
+            # int8 agreement of tiny_ops measured on an Intel Xeon (AVX-512, VNNI, AMX): 0.991; XNNPACK's int8
+            # does not depend on the CPU's flags, so the floor is that minus 0.05
+            int8={"tiny_ops": 0.94},
             quiet={"fp32": (), "int8": ()})

@@ -10,7 +10,13 @@ edgeseg.targets) names none. Parts:
 
 from edgeseg.targets import Flow
 
-FLOW = Flow(extra="litert", contract_models=(),
-            contract_note="tests/test_export_litert.py runs the fp32 and int8 round trips with LiteRT's own checks "
-                          "(XNNPACK partitions, int8 tensors)",
+# litert-torch converts the same export forms as ExecuTorch (the sampler's gather form), so the contract runs the
+# variants whose op families differ most for a converter: tiny_ops (LayerNorm, GELU, Linear, grid_sample, softmax)
+# and the EfficientNet-Lite0 + FPN + offset head model (depth-wise, ReLU6, the float policy's offset head). int8
+# agreement measured on an Intel Xeon (AVX-512, VNNI, AMX): tiny_ops 0.87, test_offseg_lite0 0.97 (the default
+# recipe, the OffsetLearning head float by the float policy); floors are those minus ~0.08.
+FLOW = Flow(extra="litert", contract_models=("tiny_ops", "test_offseg_lite0"),
+            contract_note="each litert-torch conversion costs ~20-60 s here; the other variants' export forms are "
+                          "ExecuTorch's, whose contract runs them",
+            int8={"tiny_ops": 0.79, "test_offseg_lite0": 0.89},
             quiet={"fp32": (), "int8": ()})

@@ -93,9 +93,17 @@ def op_scopes(model) -> list[tuple[str, str]]:
 def scope_regex(module: str) -> str:
     """ai-edge-quantizer scope regex of the ops inside `module` (an ExportWrapper-relative dotted name such as
     "model.decode_head.offset_learning"): litert-torch names each level `<module>.<Class>_<attribute>` under
-    `...ExportWrapper`."""
-    parts = "/".join(r"[^/;]*\.[A-Za-z0-9]*_" + re.escape(p) for p in module.split("."))
-    return r"(^|;)[^/;]*ExportWrapper/" + parts + r"(/|;|$)"
+    `...ExportWrapper`, and an item of a ModuleList by its index alone, without the list's level
+    ("decode_head.freqfusions.0" -> ".../OffSegHead_decode_head/edgeseg.models.freqfusion.FreqFusion_0"); the list's
+    level is optional in the regex, so that a container litert-torch does name still matches."""
+    level = r"[^/;]*\.[A-Za-z0-9]*_"
+    names = module.split(".")
+    out: list[str] = []
+    for name in names:
+        if name.isdigit() and out:  # the container before an index: present or not
+            out[-1] = f"(?:{out[-1]}/)?"
+        out.append(level + re.escape(name))
+    return r"(^|;)[^/;]*ExportWrapper/" + "/".join(out).replace("/)?/", "/)?") + r"(/|;|$)"
 
 
 def xnnpack_split(data: bytes, num_threads: int = 1) -> dict[str, Any]:

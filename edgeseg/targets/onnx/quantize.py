@@ -80,14 +80,10 @@ def unshare_initializers(onnx_model, excluded: list[str]) -> int:
 
 def resolve_reduce_range(requested: bool | str) -> tuple[bool, str]:
     """(reduce_range, why) for the option's value; "auto" decides from the host CPU (edgeseg.cpu)."""
-    from edgeseg.cpu import host_cpu
+    from edgeseg.cpu import EXACT_WHY, SATURATES_WHY, resolve_auto
 
-    if requested != "auto":
-        return bool(requested), "set explicitly"
-    cpu = host_cpu()
-    if cpu.int8_saturates:
-        return True, f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
-    return False, f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
+    value, why = resolve_auto(requested, lambda cpu: cpu.int8_saturates, True, False, SATURATES_WHY, EXACT_WHY)
+    return bool(value), why
 
 
 def per_tensor_weight_overrides(onnx_model, reduce_range: bool) -> dict[str, list[dict[str, Any]]]:

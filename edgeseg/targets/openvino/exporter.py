@@ -101,14 +101,10 @@ class OpenVINOOptions(ExportOptions):
 
 def resolve_inference_precision(requested: str) -> tuple[str, str]:
     """(the CPU plugin's INFERENCE_PRECISION_HINT, why) for `requested`; "auto" decides from the host CPU."""
-    from edgeseg.cpu import host_cpu
+    from edgeseg.cpu import resolve_auto
 
-    if requested != "auto":
-        return requested, "set explicitly"
-    cpu = host_cpu()
-    if cpu.native_bf16:
-        return "bf16", f"auto: {cpu.summary()} computes bf16 natively (OpenVINO's default there)"
-    return "f32", f"auto: {cpu.summary()} has no native bf16"
+    return resolve_auto(requested, lambda cpu: cpu.native_bf16, "bf16", "f32",
+                        "computes bf16 natively (OpenVINO's default there)", "has no native bf16")
 
 
 @dataclass

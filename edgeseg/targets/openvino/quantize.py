@@ -68,14 +68,9 @@ def float_node_names(converted, policy) -> list[str]:
 
 def resolve_overflow_fix(requested: str) -> tuple[str, str]:
     """(NNCF overflow fix, why) for `requested`; "auto" decides from the host CPU (edgeseg.cpu)."""
-    from edgeseg.cpu import host_cpu
+    from edgeseg.cpu import EXACT_WHY, SATURATES_WHY, resolve_auto
 
-    if requested != "auto":
-        return requested, "set explicitly"
-    cpu = host_cpu()
-    if cpu.int8_saturates:
-        return "enable", f"auto: {cpu.summary()} saturates u8 x s8 int16 sums with full 8-bit weights"
-    return "disable", f"auto: {cpu.summary()} accumulates int8 products exactly (VNNI/AMX or not x86 AVX2)"
+    return resolve_auto(requested, lambda cpu: cpu.int8_saturates, "enable", "disable", SATURATES_WHY, EXACT_WHY)
 
 
 def quantize(ov_model, calib: CalibrationData, options, ignored: list[str] | None = None):
