@@ -264,7 +264,7 @@ def _bench_all(run: _Run, artifacts: list[Path], cpu: dict[str, Any], threads: i
 def _report(run: _Run, out: Path, vrecs: list[dict[str, Any]], brecs: list[dict[str, Any]], notes: list[str]
             ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """Step 5: validation.json, bench.json and the report -> (report file name, validation records, bench records).
-    Every path inside the run folder is recorded relative to it (artifacts/onnx-fp32, maps/..., data/eval), so the
+    Every path inside the run folder is recorded relative to it (artifacts/<target>-<precision>, maps/..., data/eval), so the
     records stay true when the folder moves: from its temporary name to `out` now, or anywhere later."""
     from edgeseg.fileio import write_json
     from edgeseg.report.render import render

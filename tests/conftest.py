@@ -14,10 +14,12 @@ missing ../shared data or a missing display tool must turn CI red, never quietly
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,25 @@ def parity_dir() -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Shared exports
 # ----------------------------------------------------------------------------------------------------------------
+_GC = {"full": 0, "full_s": 0.0, "young_s": 0.0, "t0": 0.0}
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    """gc.callbacks: the time the collector takes, per generation (reported at the end of the session: a suite that
+    keeps many objects alive pays for them in every full collection)."""
+    if phase == "start":
+        _GC["t0"] = time.perf_counter()
+        return
+    dt = time.perf_counter() - _GC["t0"]
+    if info.get("generation") == 2:
+        _GC["full"] += 1
+        _GC["full_s"] += dt
+    else:
+        _GC["young_s"] += dt
+
+
 def pytest_configure(config):
+    gc.callbacks.append(_gc_timer)
     config.addinivalue_line("markers", "exports(spec): artifacts the test asks the `exports` fixture for; spec is "
                             "a list of (target, model, precision[, options]) or a callable of the test's "
                             "parameters returning one (lets the session prefetch them)")
@@ -262,6 +282,8 @@ _SHARED = pytest.StashKey[SharedExports]()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"garbage collector: {_GC['full']} full collections, {_GC['full_s']:.1f} s; younger "
+                                f"generations {_GC['young_s']:.1f} s; {len(gc.get_objects())} objects tracked now")
     shared = config.stash.get(_SHARED, None)
     if shared is not None:  # a helper that always fails would only show as a slower run: say what it did
         terminalreporter.write_line(f"shared exports: {shared.made_here} made in tests, {shared.made_by_helper} by "

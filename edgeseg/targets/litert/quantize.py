@@ -4,8 +4,8 @@ fp32 flatbuffer, calibrated on the target's calibration images.
 Recipes (`LiteRTOptions.recipe`), both int8 symmetric per-channel weights, int8 asymmetric per-tensor activations,
 min/max calibration:
   * "xnnpack" (default): int8 only for XNNPACK_INT8_OPS -- the ops XNNPACK runs in int8: conv, depthwise conv, FC,
-    batch matmul and the add/sub/mul/concat/pad/resize/reshape/transpose/slice/pool/mean ops between them, so int8
-    flows conv to conv -- and float for the rest: GELU, SOFTMAX, DIV, RSQRT, SQRT, SQUARED_DIFFERENCE, SUM, ...,
+    batch matmul with a constant operand and the add/sub/mul/concat/pad/resize/reshape/transpose/slice/pool/mean ops
+    between them, so int8 flows conv to conv -- and float for the rest (batch matmuls of two activations included): GELU, SOFTMAX, DIV, RSQRT, SQRT, SQUARED_DIFFERENCE, SUM, ...,
     plus every op of a LayerNorm/GroupNorm module (XNNPACK_FLOAT_SCOPES). ai-edge-quantizer puts a DEQUANTIZE
     before and a QUANTIZE after each float run; XNNPACK takes those too. Measured on segnext_t_offset_camvid at
     384x480 (CamVid val, Intel Xeon AVX-512/VNNI/AMX, 1 thread): see the numbers in `__init__`'s options docstring.
@@ -28,6 +28,7 @@ does not dominate this use" in the OffsetLearning head), and its quantizer annot
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -60,6 +61,11 @@ XNNPACK_INT8_OPS = (
 # `...torch.nn.modules.normalization.LayerNorm_<attribute>;<n>`). BatchNorm is not among them: it folds into the
 # preceding conv, and an unfolded one (segnext's MSCABlock norm1) is a per-channel SUB/MUL/ADD that stays int8.
 XNNPACK_FLOAT_SCOPES = (r"\.(LayerNorm|GroupNorm|RMSNorm)[A-Za-z0-9]*_[^/;]*;",)
+# A BATCH_MATMUL of two activations (attention's QK^T and AV, CARAFE's per-pixel products) stays float under
+# "xnnpack": LiteRT's XNNPACK delegate left 23 of offseg_t's 25 such int8 products on the builtin kernels (one
+# partition break each); as float it takes them all. Measured on shipped offseg_t at 384x480, 2 threads, Intel Xeon
+# (AVX-512, VNNI, AMX), `bench/interleaved.py`: int8 p50 367.6 -> 282.5 ms, partitions 24 -> 10. A BATCH_MATMUL with
+# a constant operand (a Linear that litert-torch lowered to BATCH_MATMUL) stays int8.
 
 
 def _static_op_config() -> dict[str, Any]:
@@ -69,12 +75,28 @@ def _static_op_config() -> dict[str, Any]:
     return entry
 
 
-def build_recipe(name: str, float_modules: list[str], float_io: bool = True) -> list[dict[str, Any]]:
+def activation_matmul_scopes(model) -> list[str]:
+    """ai-edge-quantizer scopes (output tensor names, ";"-joined, with its trailing ";") of the main subgraph's
+    BATCH_MATMULs whose operands are both activations (no constant buffer)."""
+    sg = model.subgraphs[0]
+
+    def constant(i: int) -> bool:
+        t = sg.tensors[i]
+        buf = model.buffers[t.buffer] if t.buffer else None
+        return buf is not None and ((buf.data is not None and len(buf.data) > 0) or bool(getattr(buf, "size", 0)))
+
+    return [scope + ";" for op, (name, scope) in zip(sg.operators, op_scopes(model))
+            if name == "BATCH_MATMUL" and not any(constant(i) for i in op.inputs if i != -1)]
+
+
+def build_recipe(name: str, float_modules: list[str], float_io: bool = True,
+                 float_matmuls: list[str] = ()) -> list[dict[str, Any]]:
     """The ai-edge-quantizer recipe (later entries win): `name`'s rules, then float I/O and the float modules'
     scopes left unquantized.
 
     "static_wi8_ai8": ai-edge-quantizer's own recipe, every op it supports int8 (incl. GELU, RSQRT, SOFTMAX, DIV).
-    "xnnpack": only XNNPACK_INT8_OPS int8, XNNPACK_FLOAT_SCOPES float (see above)."""
+    "xnnpack": only XNNPACK_INT8_OPS int8, XNNPACK_FLOAT_SCOPES float, and the BATCH_MATMULs whose scopes are in
+    `float_matmuls` (activation x activation, `activation_matmul_scopes`) float (see above)."""
     from ai_edge_quantizer import recipe as aeq_recipe
 
     if name == "xnnpack":
@@ -82,6 +104,8 @@ def build_recipe(name: str, float_modules: list[str], float_io: bool = True) -> 
         entries = [{"regex": ".*", "operation": op, "algorithm_key": base["algorithm_key"],
                     "op_config": base["op_config"]} for op in XNNPACK_INT8_OPS]
         entries += [{"regex": r, "operation": "*", "algorithm_key": NO_QUANTIZE} for r in XNNPACK_FLOAT_SCOPES]
+        entries += [{"regex": "^" + re.escape(sc) + "$", "operation": "BATCH_MATMUL", "algorithm_key": NO_QUANTIZE}
+                    for sc in float_matmuls]
     else:
         entries = list(getattr(aeq_recipe, name)())
     if float_io:
@@ -95,7 +119,7 @@ def recipe_record(name: str) -> dict[str, Any]:
     if name == "xnnpack":
         return {"name": name, "int8_ops": list(XNNPACK_INT8_OPS), "float_scopes": list(XNNPACK_FLOAT_SCOPES),
                 "float": "every other op (GELU, SOFTMAX, DIV, RSQRT, SQRT, SQUARED_DIFFERENCE, SUM, ...), the ops of "
-                         "LayerNorm/GroupNorm modules, the float modules"}
+                         "LayerNorm/GroupNorm modules, BATCH_MATMULs of two activations, the float modules"}
     return {"name": name, "int8_ops": "every op ai-edge-quantizer supports", "float": "the float modules"}
 
 
@@ -123,13 +147,15 @@ def quantize(fp32: bytes, calib: list, recipe: str, float_modules: list[str], fl
     if len(inputs) != 1:
         raise ArtifactError(f"litert: expected one model input, found {inputs}")
     matched = float_ops_per_module(fp32, float_modules)
+    float_matmuls = activation_matmul_scopes(read_model(fp32)) if recipe == "xnnpack" else []
     for m, n in matched.items():
         if not n:
             log.warning("litert: float module %s matched no op of the converted model by name; it is quantized", m)
     t = time.perf_counter()
     try:
         q = aeq_quantizer.Quantizer(bytearray(fp32))
-        q.load_quantization_recipe(build_recipe(recipe, [m for m, n in matched.items() if n], float_io))
+        q.load_quantization_recipe(build_recipe(recipe, [m for m, n in matched.items() if n], float_io,
+                                                float_matmuls))
         qsv = q.calibrate({key: [{inputs[0]: a} for a in calib]})
         t_cal = time.perf_counter() - t
         t = time.perf_counter()
@@ -145,5 +171,6 @@ def quantize(fp32: bytes, calib: list, recipe: str, float_modules: list[str], fl
               else "int8 input/output tensors (the session quantizes/dequantizes with their parameters)",
               "recipe": recipe_record(recipe),
               "calibration_images": len(calib), "float_ops_per_module": matched,
+              "float_activation_matmuls": len(float_matmuls),
               "timings_s": {"calibrate": round(t_cal, 2), "quantize": round(time.perf_counter() - t, 2)}}
     return bytes(result.quantized_model), record
