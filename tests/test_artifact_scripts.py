@@ -27,13 +27,11 @@ from edgeseg.artifact import MANIFEST, verify_manifest  # noqa: E402
 from edgeseg.errors import ArtifactError  # noqa: E402
 from edgeseg.export import device_kit  # noqa: E402
 
-UINT8_ARGMAX = {"input_dtype": "uint8", "input_layout": "NHWC", "output": "argmax"}  # shared with test_export.py
-# (target, precision, options) -> the pip distributions of its runtime
-CASES = [("onnx", "fp32", {}), ("onnx", "int8", {}), ("onnx", "fp32", UINT8_ARGMAX), ("openvino", "fp32", {}),
-         ("executorch-xnnpack", "fp32", {}), ("litert", "int8", {})]
-RUNTIME_DISTS = {"onnx": ["onnxruntime"], "openvino": ["openvino"], "executorch": ["executorch", "torch"],
-                 "litert": ["ai-edge-litert"]}
-IDS = ["onnx-fp32", "onnx-int8", "onnx-uint8-nhwc-argmax", "openvino-fp32", "executorch-fp32", "litert-int8"]
+from edgeseg.targets import flows  # noqa: E402
+
+# (target, precision, options) whose device kit runs in a clean venv: each target package's FLOW.device_kit
+CASES = [(t, p, dict(o)) for t, f in flows().items() for p, o in f.device_kit]
+IDS = ["-".join([t, p, *(str(v) for v in o.values())]) for t, p, o in CASES]
 
 
 # ---------------------------------------------------------------------------------------------- clean venvs
@@ -85,7 +83,7 @@ def clean_python(tmp_path_factory):
     def get(runtime: str) -> Path:
         if runtime not in made:
             py = make_clean_venv(tmp_path_factory.mktemp(f"venv-{runtime}"),
-                                 RUNTIME_DISTS[runtime] + ["numpy", "pillow"])
+                                 device_kit.runtime_packages(runtime) + ["numpy", "pillow"])
             # the venv is clean: edgeseg and OpenCV are not importable there, torch only where the runtime needs it
             hidden = ["edgeseg", "cv2"] + ([] if runtime == "executorch" else ["torch"])
             probe = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in %r))" % (hidden,)

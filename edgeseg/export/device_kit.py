@@ -258,6 +258,14 @@ def _snippet_constant(snippet: str, name: str, default: Any) -> Any:
     return default
 
 
+def runtime_packages(runtime: str) -> list[str]:
+    """The pip distributions a device needs to run a runtime package's artifacts (its RUN_SCRIPT's PACKAGES,
+    unpinned; numpy and Pillow besides); [] for a runtime without a run script."""
+    from edgeseg.targets import session_module
+
+    return list(_snippet_constant(getattr(session_module(runtime), "RUN_SCRIPT", "") or "", "PACKAGES", []))
+
+
 def _packages(snippet: str, versions: dict[str, str]) -> list[str]:
     """The runtime's pip distributions (RUN_SCRIPT's PACKAGES), pinned to the versions the export recorded."""
     return [f"{p}=={versions[p].split('+')[0]}" if versions.get(p) else p

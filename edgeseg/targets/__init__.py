@@ -266,6 +266,9 @@ class Flow:
     quiet: {precision: extra CLI arguments} that tests/test_quiet_output.py exports through the CLI, checking
         that only edgeseg's lines reach the terminal and the converter's go to the vendor log.
     vendor_says: a line the target's converter writes on tiny_ops, which the vendor log must then hold.
+    device_kit: (precision, exporter options) of tiny_ops whose device kit tests/test_artifact_scripts.py runs in a
+        clean venv holding only the runtime's PACKAGES, numpy and Pillow (self-test and an image through the run
+        script); () = none here.
     """
 
     extra: str | None = None
@@ -276,6 +279,7 @@ class Flow:
     int8: dict[str, float] = field(default_factory=dict)
     quiet: dict[str, tuple[str, ...]] = field(default_factory=dict)
     vendor_says: str | None = None
+    device_kit: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 def flows() -> dict[str, Flow]:

@@ -19,4 +19,4 @@ FLOW = Flow(extra="executorch",
             # int8 agreement of tiny_ops measured on an Intel Xeon (AVX-512, VNNI, AMX): 0.991; XNNPACK's int8
             # does not depend on the CPU's flags, so the floor is that minus 0.05
             int8={"tiny_ops": 0.94},
-            quiet={"fp32": (), "int8": ()})
+            quiet={"fp32": (), "int8": ()}, device_kit=(("fp32", {}),))

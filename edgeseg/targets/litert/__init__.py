@@ -19,4 +19,4 @@ FLOW = Flow(extra="litert", contract_models=("tiny_ops", "test_offseg_lite0"),
             contract_note="each litert-torch conversion costs ~20-60 s here; the other variants' export forms are "
                           "ExecuTorch's, whose contract runs them",
             int8={"tiny_ops": 0.79, "test_offseg_lite0": 0.89},
-            quiet={"fp32": (), "int8": ()})
+            quiet={"fp32": (), "int8": ()}, device_kit=(("int8", {}),))

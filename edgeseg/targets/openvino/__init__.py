@@ -20,4 +20,4 @@ FLOW = Flow(extra="openvino", contract_models=None, contract_options={"inference
             int8={"tiny_ops": 0.90, "test_offseg": 0.92, "test_offseg_afm": 0.84, "test_segnext": 0.85,
                   "test_segnext_afm": 0.82, "test_segnext_offset": 0.91, "test_segnext_ssa": 0.86,
                   "test_offseg_lite0": 0.92},
-            quiet={"fp32": (), "int8": ()}, vendor_says="not found in decomp table")
+            quiet={"fp32": (), "int8": ()}, vendor_says="not found in decomp table", device_kit=(("fp32", {}),))
